@@ -1,0 +1,103 @@
+"""Choose the array backend once: CuPy on an NVIDIA GPU when usable, NumPy otherwise.
+
+CuPy is optional. It is imported only inside the functions that need it, so the package imports
+and runs on machines without CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import platform
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+
+class GPUUnavailableError(RuntimeError):
+    """device='gpu' was requested but no usable CUDA GPU with CuPy was found."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The array namespace ``xp`` and what is known about the device it runs on."""
+
+    xp: ModuleType
+    kind: str  # "gpu" or "cpu"
+    name: str
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "gpu"
+
+    def asarray(self, host: np.ndarray, dtype: Any = None) -> Any:
+        return self.xp.asarray(host, dtype=dtype)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return array.get() if self.is_gpu else np.asarray(array)
+
+    def synchronize(self) -> None:
+        if self.is_gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def pool_bytes(self) -> int:
+        """Bytes currently held by CuPy's memory pool (0 on the CPU)."""
+        return int(self.xp.get_default_memory_pool().total_bytes()) if self.is_gpu else 0
+
+    def versions(self) -> dict[str, str]:
+        out = {"numpy": np.__version__}
+        if self.is_gpu:
+            xp = self.xp
+            out["cupy"] = xp.__version__
+            out["cuda_runtime"] = str(xp.cuda.runtime.runtimeGetVersion())
+            out["cuda_driver"] = str(xp.cuda.runtime.driverGetVersion())
+        return out
+
+
+@functools.cache
+def _cupy_or_reason() -> tuple[ModuleType | None, str]:
+    """CuPy if it imports and sees a working GPU, else None and the reason."""
+    try:
+        import cupy
+    except ImportError as err:
+        return None, f"CuPy is not installed ({err}); install harmony-step[cuda12] or [cuda13]"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy found no CUDA device"
+        cupy.zeros(1).sum().item()  # the first real operation fails on a missing or old driver
+    except Exception as err:  # CUDARuntimeError, CompileException, driver errors
+        return None, f"CuPy cannot use the GPU: {err}"
+    return cupy, ""
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and can run work on a CUDA device."""
+    return _cupy_or_reason()[0] is not None
+
+
+def select_backend(device: str = "auto") -> Backend:
+    """The backend for ``device`` ('auto', 'gpu' or 'cpu').
+
+    Raises
+    ------
+    GPUUnavailableError
+        ``device='gpu'`` and CuPy cannot use a GPU here.
+    """
+    if device == "cpu":
+        return _cpu_backend()
+    cupy, reason = _cupy_or_reason()
+    if cupy is None:
+        if device == "gpu":
+            raise GPUUnavailableError(
+                f"device='gpu' was requested but no GPU can be used: {reason}. "
+                "Use device='cpu' (or 'auto') to run on the CPU."
+            )
+        return _cpu_backend()
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return Backend(xp=cupy, kind="gpu", name=name)
+
+
+def _cpu_backend() -> Backend:
+    return Backend(xp=np, kind="cpu", name=platform.processor() or platform.machine() or "cpu")

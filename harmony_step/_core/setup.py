@@ -1,0 +1,80 @@
+"""Set-up quantities derived once from the input (spec section 3): K, block size, theta, Pr."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from harmony_step._batches import BatchDesign
+from harmony_step._params import HarmonyParams
+
+
+def default_n_clusters(n_cells: int) -> int:
+    """K = min(N, max(2, floor(min(100, N / 30)))) (floor as rapids-singlecell; capped at N)."""
+    return min(n_cells, max(2, math.floor(min(100.0, n_cells / 30.0))))
+
+
+def block_size(n_cells: int, block_proportion: float) -> int:
+    """Cells per block update; at least one so tiny inputs run."""
+    return max(1, math.floor(n_cells * block_proportion))
+
+
+def expand_theta(theta: float | tuple[float, ...], design: BatchDesign) -> np.ndarray:
+    """theta as one value per level, shape (n_levels_total,).
+
+    A scalar applies to every level, ``n_keys`` values apply per key, ``n_levels_total`` values per
+    level. Any other length is an error naming both admissible lengths.
+    """
+    n_keys, n_levels = design.n_keys, design.n_levels_total
+    values = np.atleast_1d(np.asarray(theta, dtype=np.float64))
+    if values.size == 1 and not isinstance(theta, tuple):
+        return np.full(n_levels, values[0])
+    if values.size == n_levels:
+        return values.copy()
+    if values.size == n_keys:
+        return np.repeat(values, design.n_levels)
+    raise ValueError(
+        f"The 'theta' parameter must be a scalar, one value per key ({n_keys}) or one per batch "
+        f"level ({n_levels}). Got {values.size} values instead."
+    )
+
+
+def discount_theta(theta: np.ndarray, level_counts: np.ndarray, n_clusters: int, tau: float) -> np.ndarray:
+    """theta_b * (1 - exp(-(N_b / (K tau))^2)), the small-batch discount of the paper; tau = 0 is off."""
+    if tau == 0:
+        return theta
+    return theta * (1.0 - np.exp(-((level_counts / (n_clusters * tau)) ** 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Everything about the input that the iterations need, on the host."""
+
+    n_cells: int
+    n_pcs: int
+    n_clusters: int
+    block_size: int
+    theta: np.ndarray  # (B,) float64, discounted
+    level_counts: np.ndarray  # (B,) int64
+    level_share: np.ndarray  # Pr_b = N_b / N, (B,) float64
+    first_key_levels: int  # levels of key 0: their O rows sum to the cluster sizes
+    random_state: int
+
+
+def make_problem(n_cells: int, n_pcs: int, design: BatchDesign, params: HarmonyParams, seed: int) -> Problem:
+    n_clusters = params.n_clusters if params.n_clusters is not None else default_n_clusters(n_cells)
+    counts = design.level_counts()
+    theta = discount_theta(expand_theta(params.theta, design), counts, n_clusters, params.tau)
+    return Problem(
+        n_cells=n_cells,
+        n_pcs=n_pcs,
+        n_clusters=n_clusters,
+        block_size=block_size(n_cells, params.block_proportion),
+        theta=theta,
+        level_counts=counts,
+        level_share=counts / n_cells,
+        first_key_levels=design.n_levels[0],
+        random_state=seed,
+    )

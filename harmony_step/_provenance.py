@@ -1,0 +1,88 @@
+"""What a run records in ``adata.uns['harmony']``: parameters used, convergence, timings, versions.
+
+Layout (every value is writable to h5ad; ``None`` is stored as the string ``"none"``)::
+
+    params       the parameters as given (theta as a list)
+    keys         the batch keys, in order
+    resolved     n_clusters, block_size, correction_method, random_state, device, device_name,
+                 dtype, n_cells, n_pcs, n_levels (per key)
+    converged    bool; n_rounds: int
+    iterations   columns, one row per clustering iteration (round 0 = initialisation):
+                 round, iteration, objective, kmeans, entropy, diversity, seconds
+    rounds       columns, one row per round (round 0 = initialisation):
+                 round, inner_iterations, inner_converged, objective, kmeans, entropy, diversity
+    timings      seconds per phase: setup, init, clustering, correction, total
+    versions     harmony_step, numpy, anndata, and cupy / CUDA on the GPU
+    peak_gpu_memory_bytes   high-water mark of CuPy's memory pool (0 on the CPU)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from harmony_step._backend import Backend
+from harmony_step._batches import BatchDesign
+from harmony_step._core.result import HarmonyResult
+from harmony_step._params import HarmonyParams
+
+
+def _storable(value: Any) -> Any:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
+def build_provenance(
+    result: HarmonyResult, design: BatchDesign, params: HarmonyParams, backend: Backend
+) -> dict[str, Any]:
+    import anndata
+
+    from harmony_step import __version__
+
+    iterations = result.iterations
+    rounds = result.rounds
+    return {
+        "params": _storable(params.to_dict()),
+        "keys": list(design.keys),
+        "resolved": {
+            "n_clusters": result.n_clusters,
+            "block_size": result.block_size,
+            "correction_method": result.correction_method,
+            "random_state": result.random_state,
+            "device": backend.kind,
+            "device_name": backend.name,
+            "dtype": params.dtype,
+            "n_cells": int(result.embedding.shape[0]),
+            "n_pcs": int(result.embedding.shape[1]),
+            "n_levels": np.asarray(design.n_levels, dtype=np.int64),
+        },
+        "converged": bool(result.converged),
+        "n_rounds": len(rounds) - 1,
+        "iterations": {
+            "round": np.array([r.round for r in iterations], dtype=np.int64),
+            "iteration": np.array([r.iteration for r in iterations], dtype=np.int64),
+            "objective": np.array([r.objective.total for r in iterations]),
+            "kmeans": np.array([r.objective.kmeans for r in iterations]),
+            "entropy": np.array([r.objective.entropy for r in iterations]),
+            "diversity": np.array([r.objective.diversity for r in iterations]),
+            "seconds": np.array([r.seconds for r in iterations]),
+        },
+        "rounds": {
+            "round": np.array([r.round for r in rounds], dtype=np.int64),
+            "inner_iterations": np.array([r.inner_iterations for r in rounds], dtype=np.int64),
+            "inner_converged": np.array([r.inner_converged for r in rounds], dtype=bool),
+            "objective": np.array([r.objective.total for r in rounds]),
+            "kmeans": np.array([r.objective.kmeans for r in rounds]),
+            "entropy": np.array([r.objective.entropy for r in rounds]),
+            "diversity": np.array([r.objective.diversity for r in rounds]),
+        },
+        "timings": dict(result.timings),
+        "versions": {"harmony_step": __version__, "anndata": anndata.__version__, **backend.versions()},
+        "peak_gpu_memory_bytes": int(result.peak_pool_bytes),
+    }
