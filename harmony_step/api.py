@@ -127,7 +127,9 @@ def harmony_integrate(
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
 
 
-def _checked_inputs(adata: AnnData, key: Any, params: HarmonyParams) -> tuple[np.ndarray, BatchDesign]:
+def _checked_inputs(
+    adata: AnnData, key: Any, params: HarmonyParams
+) -> tuple[np.ndarray, BatchDesign]:
     """The embedding as a C-contiguous array of the working dtype, and the batch design; raises on bad input."""
     keys = normalize_keys(key)
     if params.basis not in adata.obsm:
