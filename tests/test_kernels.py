@@ -40,7 +40,7 @@ def test_reference_softmax_rows_sum_to_one(n, k, levels, dtype):
     np.testing.assert_allclose(r[cells].sum(1), 1.0, rtol=1e-5 if dtype == np.float32 else 1e-12)
     np.testing.assert_array_equal(new64, r[cells].astype(np.float64))
     np.testing.assert_array_equal(r[untouched], before)
-    assert np.all(entropy <= k * 1e-12)  # r log(r + eps) is at most eps per entry (r = 1)
+    assert np.all(entropy <= k * 1.01e-12)  # r log(r + eps) is at most eps per entry (r = 1)
 
 
 @pytest.mark.parametrize("flavor", ["harmony1", "harmony2"])
