@@ -119,6 +119,7 @@ revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
 secret=()
 if [[ -s /etc/ssl/certs/ca-certificates.crt ]]; then
     # pip inside the build must trust the same certificate authorities as this machine.
+    # shellcheck disable=SC2054  # the comma belongs to the --secret value
     secret=(--secret id=hostca,src=/etc/ssl/certs/ca-certificates.crt)
 fi
 timeout 1500 "$docker" build --progress=plain --network host "${secret[@]}" \
