@@ -38,7 +38,6 @@ DATASET = Path("pbmc_3500") / "pbmc_3500.h5ad"
 CORRECTED_BASIS = "X_pca_harmony"
 # Same BLAS thread count on both sides, so that the host and container runs sum in the same order.
 SINGLE_THREADED = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-RELATIVE_TOLERANCE = 1e-12
 COMMAND_TIMEOUT_S = 900
 # Paths copied into the Snakemake working folder: everything the workflow reads, nothing heavy.
 NOT_COPIED = shutil.ignore_patterns(
@@ -191,15 +190,20 @@ def test_docker_run_matches_host_run(
     on_host = corrected_embedding(host_out / "corrected.h5ad")
     assert in_container.shape == on_host.shape
     assert in_container.dtype == on_host.dtype
+    # Same package versions (the host venv is constrained by the image's lock), same BLAS threads,
+    # same CPU: the corrected embedding must be the same bits.
     if not np.array_equal(in_container, on_host):
         worst = float(np.max(np.abs(in_container - on_host)) / np.max(np.abs(on_host)))
-        assert worst <= RELATIVE_TOLERANCE, f"container and host differ by {worst:.3e} (relative)"
+        pytest.fail(
+            f"container and host embeddings differ by up to {worst:.3e} (relative); the host must "
+            "install harmony-step's dependencies at the versions in container/requirements-cuda*.lock"
+        )
 
     container_summary = json.loads((container_out / "summary.json").read_text())
     host_summary = json.loads((host_out / "summary.json").read_text())
     assert container_summary["environment"]["container"] == "docker"
     assert container_summary["environment"]["image"] == IMAGE_NAME
-    assert host_summary["environment"]["container"] == "none"
+    assert host_summary["environment"]["image"] == "none"
     assert container_summary["input_sha256"] == host_summary["input_sha256"]
     assert container_summary["parameters"] == host_summary["parameters"]
     assert container_summary["n_rounds"] == host_summary["n_rounds"]
@@ -209,17 +213,19 @@ def test_docker_run_matches_host_run(
 # --- (b) the Snakemake workflow with its container: directive, through Apptainer -----------------
 
 
-def snakemake_command(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", "workflow/Snakefile",
-            "--configfile", ".test/config/config.yaml", "--cores", "2",
-            "--directory", str(workdir)]  # fmt: skip
+def snakemake_command(checkout: Path) -> list[str]:
+    """The workflow's test run: its own test configuration, working folder ``.test``."""
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(checkout / "workflow" / "Snakefile"),
+            "--directory", str(checkout / ".test"),
+            "--configfile", str(checkout / ".test" / "config" / "config.yaml"),
+            "--cores", "2"]  # fmt: skip
 
 
-def declared_outputs(workdir: Path) -> dict[Path, str]:
-    """Every output file of the workflow's jobs with its Snakemake status (``ok`` when present)."""
-    summary = run([*snakemake_command(workdir), "--summary"], cwd=workdir)
+def declared_outputs(checkout: Path) -> list[Path]:
+    """Every output file of the workflow's jobs, as Snakemake's ``--summary`` lists them."""
+    summary = run([*snakemake_command(checkout), "--summary"], cwd=checkout)
     rows = csv.DictReader(io.StringIO(summary.stdout), delimiter="\t")
-    return {workdir / row["output_file"]: row["status"] for row in rows if row.get("output_file")}
+    return [checkout / ".test" / row["output_file"] for row in rows if row.get("output_file")]
 
 
 def place_image_where_snakemake_looks(sif: Path, prefix: Path) -> Path:
@@ -242,26 +248,25 @@ def place_image_where_snakemake_looks(sif: Path, prefix: Path) -> Path:
 def test_workflow_runs_every_job_inside_the_image(
     sif: Path, tmp_path: Path, deployment: list[str]
 ) -> None:
-    workdir = tmp_path / "workflow-run"
-    shutil.copytree(REPO, workdir, ignore=NOT_COPIED, symlinks=True)
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO, checkout, ignore=NOT_COPIED, symlinks=True)
     prefix = tmp_path / "apptainer-images"
     place_image_where_snakemake_looks(sif, prefix)
 
-    result = run([*snakemake_command(workdir), *deployment, "--apptainer-prefix", str(prefix)],
-                 cwd=workdir)  # fmt: skip
+    result = run([*snakemake_command(checkout), *deployment, "--apptainer-prefix", str(prefix)],
+                 cwd=checkout)  # fmt: skip
     log = result.stdout + result.stderr
     assert "Pulling singularity image" not in log, "Snakemake did not find the pre-placed image"
 
-    outputs = declared_outputs(workdir)
-    summaries = [path for path in outputs if path.name == "summary.json"]
-    assert summaries, f"the workflow declares no summary.json output: {sorted(outputs)}"
-    missing = [str(path) for path, status in outputs.items() if not path.exists()]
+    outputs = declared_outputs(checkout)
+    missing = [str(path) for path in outputs if not path.exists()]
     assert not missing, f"declared outputs not written: {missing}"
+    summaries = [path for path in outputs if path.name == "summary.json"]
+    assert summaries, f"the workflow declares no summary.json: {sorted(map(str, outputs))}"
     for summary_path in summaries:
-        dataset_dir = summary_path.parent
-        name = dataset_dir.name
-        for expected in (f"{name}.h5ad", "convergence.tsv", "convergence.png"):
-            assert (dataset_dir / expected).is_file(), f"{dataset_dir / expected} is missing"
+        dataset_outputs = {path.name for path in outputs if path.parent == summary_path.parent}
+        assert "convergence.tsv" in dataset_outputs, dataset_outputs
+        assert any(name.endswith(".h5ad") for name in dataset_outputs), dataset_outputs
         environment = json.loads(summary_path.read_text())["environment"]
         assert environment["container"] == "apptainer", (summary_path, environment)
         assert environment["image"] == IMAGE_NAME, (summary_path, environment)
