@@ -158,7 +158,7 @@ export HARMONY_STEP_TEST_IMAGE=$image
 export HARMONY_STEP_TEST_REVISION=$revision
 # A failing suite does not stop the script: the Apptainer half still runs and reports.
 timeout 1200 "$venv/bin/python" -m pytest -v -p no:cacheprovider tests/integration/test_containers.py \
-    -k "not workflow and not sif" || failed+=("pytest: Docker")
+    -k "not workflow and not sif and not definition" || failed+=("pytest: Docker")
 
 phase "Apptainer in a sid root"
 if [[ ! -x $sid_root/usr/bin/apptainer ]]; then
@@ -177,19 +177,19 @@ fi
 sed -i 's/^root default capabilities = full/root default capabilities = file/' "$sid_root/etc/apptainer/apptainer.conf"
 mkdir -p "$ci_dir/bin"
 {
-    printf '#!/bin/sh\nsid_root=%q\n' "$sid_root"
+    printf '#!/bin/sh\nsid_root=%q\nci_dir=%q\n' "$sid_root" "$ci_dir"
     cat <<'EOF'
 # apptainer (or singularity: the name it is called by) from a Debian sid root. Apptainer refuses a
 # plain chroot, so this enters a private mount namespace, pivot_roots into that root with /proc,
-# /sys, /dev and the host folders jobs use (/tmp, $HOME, the current folder) bound in, and runs
-# the command there.
+# /sys, /dev and the host folders jobs use (/tmp, $HOME, the current folder, the CI folder) bound
+# in, and runs the command there.
 command=/usr/bin/$(basename "$0")
 exec unshare --mount --propagation private /bin/sh -eu -c '
-root=$1 workdir=$2
-shift 2
+root=$1 workdir=$2 ci_dir=$3
+shift 3
 mount --rbind "$root" "$root"
 for dir in /proc /sys /dev; do mount --rbind "$dir" "$root$dir"; done
-for dir in /tmp "${HOME:-/root}" "$workdir"; do
+for dir in /tmp "${HOME:-/root}" "$workdir" "$ci_dir"; do
     case "$dir" in /|"$root"|"$root"/*) continue ;; esac
     mkdir -p "$root$dir"
     mount --rbind "$dir" "$root$dir"
@@ -200,7 +200,7 @@ pivot_root . .host-root
 umount -l /.host-root
 cd "$workdir"
 exec "$@"
-' wrapper "$sid_root" "$PWD" "$command" "$@"
+' wrapper "$sid_root" "$PWD" "$ci_dir" "$command" "$@"
 EOF
 } >"$ci_dir/bin/apptainer"
 chmod +x "$ci_dir/bin/apptainer"
@@ -226,10 +226,41 @@ if [[ ! -f $sif || $(cat "$sif.image-id" 2>/dev/null) != "$image_id" ]]; then
 fi
 ls -l "$sif"
 
+phase "Apptainer definition file"
+# container/harmony-step.def bootstraps from Docker Hub; here it starts from the same Debian 12 root
+# as the Docker build (device nodes left out: a user namespace cannot create them). %post needs
+# that user namespace, with subordinate IDs for root.
+def_sandbox=$ci_dir/def-sandbox
+def_stamp=$( (echo "$image_id"; cat container/harmony-step.def) | sha256sum | cut -c1-16)
+if [[ ! -f $def_sandbox.stamp-$def_stamp ]]; then
+    for file in /etc/subuid /etc/subgid; do
+        grep -qx 'root:100000:65536' "$file" 2>/dev/null || echo 'root:100000:65536' >>"$file"
+    done
+    def_base=$ci_dir/bookworm-rootfs-nodev
+    rm -rf "$def_base" "$def_sandbox" "$def_sandbox".stamp-*
+    mkdir -p "$def_base"
+    tar -C "$rootfs" --exclude='./dev/*' --exclude=./.complete -c . | tar -x -C "$def_base"
+    sed 's/^Bootstrap: docker$/Bootstrap: localimage/' container/harmony-step.def >"$ci_dir/harmony-step-local.def"
+    def_certs=()
+    if [[ -s /etc/ssl/certs/ca-certificates.crt ]]; then
+        mkdir -p "$ci_dir/host-certs"
+        cp /etc/ssl/certs/ca-certificates.crt "$ci_dir/host-certs/"
+        def_certs=(--bind "$ci_dir/host-certs:/mnt/host-certs")
+    fi
+    timeout 1200 unshare --map-root-user --map-users=100000,1,65535 --map-groups=100000,1,65535 \
+        apptainer build --force --sandbox "${def_certs[@]}" --build-arg BASE="$def_base" \
+        --build-arg CUDA="$cuda" --build-arg IMAGE="$image" --build-arg REVISION="$revision" \
+        "$def_sandbox" "$ci_dir/harmony-step-local.def" >"$ci_dir/def-build.log" 2>&1 \
+        || { tail -20 "$ci_dir/def-build.log"; exit 1; }
+    rm -rf "$def_base"
+    touch "$def_sandbox.stamp-$def_stamp"
+fi
+
 phase "pytest: Apptainer + Snakemake"
 export HARMONY_STEP_TEST_SIF=$sif
+export HARMONY_STEP_TEST_DEF_SANDBOX=$def_sandbox
 timeout 1200 "$venv/bin/python" -m pytest -v -p no:cacheprovider tests/integration/test_containers.py \
-    -k "workflow or sif" || failed+=("pytest: Apptainer + Snakemake")
+    -k "workflow or sif or definition" || failed+=("pytest: Apptainer + Snakemake")
 phase ""
 if ((${#failed[@]})); then
     echo "[containers] FAILED: ${failed[*]}" >&2

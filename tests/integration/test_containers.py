@@ -278,3 +278,30 @@ def test_sif_carries_the_image_environment(sif: Path, tmp_path: Path) -> None:
     image, executable = result.stdout.split()
     assert image == IMAGE_NAME
     assert executable == "/opt/harmony-step/bin/harmony-step"
+
+
+def test_definition_file_builds_the_same_environment(
+    docker: list[str], image_tag: str, tmp_path: Path
+) -> None:
+    """container/harmony-step.def and the Dockerfile install the same packages and settings."""
+    require_tool("apptainer")
+    sandbox = Path(os.environ.get("HARMONY_STEP_TEST_DEF_SANDBOX", ""))
+    if not sandbox.is_dir():
+        pytest.fail(
+            "HARMONY_STEP_TEST_DEF_SANDBOX must name a sandbox built from container/harmony-step.def, "
+            f"got {str(sandbox)!r}"
+        )
+    report = (
+        'echo "$HARMONY_STEP_IMAGE $HARMONY_STEP_CUDA"; harmony-step --version; '
+        "PIP_DISABLE_PIP_VERSION_CHECK=1 python -m pip list --format=freeze"
+    )
+    from_docker = run([*docker, "run", "--rm", "--network", "none", "--entrypoint", "sh",
+                       image_tag, "-c", report])  # fmt: skip
+    from_definition = run(["apptainer", "exec", "--cleanenv", str(sandbox), "sh", "-c", report],
+                          cwd=tmp_path)  # fmt: skip
+    docker_lines = from_docker.stdout.splitlines()
+    definition_lines = from_definition.stdout.splitlines()
+    assert docker_lines[0].split()[0] == IMAGE_NAME
+    assert definition_lines[0] == docker_lines[0]  # image name and CUDA major
+    assert sorted(definition_lines[1:]) == sorted(docker_lines[1:])
+    assert any(line.startswith("cupy-cuda") for line in docker_lines)
