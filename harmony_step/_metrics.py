@@ -35,7 +35,10 @@ _MAX_BISECTIONS = 50  # R lisi's limit; cells that do not settle keep their last
 
 
 def simpson_index(
-    distances: np.ndarray, neighbour_labels: np.ndarray, n_labels: int, perplexity: float = PERPLEXITY
+    distances: np.ndarray,
+    neighbour_labels: np.ndarray,
+    n_labels: int,
+    perplexity: float = PERPLEXITY,
 ) -> np.ndarray:
     """Simpson index of the labels around each cell under a perplexity-calibrated Gaussian kernel.
 
@@ -76,14 +79,17 @@ def simpson_index(
         widen = active & ~(excess > 0)
         beta_low[sharpen] = beta[sharpen]
         beta[sharpen] = np.where(
-            np.isinf(beta_high[sharpen]), beta[sharpen] * 2, (beta[sharpen] + beta_high[sharpen]) / 2
+            np.isinf(beta_high[sharpen]),
+            beta[sharpen] * 2,
+            (beta[sharpen] + beta_high[sharpen]) / 2,
         )
         beta_high[widen] = beta[widen]
         beta[widen] = np.where(
             np.isinf(beta_low[widen]), beta[widen] / 2, (beta[widen] + beta_low[widen]) / 2
         )
         weights[active], entropy[active] = _kernel(distances[active], beta[active])
-    cell_label = np.arange(n_cells)[:, None] * n_labels + neighbour_labels  # (cell, label) pair index
+    # one bin per (cell, label) pair
+    cell_label = np.arange(n_cells)[:, None] * n_labels + neighbour_labels
     label_weights = np.bincount(cell_label.ravel(), weights.ravel(), minlength=n_cells * n_labels)
     label_weights = label_weights.reshape(n_cells, n_labels)
     simpson = np.sum(label_weights**2, axis=1)
@@ -155,7 +161,9 @@ def _codes(labels: Any) -> tuple[np.ndarray, int]:
     return codes.astype(np.int64), len(uniques)
 
 
-def silhouette(embedding: np.ndarray, labels: Any, sample: np.ndarray | None = None) -> float | None:
+def silhouette(
+    embedding: np.ndarray, labels: Any, sample: np.ndarray | None = None
+) -> float | None:
     """Mean silhouette width of ``labels`` in ``embedding`` (Euclidean); None with < 2 labels.
 
     For batch labels, values near 0 or below mean well-mixed batches; for cell types, higher means
