@@ -220,15 +220,31 @@ def metrics_before_after(
     batch_key: str,
     label_key: str | None,
     seed: int,
+    sample_size: int = SAMPLE_SIZE,
 ) -> dict[str, Any]:
-    """Metrics of the embedding before and after correction, on the same cells, with their settings."""
-    sample = sample_cells(len(before), seed)
+    """Metrics of the embedding before and after correction, on the same cells, with their settings.
+
+    Parameters
+    ----------
+    before, after
+        The embedding before and after correction, shape (n_cells, n_dims).
+    batches, labels
+        Batch and (optional) cell-type label of each cell, shape (n_cells,).
+    batch_key, label_key
+        Column names, recorded with the settings.
+    seed
+        Seed of the cell sample (the run's random state).
+    sample_size
+        Most cells evaluated; more cells than this are subsampled.
+    """
+    sample = sample_cells(len(before), seed, sample_size)
     settings: Mapping[str, Any] = {
         "batch_key": batch_key,
         "label_key": label_key,
         "perplexity": PERPLEXITY,
         "n_neighbors": int(3 * PERPLEXITY) - 1,  # the search's 90 cells minus the cell itself
         "n_cells_evaluated": len(before) if sample is None else len(sample),
+        "sample_size": sample_size,
         "sample_seed": seed,
     }
     return {
