@@ -234,6 +234,10 @@ class StagedOutputs:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        # mkstemp creates files readable by the owner only; outputs get the usual umask mode
+        umask = os.umask(0)
+        os.umask(umask)
+        self._mode = 0o666 & ~umask
 
     def __enter__(self) -> StagedOutputs:
         return self
@@ -248,6 +252,7 @@ class StagedOutputs:
             dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
         )
         os.close(descriptor)
+        os.chmod(name, self._mode)
         self._pending.append((Path(name), destination))
         return Path(name)
 

@@ -98,15 +98,21 @@ def simpson_index(
 
 
 def _kernel(distances: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised weights exp(-beta d) (float64) and their Shannon entropy (float32), per row."""
+    """Normalised weights exp(-beta d) (float64) and their Shannon entropy (float32), per row.
+
+    A row whose weights all underflow gets zero weights and entropy 0, as in R lisi.
+    """
     beta = beta.astype(np.float64)
     raw = np.exp(-distances * beta[:, None])
     total = raw.sum(axis=1)
-    ok = total > 0
-    entropy = np.zeros(distances.shape[0], dtype=np.float32)
-    weights = np.zeros_like(distances)
-    entropy[ok] = np.log(total[ok]) + beta[ok] * np.sum(distances[ok] * raw[ok], axis=1) / total[ok]
-    weights[ok] = raw[ok] / total[ok, None]
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows with total == 0 are reset below
+        entropy = (np.log(total) + beta * np.einsum("ij,ij->i", distances, raw) / total).astype(
+            np.float32
+        )
+        weights = raw / total[:, None]
+    underflow = total == 0
+    entropy[underflow] = 0
+    weights[underflow] = 0
     return weights, entropy
 
 

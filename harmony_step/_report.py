@@ -196,7 +196,7 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
         bottom.plot(step, table[part], marker=".", label=part)
     bottom.set_ylabel("objective part")
     bottom.set_xlabel("clustering iteration (all rounds)")
-    bottom.legend(loc="best", fontsize="small")
+    bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
     starts = step[1:][np.diff(rounds) != 0]
     for axes in (top, bottom):
         for start in starts:
@@ -204,11 +204,13 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
     for start, number in zip(starts, rounds[1:][np.diff(rounds) != 0], strict=True):
         top.annotate(
             f"r{int(number)}",
-            (start - 0.5, 1.0),
+            (start - 0.5, 0.98),
             xycoords=("data", "axes fraction"),
+            xytext=(2, 0),
+            textcoords="offset points",
             fontsize="x-small",
             color="grey",
-            va="bottom",
+            va="top",
         )
     figure.savefig(target, format="png")
 
