@@ -38,7 +38,9 @@ def test_lisi_matches_r_lisi_per_cell(lisi_toy, column):
 def test_lisi_of_query_cells_equals_full_run(lisi_toy):
     x, meta, _ = lisi_toy
     query = np.array([0, 5, 17, 250, 399])
-    np.testing.assert_array_equal(lisi(x, meta["label1"], query=query), lisi(x, meta["label1"])[query])
+    np.testing.assert_array_equal(
+        lisi(x, meta["label1"], query=query), lisi(x, meta["label1"])[query]
+    )
 
 
 def test_lisi_is_one_for_a_single_label(lisi_toy):
