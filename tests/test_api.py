@@ -45,9 +45,7 @@ def test_signature_is_the_published_one():
     names = list(inspect.signature(harmony_integrate).parameters)
     assert names[:2] == ["adata", "key"]
     defaults = {n: p.default for n, p in inspect.signature(harmony_integrate).parameters.items()}
-    assert (
-        defaults["dtype"] is np.float64 and defaults["tau"] == 0 and defaults["random_state"] == 0
-    )
+    assert defaults["dtype"] is np.float64 and defaults["tau"] == 0 and defaults["random_state"] == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,9 +95,7 @@ def test_strategies_agree_in_float64(data_dir, device):
 def test_colsum_algo_does_not_change_results(data_dir, algo):
     adata = load(data_dir, "pbmc_3500")
     base = integrate(adata, "donor", max_iter_harmony=2, device="cpu").copy()
-    assert np.array_equal(
-        integrate(adata, "donor", max_iter_harmony=2, colsum_algo=algo, device="cpu"), base
-    )
+    assert np.array_equal(integrate(adata, "donor", max_iter_harmony=2, colsum_algo=algo, device="cpu"), base)
 
 
 @pytest.mark.parametrize("device", DEVICES)
