@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from harmony_step._metrics import SAMPLE_SIZE
 from harmony_step._params import (
     COLSUM_ALGOS,
     CORRECTION_METHODS,
@@ -209,6 +210,14 @@ def _add_io_arguments(run: argparse.ArgumentParser) -> None:
         "--embedding-only",
         action="store_true",
         help="write only obs, obsm (basis and adjusted basis) and uns['harmony'], not a copy of the input",
+    )
+    files.add_argument(
+        "--metrics-cells",
+        type=_integer,
+        default=SAMPLE_SIZE,
+        metavar="N",
+        help="most cells used for the integration metrics (iLISI, silhouette; cLISI with "
+        f"--label-key); larger inputs are subsampled; 0 skips the metrics (default: {SAMPLE_SIZE})",
     )
     behaviour = run.add_argument_group("messages")
     behaviour.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -418,7 +427,12 @@ def exit_code(error: BaseException) -> int:
 
 
 def _describe_error(error: BaseException, code: int) -> str:
-    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    if isinstance(error, KeyError) and error.args:
+        text = error.args[0]  # str() of a KeyError adds quotes
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror  # str() adds "[Errno N]"; the file name is added below
+    else:
+        text = str(error)
     text = " ".join(str(text).split()) or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{text}: {error.filename}"
@@ -510,9 +524,10 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
     """Carry out ``harmony-step run`` (exceptions are mapped to exit codes by :func:`main`)."""
     from harmony_step import harmony_integrate
     from harmony_step._io import StagedOutputs, read_harmony_inputs, sha256_file
-    from harmony_step._metrics import metrics_before_after
 
     seconds: dict[str, float] = {}
+    if args.metrics_cells < 0:
+        raise ValueError(f"--metrics-cells must be >= 0. Got {args.metrics_cells} instead.")
     params = resolve_parameters(args)
     outputs = _planned_outputs(args)
     input_path = Path(args.input)
@@ -526,15 +541,7 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
         harmony_integrate(adata, list(args.key), **params.to_dict())
     harmony = adata.uns["harmony"]
     with _phase(seconds, "metrics"):
-        metrics = metrics_before_after(
-            before,
-            adata.obsm[params.adjusted_basis],
-            adata.obs[args.key[0]],
-            adata.obs[args.label_key] if args.label_key else None,
-            batch_key=args.key[0],
-            label_key=args.label_key,
-            seed=int(harmony["resolved"]["random_state"]),
-        )
+        metrics = _integration_metrics(args, adata, before, params, harmony)
     harmony["metrics"] = _metrics_for_uns(metrics)
     with _phase(seconds, "hash"):
         input_sha256 = sha256_file(input_path)
@@ -550,6 +557,30 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
     display.show(
         f"done: {state} after {int(harmony['n_rounds'])} round(s) in {seconds['total']:.1f} s; "
         f"wrote {args.output}"
+    )
+
+
+def _integration_metrics(
+    args: argparse.Namespace,
+    adata: Any,
+    before: Any,
+    params: HarmonyParams,
+    harmony: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Metrics before and after correction; empty before/after when --metrics-cells is 0."""
+    from harmony_step._metrics import metrics_before_after
+
+    if args.metrics_cells == 0:
+        return {"before": {}, "after": {}, "settings": {"skipped": "--metrics-cells 0"}}
+    return metrics_before_after(
+        before,
+        adata.obsm[params.adjusted_basis],
+        adata.obs[args.key[0]],
+        adata.obs[args.label_key] if args.label_key else None,
+        batch_key=args.key[0],
+        label_key=args.label_key,
+        seed=int(harmony["resolved"]["random_state"]),
+        sample_size=args.metrics_cells,
     )
 
 
