@@ -310,7 +310,9 @@ def resolve_parameters(args: argparse.Namespace) -> HarmonyParams:
             if spec.name == "theta" and len(given) == 1:
                 given = given[0]
             values[spec.name] = given
-    return HarmonyParams.create(**values)
+    with warnings.catch_warnings():  # harmony_integrate validates again and warns then, once
+        warnings.simplefilter("ignore")
+        return HarmonyParams.create(**values)
 
 
 # --- progress and messages ---------------------------------------------------------------------
@@ -368,6 +370,11 @@ class ProgressDisplay(logging.Handler):
         self.stream.flush()
 
 
+def _in_package(filename: str) -> bool:
+    package = Path(__file__).resolve().parent
+    return Path(filename).resolve().is_relative_to(package)
+
+
 @contextmanager
 def _attached(display: ProgressDisplay, debug: bool) -> Iterator[None]:
     """Route the progress logger and this package's warnings to ``display`` for the run."""
@@ -378,7 +385,7 @@ def _attached(display: ProgressDisplay, debug: bool) -> Iterator[None]:
     logger.propagate = False
 
     def show_warning(message: Any, category: type, filename: str, *_: Any, **__: Any) -> None:
-        ours = category.__module__.startswith("harmony_step") or "harmony_step" in filename
+        ours = category.__module__.startswith("harmony_step") or _in_package(filename)
         if ours or debug:
             display.message("warning", str(message))
 

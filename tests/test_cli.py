@@ -522,6 +522,7 @@ def test_flags_override_the_params_file_which_overrides_defaults(pbmc, tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(
         "max_iter_harmony: 1\nsigma: 0.2\ntol_harmony: 1e-3\ntheta: 1.5\nrandom_state: 7\n"
+        "ridge_lambda: 2.0\n"
     )
     summary_path = tmp_path / "summary.json"
     result = harmony_step(
@@ -537,8 +538,11 @@ def test_flags_override_the_params_file_which_overrides_defaults(pbmc, tmp_path)
     assert parameters["tol_harmony"] == 0.001  # YAML's 1e-3 is a number
     assert parameters["random_state"] == 7
     assert parameters["block_proportion"] == 0.05  # default
-    # --quiet: no progress, only warnings (2 rounds do not converge)
-    assert all(": warning: " in line for line in result.stderr.splitlines()), result.stderr
+    # --quiet: no progress, only warnings, each once on one line (ridge_lambda is ignored by
+    # harmony2; 2 rounds do not converge)
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("harmony-step: warning: ") for line in lines), result.stderr
+    assert sum("'ridge_lambda' is ignored" in line for line in lines) == 1, result.stderr
 
 
 @pytest.fixture(scope="module")
