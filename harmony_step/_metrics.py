@@ -146,15 +146,34 @@ def lisi(
     -------
     LISI per query cell, between 1 and the number of labels.
     """
+    distances, indices = neighbours(embedding, perplexity=perplexity, query=query)
+    return lisi_from_neighbours(distances, indices, labels, perplexity=perplexity)
+
+
+def neighbours(
+    embedding: np.ndarray, *, perplexity: float = PERPLEXITY, query: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices of the LISI neighbourhood of each (query) cell, the cell itself left out.
+
+    Returns
+    -------
+    Distances and indices, each of shape (n_query, 3 * perplexity - 1), nearest first.
+    """
     from sklearn.neighbors import NearestNeighbors
 
     embedding = np.asarray(embedding, dtype=np.float64)
-    codes, n_labels = _codes(labels)
     n_neighbors = min(int(3 * perplexity), embedding.shape[0])
     points = embedding if query is None else embedding[query]
     knn = NearestNeighbors(n_neighbors=n_neighbors).fit(embedding)
     distances, indices = knn.kneighbors(points)
-    distances, indices = distances[:, 1:], indices[:, 1:]  # the cell itself, at distance 0
+    return distances[:, 1:], indices[:, 1:]  # column 0 is the cell itself, at distance 0
+
+
+def lisi_from_neighbours(
+    distances: np.ndarray, indices: np.ndarray, labels: Any, *, perplexity: float = PERPLEXITY
+) -> np.ndarray:
+    """LISI of ``labels`` (one per cell of the whole embedding) over precomputed neighbourhoods."""
+    codes, n_labels = _codes(labels)
     return 1.0 / simpson_index(distances, codes[indices], n_labels, perplexity)
 
 
@@ -202,12 +221,13 @@ def integration_metrics(
     sample: np.ndarray | None,
 ) -> dict[str, float | None]:
     """Median iLISI and batch silhouette, plus median cLISI and label silhouette when labels are given."""
+    distances, indices = neighbours(embedding, query=sample)  # shared by iLISI and cLISI
     metrics: dict[str, float | None] = {
-        "ilisi_median": _median(lisi(embedding, batches, query=sample)),
+        "ilisi_median": _median(lisi_from_neighbours(distances, indices, batches)),
         "batch_silhouette": silhouette(embedding, batches, sample),
     }
     if labels is not None:
-        metrics["clisi_median"] = _median(lisi(embedding, labels, query=sample))
+        metrics["clisi_median"] = _median(lisi_from_neighbours(distances, indices, labels))
         metrics["label_silhouette"] = silhouette(embedding, labels, sample)
     return metrics
 
