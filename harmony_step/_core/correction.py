@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from harmony_step._batches import BatchDesign
-from harmony_step._core.sums import CHUNK_ROWS, level_sums
+from harmony_step._core.sums import chunk_rows, level_sums
 
 # A cluster whose total mass is below this fraction of N gets no correction (spec 8.2).
 ZERO_MASS_FRACTION = 1e-12
@@ -98,9 +98,10 @@ def level_moments(xp: Any, x: Any, assignments: Any, index: LevelIndex) -> Any:
     """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64, chunked per level."""
     n_clusters, n_pcs = assignments.shape[1], x.shape[1]
     moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
+    step = chunk_rows(x.shape[0])
     for b, cells in enumerate(index.cells):
-        for start in range(0, cells.shape[0], CHUNK_ROWS):
-            chunk = cells[start : start + CHUNK_ROWS]
+        for start in range(0, cells.shape[0], step):
+            chunk = cells[start : start + step]
             moments[b] += assignments[chunk].astype(xp.float64).T @ x[chunk].astype(xp.float64)
     return moments
 
@@ -229,8 +230,9 @@ def apply_correction(
 ) -> None:
     """out = x - sum_k R_ik sum_c W_k[b_c(i)], level by level (each cell once per key)."""
     out[...] = x
+    step = chunk_rows(x.shape[0])
     for b, cells in enumerate(index.cells):
         w_b = xp.asarray(weights[:, b, :], dtype=x.dtype)  # (K, d)
-        for start in range(0, cells.shape[0], CHUNK_ROWS):
-            chunk = cells[start : start + CHUNK_ROWS]
+        for start in range(0, cells.shape[0], step):
+            chunk = cells[start : start + step]
             out[chunk] -= assignments[chunk] @ w_b

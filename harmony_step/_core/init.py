@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 
 from harmony_step._core.permutation import pcg_keys
-from harmony_step._core.sums import CHUNK_ROWS, cross_sums, one_hot, row_normalize
+from harmony_step._core.sums import chunk_rows, cross_sums, one_hot, row_normalize
 
 SAMPLES_PER_CLUSTER = 5000
 LLOYD_ITERATIONS = 25
 # Rows per distance chunk in k-means: bounds scratch to KMEANS_CHUNK * K * 8 bytes.
-KMEANS_CHUNK = 1 << 18
+KMEANS_CHUNK = 1 << 17
 
 
 def sample_size(n_cells: int, n_clusters: int, n_strata: int) -> int:
@@ -121,8 +121,9 @@ def lloyd(xp: Any, points: Any, centres: Any) -> Any:
 def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any) -> None:
     """R_ik proportional to exp(-(2/sigma)(1 - z_i.y_k)), written into ``out`` chunk by chunk."""
     scale = 2.0 / sigma
-    for start in range(0, z_hat.shape[0], CHUNK_ROWS):
-        stop = start + CHUNK_ROWS
+    step = chunk_rows(z_hat.shape[0])
+    for start in range(0, z_hat.shape[0], step):
+        stop = start + step
         logits = z_hat[start:stop] @ centroids.T
         out[start:stop] = softmax_rows(xp, logits, scale)
 

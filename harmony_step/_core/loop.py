@@ -26,7 +26,7 @@ from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
 from harmony_step._core.setup import Problem, load_embedding, make_problem
-from harmony_step._core.sums import CHUNK_ROWS, cross_sums, level_sums, row_normalize
+from harmony_step._core.sums import chunk_rows, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
 
 progress_log = logging.getLogger("harmony_step.progress")
@@ -134,9 +134,10 @@ def _initialise(
         observed=level_sums(xp, codes, assignments, consts.n_levels),
         centroid_sums=cross_sums(xp, assignments, z_hat),
     )  # fmt: skip
+    step = chunk_rows(problem.n_cells)
     entropy = sum(
-        entropy_sum(xp, assignments[s : s + CHUNK_ROWS].astype(xp.float64))
-        for s in range(0, problem.n_cells, CHUNK_ROWS)
+        entropy_sum(xp, assignments[s : s + step].astype(xp.float64))
+        for s in range(0, problem.n_cells, step)
     )
     parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
     return state, to_parts(backend.to_host(parts))

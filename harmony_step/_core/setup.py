@@ -85,23 +85,34 @@ def make_problem(
     )
 
 
+# Rows moved to the device per step when loading the embedding: bounds the staging copy.
+LOAD_ROWS = 1 << 18
+
+
 def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any:
     """The embedding on the device in the working dtype; rejects NaN/Inf and values the dtype cannot hold.
 
-    The array travels as stored and is cast on the device: for large inputs this is faster than
-    casting and scanning on the host, and the input is still checked before any work.
+    Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
+    full-size staging array is needed, and the input is still checked before any work.
     """
-    raw = xp.asarray(host)
-    if raw.dtype.kind == "f" and not bool(xp.isfinite(raw).all()):
+    x = xp.empty(host.shape, dtype=dtype)
+    finite_input = xp.ones((), dtype=bool)
+    finite_cast = xp.ones((), dtype=bool)
+    for start in range(0, host.shape[0], LOAD_ROWS):
+        part = xp.asarray(host[start : start + LOAD_ROWS])
+        with np.errstate(over="ignore"):
+            x[start : start + LOAD_ROWS] = part
+        if part.dtype.kind == "f":
+            finite_input &= xp.isfinite(part).all()
+            finite_cast &= xp.isfinite(x[start : start + LOAD_ROWS]).all()
+    if not bool(finite_input):
         bad = ~np.isfinite(host)
         rows = np.flatnonzero(bad.any(axis=1))
         raise ValueError(
             f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} cell(s), "
             f"first at row {int(rows[0])}. Remove or impute them before running Harmony."
         )
-    with np.errstate(over="ignore"):
-        x = raw.astype(dtype, copy=False)
-    if x.dtype != raw.dtype and not bool(xp.isfinite(x).all()):
+    if not bool(finite_cast):
         raise ValueError(
             f"{name} has values beyond the range of {dtype.name}. Use dtype=numpy.float64 or rescale."
         )
