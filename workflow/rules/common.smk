@@ -1,13 +1,57 @@
-"""Helpers shared by the rules: per-dataset parameters, command-line flags and target files.
-
-The config has been validated (and its defaults filled in) against schemas/config.schema.yaml
-before this file is read, so every key used here exists.
-"""
+"""Config validation and the helpers shared by the rules: per-dataset parameters, flags, targets."""
 
 import re
 import shlex
 
 import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+SCHEMA = "../schemas/config.schema.yaml"
+
+
+def schema_description(schema, path):
+    """What the config key at ``path`` (a sequence of keys) means and accepts, from the schema."""
+
+    def referenced(node):
+        ref = node.get("$ref", "")
+        return schema["$defs"][ref.rsplit("/", 1)[-1]] if ref else {}
+
+    node = schema
+    for key in path:
+        parent = {**referenced(node), **node}
+        node = parent.get("properties", {}).get(key, parent.get("additionalProperties"))
+        if not isinstance(node, dict):
+            return ""
+    texts = [node.get("description", ""), referenced(node).get("description", "")]
+    return " ".join(dict.fromkeys(text for text in texts if text))
+
+
+def validate_config():
+    """Check the config against the schema and fill in defaults, with a short error naming the key.
+
+    Snakemake's own message prints the whole schema; this one names the offending key, what is
+    wrong with it and what the key expects.
+    """
+    try:
+        validate(config, SCHEMA)
+    except WorkflowError as error:
+        # validate() raises while handling jsonschema's ValidationError, which keeps the details.
+        invalid = error.__context__
+        if not hasattr(invalid, "absolute_path"):
+            raise
+        path = list(invalid.absolute_path)
+        where = ".".join(str(key) for key in path) or "the top level"
+        with open(workflow.source_path(SCHEMA)) as schema_file:
+            expected = schema_description(yaml.safe_load(schema_file), path)
+        raise WorkflowError(
+            f"Invalid config at {where}: {invalid.message}."
+            + (f" Expected: {expected}" if expected else "")
+            + " Every key is explained in config/README.md."
+        ) from None
+
+
+validate_config()
 
 RESULTS = config["results"]
 DATASETS = config["datasets"]

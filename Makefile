@@ -1,0 +1,48 @@
+# Entry points for a fresh clone: needs only Python 3.11+ (with venv) and make.
+#   make example   install into .venv and run the workflow on the bundled example data
+#   make test      install into .venv with the test tools and run the whole test suite
+#   make lint      ruff, snakefmt and snakemake --lint
+# CUDA=cuda12 (or cuda13) adds CuPy for a GPU; by default it is added (cuda12) only when
+# nvidia-smi finds a GPU. CUDA=none never adds it.
+
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= all
+CUDA ?= auto
+
+BIN := $(VENV)/bin
+comma := ,
+CUDA_EXTRA := $(if $(filter auto,$(CUDA)),$(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda12),$(filter-out none,$(CUDA)))
+WORKFLOW_EXTRAS := workflow$(if $(CUDA_EXTRA),$(comma)$(CUDA_EXTRA))
+
+.PHONY: example test lint clean-example
+
+# One stamp per set of extras, so `make test` after `make example` installs only what is missing.
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "harmony-step needs Python 3.11 or newer; '$(PYTHON)' is older. Run make PYTHON=python3.12 ..." >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[$*]'
+	touch $@
+
+example: $(VENV)/.installed-$(WORKFLOW_EXTRAS)
+	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	@echo
+	@echo "Results: $(CURDIR)/results/<dataset>/ (integrated.h5ad, convergence.tsv, convergence.png, summary.json, params.yaml)"
+	@echo "Logs:    $(CURDIR)/results/logs/   Benchmarks: $(CURDIR)/results/benchmarks/"
+	@echo "Report:  $(BIN)/snakemake --configfile config/config.yaml --report report.html"
+
+test: $(VENV)/.installed-test$(comma)workflow
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test$(comma)workflow
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check workflow
+	$(BIN)/snakemake --lint --configfile config/config.yaml
+
+clean-example:
+	rm -rf results report.html
