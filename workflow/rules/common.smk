@@ -85,9 +85,7 @@ def harmony_settings(name):
 
 def harmony_settings_yaml(name):
     """The params file handed to ``harmony-step run --params`` for dataset ``name``."""
-    return yaml.safe_dump(
-        harmony_settings(name), sort_keys=True, default_flow_style=False
-    )
+    return yaml.safe_dump(harmony_settings(name), sort_keys=True, default_flow_style=False)
 
 
 def key_flags(name):

@@ -30,8 +30,8 @@ rule harmony:
     threads: config["resources"]["threads"]
     resources:
         gpu=gpu_request,
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
+        mem_mb=harmony_mem_mb,
+        runtime=harmony_runtime,
     params:
         settings=lambda wildcards: harmony_settings_yaml(wildcards.dataset),
         batch_keys=lambda wildcards: key_flags(wildcards.dataset),
