@@ -29,7 +29,8 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	touch $@
 
 example: $(VENV)/.installed-$(WORKFLOW_EXTRAS)
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	# The rule calls the harmony-step command, so the virtual environment goes first on PATH.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	@echo
 	@echo "Results: $(CURDIR)/results/<dataset>/ (integrated.h5ad, convergence.tsv, convergence.png, summary.json, params.yaml)"
 	@echo "Logs:    $(CURDIR)/results/logs/   Benchmarks: $(CURDIR)/results/benchmarks/"
