@@ -463,3 +463,33 @@ def test_schema_rejects_bad_config_with_a_clear_message(
     assert re.search(r"Invalid config " + message, output), output
     assert "config/README.md" in output
     assert not (tmp_path / "results").exists()
+
+
+# --- the conda fallback ---------------------------------------------------------------------------
+
+
+def conda_pins() -> dict[str, str]:
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "harmony-step.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    pins = dict(line.split("==") for line in pip_section if "==" in line)
+    return {name.lower(): version for name, version in pins.items()}
+
+
+def test_conda_environment_pins_every_runtime_dependency() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = {
+        re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower() for spec in project["dependencies"]
+    }
+    assert required <= set(conda_pins()), sorted(required - set(conda_pins()))
+
+
+def test_conda_environment_matches_the_image_lock() -> None:
+    lock = REPO / "container" / "requirements-cuda12.lock"
+    if not lock.is_file():
+        pytest.skip(f"{lock.relative_to(REPO)} is not in this checkout")
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock.read_text(), re.M))
+    locked = {name.lower(): version for name, version in locked.items()}
+    for name, version in conda_pins().items():
+        assert locked.get(name) == version, f"{name}: conda {version}, image {locked.get(name)}"
