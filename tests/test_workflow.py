@@ -317,6 +317,17 @@ def test_gpu_request_follows_device_and_config(
     assert requests == [str(expected)] * len(DATASETS), plan
 
 
+def test_plot_switched_off_is_neither_drawn_nor_expected(tmp_path: Path) -> None:
+    def no_plot(config: dict) -> None:
+        config["plot"] = False
+
+    plan = snakemake(write_workdir(tmp_path, no_plot), "--dry-run", "--printshellcmds")
+    assert planned_harmony_jobs(plan) == sorted(DATASETS)
+    assert "convergence.png" not in plan
+    assert "--plot" not in plan
+    assert "--summary results/pbmc/summary.json" in plan
+
+
 # --- the config schema ----------------------------------------------------------------------------
 
 
