@@ -15,7 +15,8 @@ from harmony_step._core.sums import CHUNK_ROWS, cross_sums, one_hot, row_normali
 
 SAMPLES_PER_CLUSTER = 5000
 LLOYD_ITERATIONS = 25
-KMEANS_CHUNK = 65536
+# Rows per distance chunk in k-means: bounds scratch to KMEANS_CHUNK * K * 8 bytes.
+KMEANS_CHUNK = 1 << 18
 
 
 def sample_size(n_cells: int, n_clusters: int, n_strata: int) -> int:

@@ -67,7 +67,8 @@ def run_harmony(
         embedding.dtype.itemsize,
     )  # fmt: skip
     x = backend.asarray(embedding)
-    index = LevelIndex.build(xp, design.codes, design.n_levels)
+    codes = backend.asarray(design.codes)
+    index = LevelIndex.build(xp, codes, design)
     consts = ClusteringConstants(
         theta=xp.asarray(problem.theta), level_share=xp.asarray(problem.level_share),
         first_key_levels=problem.first_key_levels, n_levels=design.n_levels_total,
@@ -77,7 +78,7 @@ def run_harmony(
     backend.synchronize()
     mark = clock.add("setup", 0.0)
 
-    state, init_parts = _initialise(xp, x, design, problem, consts, backend)
+    state, init_parts = _initialise(xp, x, codes, design, problem, consts, backend)
     backend.synchronize()
     mark = clock.add("init", mark)
     iterations = [IterationRecord(0, 0, init_parts, clock.elapsed())]
@@ -116,6 +117,7 @@ def run_harmony(
 def _initialise(
     xp: Any,
     x: Any,
+    codes: Any,
     design: BatchDesign,
     problem: Problem,
     consts: ClusteringConstants,
@@ -127,7 +129,6 @@ def _initialise(
     centroids = initial_centroids(xp, z_hat, strata, problem.n_clusters, problem.random_state)
     assignments = xp.empty((problem.n_cells, problem.n_clusters), dtype=x.dtype)
     soft_assignments(xp, z_hat, centroids, consts.sigma, out=assignments)
-    codes = xp.asarray(design.codes)
     state = ClusteringState(
         z_hat=z_hat, assignments=assignments, codes=codes,
         observed=level_sums(xp, codes, assignments, consts.n_levels),
