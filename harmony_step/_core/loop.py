@@ -25,7 +25,7 @@ from harmony_step._core.correction import (
 from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
-from harmony_step._core.setup import Problem, make_problem
+from harmony_step._core.setup import Problem, load_embedding, make_problem
 from harmony_step._core.sums import CHUNK_ROWS, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
 
@@ -64,9 +64,9 @@ def run_harmony(
     problem = make_problem(*embedding.shape, design, params, _seed(params.random_state))
     method = resolve_method(
         params.correction_method, design.n_keys, problem.n_clusters, design.n_levels_total,
-        embedding.dtype.itemsize,
+        params.numpy_dtype.itemsize,
     )  # fmt: skip
-    x = backend.asarray(embedding)
+    x = load_embedding(xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]")
     codes = backend.asarray(design.codes)
     index = LevelIndex.build(xp, codes, design)
     consts = ClusteringConstants(
