@@ -28,13 +28,15 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[$*]'
 	touch $@
 
+# The workflow's rule calls the harmony-step command, so the virtual environment goes first on PATH.
 example: $(VENV)/.installed-$(WORKFLOW_EXTRAS)
-	# The rule calls the harmony-step command, so the virtual environment goes first on PATH.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	@echo
-	@echo "Results: $(CURDIR)/results/<dataset>/ (integrated.h5ad, convergence.tsv, convergence.png, summary.json, params.yaml)"
-	@echo "Logs:    $(CURDIR)/results/logs/   Benchmarks: $(CURDIR)/results/benchmarks/"
-	@echo "Report:  $(BIN)/snakemake --configfile config/config.yaml --report report.html"
+	@echo "Results, one folder per dataset (integrated.h5ad, convergence.tsv, convergence.png, summary.json, params.yaml):"
+	@for folder in $(CURDIR)/results/*/; do \
+	  case "$$folder" in */logs/|*/benchmarks/) ;; *) echo "  $$folder" ;; esac; done
+	@echo "Logs: $(CURDIR)/results/logs/  Benchmarks: $(CURDIR)/results/benchmarks/"
+	@echo "HTML report with the plots: $(BIN)/snakemake --configfile config/config.yaml --report report.html"
 
 test: $(VENV)/.installed-test$(comma)workflow
 	$(BIN)/python -m pytest
