@@ -17,13 +17,13 @@ WORKFLOW_EXTRAS := workflow$(if $(CUDA_EXTRA),$(comma)$(CUDA_EXTRA))
 
 .PHONY: example test lint clean-example
 
-# One stamp per set of extras, so `make test` after `make example` installs only what is missing.
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 	  echo "harmony-step needs Python 3.11 or newer; '$(PYTHON)' is older. Run make PYTHON=python3.12 ..." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# One stamp per set of extras, so `make test` after `make example` installs only what is missing.
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[$*]'
 	touch $@
