@@ -7,16 +7,14 @@
 
 include { HARMONY_STEP } from './modules/local/harmony_step/main'
 
-// One meta map per dataset; a samplesheet value wins over the command-line default.
-def datasetMeta(String id, def batchKey, def labelKey) {
-    def keys = batchKey ?: params.batch_key
-    if (!keys) {
+// The meta map of one dataset: batch keys as a list, the label key only when there is one.
+def datasetMeta(id, batchKey, labelKey) {
+    if (!batchKey) {
         error "No batch key for '${id}': give --batch_key, or a batch_key column in the samplesheet."
     }
-    def meta = [id: id, batch_key: keys.toString().tokenize(';')]
-    def labels = labelKey ?: params.label_key
-    if (labels) {
-        meta.label_key = labels
+    def meta = [id: id, batch_key: batchKey.toString().tokenize(';')]
+    if (labelKey) {
+        meta.label_key = labelKey
     }
     return meta
 }
@@ -26,12 +24,16 @@ workflow {
         error "Missing --input: give an .h5ad file or a samplesheet .csv (id,h5ad,batch_key[,label_key])."
     }
 
+    // Samplesheet values win over the command-line defaults.
     def datasets = params.input.toString().endsWith('.csv')
         ? channel.fromPath(params.input, checkIfExists: true)
             .splitCsv(header: true)
-            .map { row -> [datasetMeta(row.id, row.batch_key, row.label_key), file(row.h5ad, checkIfExists: true)] }
+            .map { row ->
+                def meta = datasetMeta(row.id, row.batch_key ?: params.batch_key, row.label_key ?: params.label_key)
+                [meta, file(row.h5ad, checkIfExists: true)]
+            }
         : channel.fromPath(params.input, checkIfExists: true)
-            .map { h5ad -> [datasetMeta(h5ad.baseName, null, null), h5ad] }
+            .map { h5ad -> [datasetMeta(h5ad.baseName, params.batch_key, params.label_key), h5ad] }
 
     HARMONY_STEP(datasets)
 }
