@@ -488,6 +488,9 @@ def test_directives_tag_label_and_conda() -> None:
     assert [list(conda.possible_values) for conda in process.condas] == [
         ["$moduleDir/environment.yml"]
     ]
+    # The Groovy grammar sees the same directives, and nothing else before `input:`.
+    directives = process_definition(MODULE, PROCESS).directives
+    assert [name for name, _arguments in directives] == ["tag", "label", "conda", "container"]
 
 
 def test_container_names_come_from_container_image_file() -> None:
