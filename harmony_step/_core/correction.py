@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from harmony_step._batches import BatchDesign
 from harmony_step._core.sums import CHUNK_ROWS, level_sums
 
 # A cluster whose total mass is below this fraction of N gets no correction (spec 8.2).
@@ -36,22 +37,22 @@ class LevelIndex:
     joint_membership: np.ndarray | None  # (J, B) 0/1 levels of each observed combination
 
     @classmethod
-    def build(cls, xp: Any, codes: np.ndarray, n_levels: tuple[int, ...]) -> LevelIndex:
+    def build(cls, xp: Any, codes: Any, design: BatchDesign) -> LevelIndex:
+        """Per-level cell lists from a stable sort of each key's codes on the device."""
+        counts = design.level_counts()
         cells = []
-        for c in range(codes.shape[1]):
-            order = np.argsort(codes[:, c], kind="stable")
-            bounds = np.searchsorted(codes[order, c], np.arange(sum(n_levels) + 1))
-            offset = sum(n_levels[:c])
-            for b in range(offset, offset + n_levels[c]):
-                cells.append(xp.asarray(order[bounds[b] : bounds[b + 1]]))
+        for c, offset in enumerate(design.offsets):
+            order = xp.argsort(codes[:, c], kind="stable") if xp is np else xp.argsort(codes[:, c])
+            bounds = np.concatenate([[0], np.cumsum(counts[offset : offset + design.n_levels[c]])])
+            cells.extend(order[bounds[j] : bounds[j + 1]] for j in range(design.n_levels[c]))
         joint_codes, membership = None, None
-        if codes.shape[1] > 1:
-            table, joint = np.unique(codes, axis=0, return_inverse=True)
-            membership = np.zeros((table.shape[0], sum(n_levels)))
-            for c in range(codes.shape[1]):
+        if design.n_keys > 1:
+            joint, table = design.joint_codes()
+            membership = np.zeros((table.shape[0], design.n_levels_total))
+            for c in range(design.n_keys):
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
             joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
-        return cls(tuple(cells), n_levels[0], joint_codes, membership)
+        return cls(tuple(cells), design.n_levels[0], joint_codes, membership)
 
 
 def resolve_method(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -82,3 +83,26 @@ def make_problem(
         first_key_levels=design.n_levels[0],
         random_state=seed,
     )
+
+
+def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any:
+    """The embedding on the device in the working dtype; rejects NaN/Inf and values the dtype cannot hold.
+
+    The array travels as stored and is cast on the device: for large inputs this is faster than
+    casting and scanning on the host, and the input is still checked before any work.
+    """
+    raw = xp.asarray(host)
+    if raw.dtype.kind == "f" and not bool(xp.isfinite(raw).all()):
+        bad = ~np.isfinite(host)
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} cell(s), "
+            f"first at row {int(rows[0])}. Remove or impute them before running Harmony."
+        )
+    with np.errstate(over="ignore"):
+        x = raw.astype(dtype, copy=False)
+    if x.dtype != raw.dtype and not bool(xp.isfinite(x).all()):
+        raise ValueError(
+            f"{name} has values beyond the range of {dtype.name}. Use dtype=numpy.float64 or rescale."
+        )
+    return x

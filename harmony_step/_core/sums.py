@@ -8,20 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from harmony_step import _kernels
+
 # Rows per chunk of the chunked sums: bounds the float64 scratch to ~CHUNK_ROWS * (K + d) * 8 bytes.
-CHUNK_ROWS = 1 << 17
+CHUNK_ROWS = 1 << 19
 # Guard for row normalisation: a zero row stays zero instead of becoming NaN.
 NORM_FLOOR = 1e-12
 
 
 def one_hot(xp: Any, codes: Any, n_levels: int, dtype: Any) -> Any:
     """Stacked one-hot of ``codes`` (n, C): each row has C ones, one per key, shape (n, n_levels)."""
-    n = codes.shape[0]
-    out = xp.zeros((n, n_levels), dtype=dtype)
-    rows = xp.arange(n)
-    for c in range(codes.shape[1]):
-        out[rows, codes[:, c]] = 1
-    return out
+    out = _kernels.one_hot(xp, codes, n_levels)
+    return out if dtype == out.dtype else out.astype(dtype)
 
 
 def level_sums(xp: Any, codes: Any, values: Any, n_levels: int) -> Any:
