@@ -32,7 +32,16 @@ TIMED = {
     ],
     clustering: ["_iterate", "_update_block", "cell_order", "level_sums"],
     correction: ["level_moments", "apply_correction", "coefficients", "cross_counts"],
-    loop: ["_initialise", "_correct", "cross_sums", "level_sums", "row_normalize"],
+    loop: [
+        "_initialise",
+        "_correct",
+        "cross_sums",
+        "level_sums",
+        "row_normalize",
+        "load_embedding",
+        "run_harmony",
+    ],
+    api: ["run_harmony", "_checked_inputs", "build_provenance", "select_backend"],
 }
 
 
@@ -52,6 +61,17 @@ def instrument(totals, counts, sync):
                 return out
 
             setattr(module, name, timed)
+    original_to_host = Backend.to_host
+
+    def to_host(self, array):
+        sync()
+        start = time.perf_counter()
+        out = original_to_host(self, array)
+        totals["Backend.to_host"] += time.perf_counter() - start
+        counts["Backend.to_host"] += 1
+        return out
+
+    Backend.to_host = to_host
 
 
 def main() -> None:
