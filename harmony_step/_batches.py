@@ -47,7 +47,9 @@ def normalize_keys(key: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The batch keys as a tuple of column names; an empty list is an error."""
     keys = (key,) if isinstance(key, str) else tuple(key)
     if not keys:
-        raise ValueError("The 'key' parameter must name at least one obs column. Got an empty list.")
+        raise ValueError(
+            "The 'key' parameter must name at least one obs column. Got an empty list."
+        )
     for k in keys:
         if not isinstance(k, str):
             raise TypeError(f"The 'key' parameter must be a str or a list of str. Got {k!r}.")
@@ -77,7 +79,9 @@ def encode_batches(obs: pd.DataFrame, keys: tuple[str, ...]) -> BatchDesign:
                 f"Batch key {key!r} has {int(column.isna().sum())} missing value(s). "
                 "Fill or drop those cells before running Harmony."
             )
-        categorical = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
+        categorical = (
+            column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
+        )
         cats = categorical.cat.categories
         codes.append(categorical.cat.codes.to_numpy().astype(np.int32) + offset)
         n_levels.append(len(cats))

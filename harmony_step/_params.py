@@ -35,26 +35,40 @@ class ParameterSpec:
 # Order and defaults follow the public signature of ``harmony_integrate``.
 PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("basis", "X_pca", "obsm key of the embedding to correct, shape (n_cells, n_pcs)"),
-    ParameterSpec("adjusted_basis", "X_pca_harmony", "obsm key the corrected embedding is written to"),
-    ParameterSpec("dtype", "float64", "working precision: float64 or float32 (faster, half the memory)"),
+    ParameterSpec(
+        "adjusted_basis", "X_pca_harmony", "obsm key the corrected embedding is written to"
+    ),
+    ParameterSpec(
+        "dtype", "float64", "working precision: float64 or float32 (faster, half the memory)"
+    ),
     ParameterSpec(
         "flavor",
         "harmony2",
         "harmony2 (stabilized penalty, ridge alpha*E, pruning) or harmony1 (original penalty, fixed ridge)",
     ),
-    ParameterSpec("n_clusters", None, "number of clusters K; default min(100, N/30), at least 2, at most N"),
+    ParameterSpec(
+        "n_clusters", None, "number of clusters K; default min(100, N/30), at least 2, at most N"
+    ),
     ParameterSpec("max_iter_harmony", 10, "maximum outer rounds of clustering plus correction"),
     ParameterSpec("max_iter_clustering", 200, "maximum inner clustering iterations per round"),
-    ParameterSpec("tol_harmony", 1e-4, "relative objective decrease below which the outer loop stops"),
-    ParameterSpec("tol_clustering", 1e-5, "relative windowed objective decrease below which clustering stops"),
+    ParameterSpec(
+        "tol_harmony", 1e-4, "relative objective decrease below which the outer loop stops"
+    ),
+    ParameterSpec(
+        "tol_clustering", 1e-5, "relative windowed objective decrease below which clustering stops"
+    ),
     ParameterSpec("sigma", 0.1, "soft k-means temperature; larger values give softer assignments"),
     ParameterSpec(
         "theta",
         2.0,
         "diversity penalty weight: one number, one per key, or one per batch level; larger mixes more",
     ),
-    ParameterSpec("tau", 0, "discount of theta for small batches (expected cells per cluster); 0 = off"),
-    ParameterSpec("ridge_lambda", 1.0, "ridge penalty of the correction (harmony1 only); larger corrects less"),
+    ParameterSpec(
+        "tau", 0, "discount of theta for small batches (expected cells per cluster); 0 = off"
+    ),
+    ParameterSpec(
+        "ridge_lambda", 1.0, "ridge penalty of the correction (harmony1 only); larger corrects less"
+    ),
     ParameterSpec("alpha", 0.2, "dynamic ridge lambda = alpha * expected counts (harmony2 only)"),
     ParameterSpec(
         "batch_prune_threshold",
@@ -71,8 +85,14 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         None,
         "accepted for compatibility (columns, atomics, gemm, benchmark); sums here are always fixed-order",
     ),
-    ParameterSpec("block_proportion", 0.05, "fraction of cells updated per block in the clustering step"),
-    ParameterSpec("random_state", 0, "integer seed; the same seed gives bitwise-identical output; null = random"),
+    ParameterSpec(
+        "block_proportion", 0.05, "fraction of cells updated per block in the clustering step"
+    ),
+    ParameterSpec(
+        "random_state",
+        0,
+        "integer seed; the same seed gives bitwise-identical output; null = random",
+    ),
     ParameterSpec("verbose", False, "print one line per round and the convergence outcome"),
     ParameterSpec("device", "auto", "auto (GPU when usable, else CPU), gpu or cpu"),
 )
@@ -142,9 +162,10 @@ class HarmonyParams:
                     stacklevel=4,
                 )
         else:
-            if self.alpha != DEFAULTS["alpha"] or self.batch_prune_threshold != DEFAULTS[
-                "batch_prune_threshold"
-            ]:
+            if (
+                self.alpha != DEFAULTS["alpha"]
+                or self.batch_prune_threshold != DEFAULTS["batch_prune_threshold"]
+            ):
                 warnings.warn(
                     "'alpha' and 'batch_prune_threshold' are ignored by flavor='harmony1'; "
                     "use flavor='harmony2' for the dynamic ridge and pruning.",
@@ -179,11 +200,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _real(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
+def _real(
+    name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool
+) -> float:
     lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
     allowed = f"a float in the range {lo}{low}, {high}{hi}"
     if not _is_real(value):
-        raise TypeError(f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead.")
+        raise TypeError(
+            f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
+        )
     value = float(value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
@@ -202,7 +227,9 @@ def _non_negative(name: str, value: Any) -> float:
 
 def _int_at_least(name: str, value: Any, low: int = 1) -> int:
     if not _is_int(value):
-        raise TypeError(f"The {name!r} parameter must be an int >= {low}. Got {_describe(value)} instead.")
+        raise TypeError(
+            f"The {name!r} parameter must be an int >= {low}. Got {_describe(value)} instead."
+        )
     if value < low:
         raise ValueError(f"The {name!r} parameter must be an int >= {low}. Got {value!r} instead.")
     return int(value)
@@ -214,7 +241,9 @@ def _choice(options: Sequence[str], *, allow_none: bool = False):
             return None
         if not isinstance(value, str) or value not in options:
             allowed = ", ".join(repr(o) for o in options) + (" or None" if allow_none else "")
-            raise ValueError(f"The {name!r} parameter must be one of {allowed}. Got {value!r} instead.")
+            raise ValueError(
+                f"The {name!r} parameter must be one of {allowed}. Got {value!r} instead."
+            )
         return value
 
     return check
@@ -234,20 +263,27 @@ def _check_dtype(name: str, value: Any) -> str:
 
 def _check_str(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise TypeError(f"The {name!r} parameter must be a non-empty str. Got {_describe(value)} instead.")
+        raise TypeError(
+            f"The {name!r} parameter must be a non-empty str. Got {_describe(value)} instead."
+        )
     return value
 
 
 def _check_theta(name: str, value: Any) -> float | tuple[float, ...]:
-    if isinstance(value, str | bytes) or not (_is_real(value) or isinstance(value, Sequence | np.ndarray)):
+    if isinstance(value, str | bytes) or not (
+        _is_real(value) or isinstance(value, Sequence | np.ndarray)
+    ):
         raise TypeError(
             f"The {name!r} parameter must be a non-negative float or a sequence of them. "
             f"Got {_describe(value)} instead."
         )
     values = np.atleast_1d(np.asarray(value))
-    if values.ndim != 1 or values.size == 0 or not (
-        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
-    ) or values.dtype == np.bool_:
+    if (
+        values.ndim != 1
+        or values.size == 0
+        or not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating))
+        or values.dtype == np.bool_
+    ):
         raise TypeError(
             f"The {name!r} parameter must be a non-negative float or a 1-D sequence of them. "
             f"Got {value!r} instead."

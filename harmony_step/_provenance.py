@@ -41,7 +41,7 @@ def _storable(value: Any) -> Any:
 def build_provenance(
     result: HarmonyResult, design: BatchDesign, params: HarmonyParams, backend: Backend
 ) -> dict[str, Any]:
-    import anndata
+    import importlib.metadata
 
     from harmony_step import __version__
 
@@ -83,6 +83,10 @@ def build_provenance(
             "diversity": np.array([r.objective.diversity for r in rounds]),
         },
         "timings": dict(result.timings),
-        "versions": {"harmony_step": __version__, "anndata": anndata.__version__, **backend.versions()},
+        "versions": {
+            "harmony_step": __version__,
+            "anndata": importlib.metadata.version("anndata"),
+            **backend.versions(),
+        },
         "peak_gpu_memory_bytes": int(result.peak_pool_bytes),
     }

@@ -127,7 +127,9 @@ def harmony_integrate(
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
 
 
-def _checked_inputs(adata: AnnData, key: Any, params: HarmonyParams) -> tuple[np.ndarray, BatchDesign]:
+def _checked_inputs(
+    adata: AnnData, key: Any, params: HarmonyParams
+) -> tuple[np.ndarray, BatchDesign]:
     """The embedding as a C-contiguous array of the working dtype, and the batch design; raises on bad input."""
     keys = normalize_keys(key)
     if params.basis not in adata.obsm:
@@ -163,7 +165,17 @@ def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
         raise ValueError(f"{name} has {array.shape[0]} cell(s); Harmony needs at least 2.")
     if array.shape[1] < 1:
         raise ValueError(f"{name} has no columns; Harmony needs at least one dimension.")
-    array = np.ascontiguousarray(array, dtype=params.numpy_dtype)
+    _reject_non_finite(array, name)
+    with np.errstate(over="ignore"):
+        converted = np.ascontiguousarray(array, dtype=params.numpy_dtype)
+    if converted.dtype != array.dtype and not np.isfinite(converted).all():
+        raise ValueError(
+            f"{name} has values beyond the range of {params.dtype}. Use dtype=numpy.float64 or rescale."
+        )
+    return converted
+
+
+def _reject_non_finite(array: np.ndarray, name: str) -> None:
     bad = ~np.isfinite(array)
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
@@ -171,4 +183,3 @@ def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
             f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} cell(s), "
             f"first at row {int(rows[0])}. Remove or impute them before running Harmony."
         )
-    return array

@@ -1,7 +1,203 @@
-"""Outer loop: initialise, then alternate clustering and correction until the objective settles."""
+"""Outer loop (spec section 9): initialise, then alternate clustering and correction."""
 
 from __future__ import annotations
 
+import logging
+import time
+import warnings
+from typing import Any
 
-def run_harmony(embedding, design, params, backend):  # replaced by the engine
-    raise NotImplementedError("engine in progress")
+import numpy as np
+
+from harmony_step._backend import Backend
+from harmony_step._batches import BatchDesign
+from harmony_step._core.clustering import ClusteringConstants, ClusteringState, cluster, objective
+from harmony_step._core.correction import (
+    CorrectionInputs,
+    LevelIndex,
+    apply_correction,
+    coefficients,
+    cross_counts,
+    level_moments,
+    resolve_method,
+    ridge_and_active,
+)
+from harmony_step._core.init import initial_centroids, soft_assignments
+from harmony_step._core.objective import entropy_sum, to_parts
+from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
+from harmony_step._core.setup import Problem, make_problem
+from harmony_step._core.sums import CHUNK_ROWS, cross_sums, level_sums, row_normalize
+from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
+
+progress_log = logging.getLogger("harmony_step.progress")
+
+
+def _seed(random_state: int | None) -> int:
+    """The integer seed of the run; None draws one from OS entropy (recorded in the result)."""
+    if random_state is not None:
+        return random_state
+    return int(np.random.SeedSequence().generate_state(1)[0])
+
+
+class _Clock:
+    """Wall-clock phases; the caller synchronises the device before reading it."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def add(self, phase: str, since: float) -> float:
+        now = self.elapsed()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
+
+
+def run_harmony(
+    embedding: np.ndarray, design: BatchDesign, params: HarmonyParams, backend: Backend
+) -> HarmonyResult:
+    """Harmony on a validated (n_cells, n_pcs) embedding of the working dtype; returns the corrected copy."""
+    clock = _Clock()
+    xp = backend.xp
+    problem = make_problem(*embedding.shape, design, params, _seed(params.random_state))
+    method = resolve_method(
+        params.correction_method, design.n_keys, problem.n_clusters, design.n_levels_total,
+        embedding.dtype.itemsize,
+    )  # fmt: skip
+    x = backend.asarray(embedding)
+    index = LevelIndex.build(xp, design.codes, design.n_levels)
+    consts = ClusteringConstants(
+        theta=xp.asarray(problem.theta), level_share=xp.asarray(problem.level_share),
+        first_key_levels=problem.first_key_levels, n_levels=design.n_levels_total,
+        sigma=params.sigma, flavor=params.flavor, block_size=problem.block_size,
+        random_state=problem.random_state,
+    )  # fmt: skip
+    backend.synchronize()
+    mark = clock.add("setup", 0.0)
+
+    state, init_parts = _initialise(xp, x, design, problem, consts, backend)
+    backend.synchronize()
+    mark = clock.add("init", mark)
+    iterations = [IterationRecord(0, 0, init_parts, clock.elapsed())]
+    rounds = [RoundRecord(0, 0, False, init_parts)]
+    peak = backend.pool_bytes()
+    converged = False
+    for i in range(params.max_iter_harmony):
+        n_iter, fired, parts = cluster(
+            xp, state, consts, i, params.max_iter_clustering, params.tol_clustering, backend.to_host,
+            lambda t, p, r=i + 1: iterations.append(IterationRecord(r, t + 1, p, clock.elapsed())),
+        )  # fmt: skip
+        rounds.append(RoundRecord(i + 1, n_iter, fired, parts))
+        mark = clock.add("clustering", mark)
+        _correct(xp, x, state, index, problem, params, method, backend)
+        peak = max(peak, backend.pool_bytes())
+        backend.synchronize()
+        mark = clock.add("correction", mark)
+        _report_round(params, rounds[-1])
+        previous = rounds[-2].objective.total
+        if previous - parts.total < params.tol_harmony * abs(previous):
+            converged = True
+            break
+        if i + 1 < params.max_iter_harmony:
+            row_normalize(xp, state.z_hat, out=state.z_hat)
+            state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
+    corrected = backend.to_host(state.z_hat)
+    _report_outcome(params, converged, len(rounds) - 1)
+    clock.phases["total"] = clock.elapsed()
+    return HarmonyResult(
+        embedding=corrected, iterations=iterations, rounds=rounds, converged=converged,
+        n_clusters=problem.n_clusters, block_size=problem.block_size, correction_method=method,
+        random_state=problem.random_state, timings=clock.phases, peak_pool_bytes=peak,
+    )  # fmt: skip
+
+
+def _initialise(
+    xp: Any,
+    x: Any,
+    design: BatchDesign,
+    problem: Problem,
+    consts: ClusteringConstants,
+    backend: Backend,
+):
+    """Z_hat, initial centroids and assignments, O, R^T Z_hat, and the initial objective."""
+    z_hat = row_normalize(xp, x)
+    strata = design.codes[:, 0] if design.n_keys == 1 else design.joint_codes()[0]
+    centroids = initial_centroids(xp, z_hat, strata, problem.n_clusters, problem.random_state)
+    assignments = xp.empty((problem.n_cells, problem.n_clusters), dtype=x.dtype)
+    soft_assignments(xp, z_hat, centroids, consts.sigma, out=assignments)
+    codes = xp.asarray(design.codes)
+    state = ClusteringState(
+        z_hat=z_hat, assignments=assignments, codes=codes,
+        observed=level_sums(xp, codes, assignments, consts.n_levels),
+        centroid_sums=cross_sums(xp, assignments, z_hat),
+    )  # fmt: skip
+    entropy = sum(
+        entropy_sum(xp, assignments[s : s + CHUNK_ROWS].astype(xp.float64))
+        for s in range(0, problem.n_cells, CHUNK_ROWS)
+    )
+    parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
+    return state, to_parts(backend.to_host(parts))
+
+
+def _correct(
+    xp,
+    x,
+    state: ClusteringState,
+    index: LevelIndex,
+    problem: Problem,
+    params: HarmonyParams,
+    method: str,
+    backend: Backend,
+) -> None:
+    """Fit the per-cluster ridge regressions on the raw input and write the corrected X into z_hat."""
+    # O is recomputed exactly so that no strategy sees counts drifted by the +- block updates.
+    state.observed = level_sums(xp, state.codes, state.assignments, consts_levels(problem))
+    observed = backend.to_host(state.observed)
+    sizes = observed[: problem.first_key_levels].sum(axis=0)
+    expected = problem.level_share[:, None] * sizes[None, :]
+    ridge, active = ridge_and_active(observed, expected, problem.level_counts, params)
+    moments = backend.to_host(level_moments(xp, x, state.assignments, index))
+    cross = None
+    if method in ("original", "general"):
+        cross = cross_counts(xp, state.assignments, observed, index, backend.to_host)
+    stats = CorrectionInputs(
+        observed=observed, ridge=ridge, active=active, moments=moments,
+        intercept=moments[: problem.first_key_levels].sum(axis=0), cluster_sizes=sizes, cross=cross,
+    )  # fmt: skip
+    weights = coefficients(method, stats, problem.n_cells)
+    apply_correction(xp, x, state.assignments, weights, index, out=state.z_hat)
+
+
+def consts_levels(problem: Problem) -> int:
+    return int(problem.level_counts.shape[0])
+
+
+def _report_round(params: HarmonyParams, record: RoundRecord) -> None:
+    parts = record.objective
+    line = (
+        f"round {record.round}/{params.max_iter_harmony}: {record.inner_iterations} iterations"
+        f"{' (converged)' if record.inner_converged else ''}, objective {parts.total:.6g} "
+        f"(k-means {parts.kmeans:.6g}, entropy {parts.entropy:.6g}, diversity {parts.diversity:.6g})"
+    )
+    progress_log.info(
+        line, extra={"harmony_round": record.round, "harmony_max_rounds": params.max_iter_harmony}
+    )
+    if params.verbose:
+        print(line)
+
+
+def _report_outcome(params: HarmonyParams, converged: bool, n_rounds: int) -> None:
+    if converged:
+        message = f"Harmony converged in {n_rounds} rounds."
+        progress_log.info(message)
+        if params.verbose:
+            print(message)
+        return
+    warnings.warn(
+        f"Harmony did not converge in max_iter_harmony={params.max_iter_harmony} rounds "
+        f"(tol_harmony={params.tol_harmony}); raise max_iter_harmony for a settled result.",
+        HarmonyConvergenceWarning,
+        stacklevel=4,
+    )

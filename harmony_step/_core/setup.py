@@ -41,7 +41,9 @@ def expand_theta(theta: float | tuple[float, ...], design: BatchDesign) -> np.nd
     )
 
 
-def discount_theta(theta: np.ndarray, level_counts: np.ndarray, n_clusters: int, tau: float) -> np.ndarray:
+def discount_theta(
+    theta: np.ndarray, level_counts: np.ndarray, n_clusters: int, tau: float
+) -> np.ndarray:
     """theta_b * (1 - exp(-(N_b / (K tau))^2)), the small-batch discount of the paper; tau = 0 is off."""
     if tau == 0:
         return theta
@@ -63,7 +65,9 @@ class Problem:
     random_state: int
 
 
-def make_problem(n_cells: int, n_pcs: int, design: BatchDesign, params: HarmonyParams, seed: int) -> Problem:
+def make_problem(
+    n_cells: int, n_pcs: int, design: BatchDesign, params: HarmonyParams, seed: int
+) -> Problem:
     n_clusters = params.n_clusters if params.n_clusters is not None else default_n_clusters(n_cells)
     counts = design.level_counts()
     theta = discount_theta(expand_theta(params.theta, design), counts, n_clusters, params.tau)

@@ -1,0 +1,235 @@
+"""The correction step (spec section 8): a mixture of ridge regressions, one per cluster.
+
+Three pieces: per-level sums of R_ik x_i over cells (on the device, float64), the small
+(B+1)-sized solves per cluster (on the host, float64, identical code for both backends), and the
+subtraction of each cell's predicted batch effect (on the device). Strategies differ only in the solve:
+
+- ``batched``: closed form (8.3) for all clusters at once (one key);
+- ``fast``: the same closed form, cluster by cluster (one key; least scratch);
+- ``original``: dense normal equations per cluster with Cholesky, least-squares fallback;
+- ``general``: the dense solve with cross-key counts, used whenever there are several keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import numpy as np
+
+from harmony_step._core.sums import CHUNK_ROWS, level_sums
+
+# A cluster whose total mass is below this fraction of N gets no correction (spec 8.2).
+ZERO_MASS_FRACTION = 1e-12
+# Automatic choice: the batched solve while K (B+1)^2 elements fit in this many bytes.
+BATCHED_SCRATCH_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelIndex:
+    """Cells of every level, for gathered per-level products: one device index array per level."""
+
+    cells: tuple[Any, ...]  # B arrays of int64 cell indices
+    first_key_levels: int
+    joint_codes: Any  # (N, 1) int32 combination index per cell; None with one key
+    joint_membership: np.ndarray | None  # (J, B) 0/1 levels of each observed combination
+
+    @classmethod
+    def build(cls, xp: Any, codes: np.ndarray, n_levels: tuple[int, ...]) -> LevelIndex:
+        cells = []
+        for c in range(codes.shape[1]):
+            order = np.argsort(codes[:, c], kind="stable")
+            bounds = np.searchsorted(codes[order, c], np.arange(sum(n_levels) + 1))
+            offset = sum(n_levels[:c])
+            for b in range(offset, offset + n_levels[c]):
+                cells.append(xp.asarray(order[bounds[b] : bounds[b + 1]]))
+        joint_codes, membership = None, None
+        if codes.shape[1] > 1:
+            table, joint = np.unique(codes, axis=0, return_inverse=True)
+            membership = np.zeros((table.shape[0], sum(n_levels)))
+            for c in range(codes.shape[1]):
+                membership[np.arange(table.shape[0]), table[:, c]] = 1.0
+            joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
+        return cls(tuple(cells), n_levels[0], joint_codes, membership)
+
+
+def resolve_method(
+    requested: str | None, n_keys: int, n_clusters: int, n_levels: int, itemsize: int
+) -> str:
+    """The strategy actually used; with several keys every choice runs the general solve."""
+    if n_keys > 1:
+        if requested == "fast":
+            warnings.warn(
+                "correction_method='fast' needs a single batch key; using the general solve for "
+                f"{n_keys} keys (the same result).",
+                UserWarning,
+                stacklevel=5,
+            )
+        return "general"
+    if requested is not None:
+        return requested
+    return (
+        "batched"
+        if n_clusters * (n_levels + 1) ** 2 * itemsize <= BATCHED_SCRATCH_BYTES
+        else "fast"
+    )
+
+
+def ridge_and_active(
+    observed: np.ndarray, expected: np.ndarray, level_counts: np.ndarray, params: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """lambda_bk and the mask of (level, cluster) pairs kept in the regression (spec 8.1)."""
+    if params.flavor == "harmony1":
+        ridge = np.full_like(observed, params.ridge_lambda)
+        active = np.ones(observed.shape, dtype=bool)
+    else:
+        ridge = params.alpha * expected
+        active = np.broadcast_to(level_counts[:, None] > 0, observed.shape).copy()
+        if params.batch_prune_threshold is not None:
+            share = observed / np.maximum(level_counts, 1)[:, None]
+            active &= share >= params.batch_prune_threshold
+    active &= (observed + ridge) > 0
+    return ridge, active
+
+
+def level_moments(xp: Any, x: Any, assignments: Any, index: LevelIndex) -> Any:
+    """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64, chunked per level."""
+    n_clusters, n_pcs = assignments.shape[1], x.shape[1]
+    moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
+    for b, cells in enumerate(index.cells):
+        for start in range(0, cells.shape[0], CHUNK_ROWS):
+            chunk = cells[start : start + CHUNK_ROWS]
+            moments[b] += assignments[chunk].astype(xp.float64).T @ x[chunk].astype(xp.float64)
+    return moments
+
+
+def closed_form(
+    observed: np.ndarray,
+    ridge: np.ndarray,
+    active: np.ndarray,
+    moments: np.ndarray,
+    intercept: np.ndarray,
+) -> np.ndarray:
+    """One key: W_b for all clusters from the arrowhead inverse (spec 8.3), shape (K, B, d).
+
+    With f_b = 1/(o_b + l_b) on active levels, c = sum_active o l/(o + l) + sum_pruned o (the
+    stable Schur complement), W_0 = (M_0 - sum_b f_b o_b M_b) / c and W_b = f_b (M_b - o_b W_0).
+    """
+    o, lam, act = observed.T, ridge.T, active.T  # (K, B)
+    f = np.where(act, 1.0 / np.where(act, o + lam, 1.0), 0.0)
+    schur = np.where(act, o * lam * f, o).sum(axis=1)  # (K,)
+    m = moments.transpose(1, 0, 2)  # (K, B, d)
+    w0 = (intercept - np.einsum("kb,kbd->kd", f * o, m)) / np.where(schur > 0, schur, 1.0)[:, None]
+    return f[:, :, None] * (m - o[:, :, None] * w0[:, None, :])
+
+
+def dense_solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve G_k W_k = M_k for every k: Cholesky-checked solve, least squares where G_k is not PD."""
+    out = np.empty_like(rhs)
+    for k in range(gram.shape[0]):
+        try:
+            np.linalg.cholesky(gram[k])
+            out[k] = np.linalg.solve(gram[k], rhs[k])
+        except np.linalg.LinAlgError:
+            out[k] = np.linalg.lstsq(gram[k], rhs[k], rcond=None)[0]
+    return out
+
+
+def dense_system(
+    observed: np.ndarray,
+    ridge: np.ndarray,
+    active: np.ndarray,
+    moments: np.ndarray,
+    intercept: np.ndarray,
+    cluster_sizes: np.ndarray,
+    cross: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations (K, B+1, B+1) and right-hand sides (K, B+1, d) with pruned levels removed.
+
+    ``cross`` (K, B, B) holds sum_i R_ik Phi_ib Phi_ib' (diagonal = O_bk). A pruned level's row and
+    column are replaced by the identity and its right-hand side by 0, which fixes W_b = 0 and leaves
+    the other unknowns as if the level were absent.
+    """
+    n_levels, n_clusters = observed.shape
+    act = active.T.astype(np.float64)  # (K, B)
+    gram = np.zeros((n_clusters, n_levels + 1, n_levels + 1))
+    gram[:, 0, 0] = cluster_sizes
+    gram[:, 0, 1:] = observed.T * act
+    gram[:, 1:, 0] = observed.T * act
+    gram[:, 1:, 1:] = cross * act[:, :, None] * act[:, None, :]
+    diag = np.arange(1, n_levels + 1)
+    gram[:, diag, diag] = np.where(active.T, observed.T + ridge.T, 1.0)
+    rhs = np.concatenate(
+        [intercept[:, None, :], moments.transpose(1, 0, 2) * act[:, :, None]], axis=1
+    )
+    return gram, rhs
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionInputs:
+    """Host float64 statistics of one round, everything the solves need."""
+
+    observed: np.ndarray  # O (B, K)
+    ridge: np.ndarray  # lambda (B, K)
+    active: np.ndarray  # (B, K) bool
+    moments: np.ndarray  # M (B, K, d)
+    intercept: np.ndarray  # M_0 (K, d)
+    cluster_sizes: np.ndarray  # n_k (K,)
+    cross: np.ndarray | None  # (K, B, B) cross-level counts (dense solves only)
+
+
+def coefficients(method: str, stats: CorrectionInputs, n_cells: int) -> np.ndarray:
+    """Batch coefficients W (K, B, d), zero for pruned pairs and for clusters without mass."""
+    if method == "batched":
+        weights = closed_form(
+            stats.observed, stats.ridge, stats.active, stats.moments, stats.intercept
+        )
+    elif method == "fast":
+        weights = np.concatenate(
+            [
+                closed_form(
+                    stats.observed[:, k : k + 1],
+                    stats.ridge[:, k : k + 1],
+                    stats.active[:, k : k + 1],
+                    stats.moments[:, k : k + 1],
+                    stats.intercept[k : k + 1],
+                )
+                for k in range(stats.observed.shape[1])
+            ]
+        )
+    else:
+        gram, rhs = dense_system(
+            stats.observed, stats.ridge, stats.active, stats.moments, stats.intercept,
+            stats.cluster_sizes, stats.cross,
+        )  # fmt: skip
+        weights = dense_solve(gram, rhs)[:, 1:, :]
+    weights[stats.cluster_sizes < ZERO_MASS_FRACTION * n_cells] = 0.0
+    return weights
+
+
+def cross_counts(
+    xp: Any, assignments: Any, observed: np.ndarray, index: LevelIndex, to_host
+) -> np.ndarray:
+    """sum_i R_ik Phi_ib Phi_ib' (K, B, B): diagonal O with one key; via level combinations with several."""
+    if index.joint_membership is None:
+        n_clusters = observed.shape[1]
+        cross = np.zeros((n_clusters, observed.shape[0], observed.shape[0]))
+        diag = np.arange(observed.shape[0])
+        cross[:, diag, diag] = observed.T
+        return cross
+    membership = index.joint_membership
+    joint = to_host(level_sums(xp, index.joint_codes, assignments, membership.shape[0]))  # (J, K)
+    return np.einsum("jb,jk,jc->kbc", membership, joint, membership)
+
+
+def apply_correction(
+    xp: Any, x: Any, assignments: Any, weights: np.ndarray, index: LevelIndex, out: Any
+) -> None:
+    """out = x - sum_k R_ik sum_c W_k[b_c(i)], level by level (each cell once per key)."""
+    out[...] = x
+    for b, cells in enumerate(index.cells):
+        w_b = xp.asarray(weights[:, b, :], dtype=x.dtype)  # (K, d)
+        for start in range(0, cells.shape[0], CHUNK_ROWS):
+            chunk = cells[start : start + CHUNK_ROWS]
+            out[chunk] -= assignments[chunk] @ w_b

@@ -1,0 +1,149 @@
+"""Initialisation (spec section 4): stratified sample, k-means++ and Lloyd, then soft assignments.
+
+The k-means runs in float64 on the sampled rows whatever the working dtype; it is a small share of
+the work and makes the starting centroids independent of the dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from harmony_step._core.permutation import pcg_keys
+from harmony_step._core.sums import CHUNK_ROWS, cross_sums, one_hot, row_normalize
+
+SAMPLES_PER_CLUSTER = 5000
+LLOYD_ITERATIONS = 25
+KMEANS_CHUNK = 65536
+
+
+def sample_size(n_cells: int, n_clusters: int, n_strata: int) -> int:
+    return max(min(n_cells, SAMPLES_PER_CLUSTER * n_clusters), n_strata)
+
+
+def stratified_sample(xp: Any, strata: np.ndarray, size: int, seed: int) -> Any:
+    """Cell indices: one per non-empty stratum, the rest in proportion to (stratum size - 1).
+
+    Allocation by largest remainders (ties to the smaller stratum index); within a stratum the
+    cells taken are those with the smallest hash keys, a uniform choice without replacement.
+    """
+    n = strata.shape[0]
+    if size >= n:
+        return xp.arange(n)
+    sizes = np.bincount(strata)
+    present = np.flatnonzero(sizes)
+    spare = sizes[present] - 1
+    extra = size - present.size
+    quota = extra * spare / max(int(spare.sum()), 1)
+    take = np.floor(quota).astype(np.int64)
+    remainder_order = np.lexsort((present, -(quota - take)))
+    take[remainder_order[: extra - int(take.sum())]] += 1
+    counts = np.zeros_like(sizes)
+    counts[present] = take + 1
+    # Order cells by (stratum, hash key); keep the first counts[s] of each stratum.
+    keys = pcg_keys(xp, n, seed).astype(xp.uint64)
+    combined = (xp.asarray(strata).astype(xp.uint64) << xp.uint64(32)) | keys
+    order = xp.argsort(combined)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank = xp.arange(n) - xp.asarray(starts)[xp.asarray(strata)[order]]
+    keep = rank < xp.asarray(counts)[xp.asarray(strata)[order]]
+    return xp.sort(order[keep])
+
+
+def kmeans_plus_plus(xp: Any, points: Any, k: int, rng: np.random.Generator) -> Any:
+    """k-means++ seeding on ``points`` (n, d) float64; returns (k, d) centres.
+
+    Squared distances to the newest centre are computed directly (no cancellation). When every
+    remaining distance is zero the lowest-index unchosen point is taken without drawing.
+    """
+    n = points.shape[0]
+    chosen = [int(rng.integers(n))]
+    nearest = ((points - points[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        cumulative = xp.cumsum(nearest)
+        total = float(cumulative[-1])
+        if total > 0:
+            target = rng.random() * total
+            found = xp.searchsorted(cumulative, xp.asarray([target]), side="right")
+            index = min(int(found[0]), n - 1)
+        else:
+            taken = set(chosen)
+            index = next(i for i in range(n) if i not in taken)
+        chosen.append(index)
+        nearest = xp.minimum(nearest, ((points - points[index]) ** 2).sum(axis=1))
+    return points[xp.asarray(chosen)].copy()
+
+
+def _assign(xp: Any, points: Any, centres: Any) -> tuple[Any, Any]:
+    """Nearest centre of each point and the squared distance to it, recomputed directly."""
+    labels = xp.empty(points.shape[0], dtype=xp.int64)
+    centre_sq = (centres * centres).sum(axis=1)
+    for start in range(0, points.shape[0], KMEANS_CHUNK):
+        block = points[start : start + KMEANS_CHUNK]
+        # |c|^2 - 2 x.c ranks centres like |x - c|^2 (|x|^2 is the same for all of them).
+        labels[start : start + KMEANS_CHUNK] = xp.argmin(
+            centre_sq[None, :] - 2.0 * block @ centres.T, axis=1
+        )
+    distance = ((points - centres[labels]) ** 2).sum(axis=1)
+    return labels, distance
+
+
+def lloyd(xp: Any, points: Any, centres: Any) -> Any:
+    """At most 25 Lloyd iterations; empty clusters re-seeded with the farthest points."""
+    k = centres.shape[0]
+    labels = None
+    for _ in range(LLOYD_ITERATIONS):
+        new_labels, distance = _assign(xp, points, centres)
+        counts = xp.bincount(new_labels, minlength=k)
+        empty = xp.flatnonzero(counts == 0)
+        if labels is not None and empty.size == 0 and bool(xp.array_equal(new_labels, labels)):
+            break
+        labels = new_labels
+        sums = xp.zeros((k, points.shape[1]), dtype=xp.float64)
+        for start in range(0, points.shape[0], KMEANS_CHUNK):
+            stop = start + KMEANS_CHUNK
+            sums += one_hot(xp, labels[start:stop, None], k, xp.float64).T @ points[start:stop]
+        centres = sums / xp.maximum(counts, 1)[:, None]
+        if empty.size:
+            farthest = xp.argsort(-distance)[: empty.size]
+            centres[empty] = points[farthest]
+    return centres
+
+
+def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any) -> None:
+    """R_ik proportional to exp(-(2/sigma)(1 - z_i.y_k)), written into ``out`` chunk by chunk."""
+    scale = 2.0 / sigma
+    for start in range(0, z_hat.shape[0], CHUNK_ROWS):
+        stop = start + CHUNK_ROWS
+        logits = z_hat[start:stop] @ centroids.T
+        out[start:stop] = softmax_rows(xp, logits, scale)
+
+
+def softmax_rows(xp: Any, similarity: Any, scale: float, penalty: Any = None) -> Any:
+    """Row softmax of scale * (similarity - 1) + penalty, in place on ``similarity``, max-shifted."""
+    logits = similarity
+    logits -= 1
+    logits *= scale
+    if penalty is not None:
+        logits += penalty
+    logits -= logits.max(axis=1, keepdims=True)
+    xp.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def initial_centroids(
+    xp: Any, z_hat: Any, strata: np.ndarray, n_clusters: int, random_state: int
+) -> Any:
+    """Unit centroids (K, d) in the working dtype from k-means on a stratified sample."""
+    rng = np.random.default_rng(random_state)
+    n_strata = int(np.count_nonzero(np.bincount(strata)))
+    size = sample_size(z_hat.shape[0], n_clusters, n_strata)
+    sample = stratified_sample(xp, strata, size, int(rng.integers(1 << 32)))
+    points = z_hat[sample].astype(xp.float64)
+    centres = lloyd(xp, points, kmeans_plus_plus(xp, points, n_clusters, rng))
+    return row_normalize(xp, centres).astype(z_hat.dtype)
+
+
+__all__ = ["cross_sums", "initial_centroids", "soft_assignments", "softmax_rows"]

@@ -1,0 +1,15 @@
+"""Agreement measures used against the reference outputs (tests/data/README.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def min_pc_correlation(ours: np.ndarray, reference: np.ndarray) -> float:
+    """Smallest per-PC Pearson correlation."""
+    return min(float(np.corrcoef(ours[:, j], reference[:, j])[0, 1]) for j in range(ours.shape[1]))
+
+
+def relative_frobenius(ours: np.ndarray, reference: np.ndarray) -> float:
+    ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))

@@ -1,0 +1,164 @@
+"""Bad input is rejected before any work, with a message naming the problem; adata stays as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from harmony_step import harmony_integrate
+from harmony_step._backend import GPUUnavailableError, gpu_available
+
+
+def small_adata(n: int = 60, d: int = 5, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(rng.choice(["a", "b", "c"], n)), "donor": rng.choice(["x", "y"], n)},
+        index=[f"c{i}" for i in range(n)],
+    )
+    return ad.AnnData(obs=obs, obsm={"X_pca": rng.normal(size=(n, d))})
+
+
+def snapshot(adata: ad.AnnData) -> tuple:
+    return (adata.obs.copy(), {k: v.copy() for k, v in adata.obsm.items()}, copy.deepcopy(dict(adata.uns)))
+
+
+def assert_unchanged(adata: ad.AnnData, before: tuple) -> None:
+    obs, obsm, uns = before
+    pd.testing.assert_frame_equal(adata.obs, obs)
+    assert set(adata.obsm) == set(obsm)
+    for key, value in obsm.items():
+        np.testing.assert_array_equal(np.asarray(adata.obsm[key]), value)
+    assert dict(adata.uns) == uns
+
+
+BAD_PARAMETERS = [
+    ({"max_iter_harmony": 0}, ValueError, "'max_iter_harmony' parameter must be an int >= 1"),
+    ({"max_iter_clustering": 0}, ValueError, "'max_iter_clustering'"),
+    ({"max_iter_harmony": 2.5}, TypeError, "'max_iter_harmony'"),
+    ({"block_proportion": 0.0}, ValueError, r"'block_proportion' parameter must be a float in the range \(0, 1\]"),
+    ({"block_proportion": 1.5}, ValueError, "'block_proportion'"),
+    ({"sigma": 0}, ValueError, r"'sigma' parameter must be a float in the range \(0, inf\)"),
+    ({"sigma": -1.0}, ValueError, "Got -1.0 instead"),
+    ({"tau": -1}, ValueError, "'tau'"),
+    ({"theta": -1.0}, ValueError, "'theta' parameter must be finite and >= 0"),
+    ({"theta": float("nan")}, ValueError, "'theta'"),
+    ({"theta": "2"}, TypeError, "'theta'"),
+    ({"theta": [1.0, 2.0]}, ValueError, r"one value per key \(1\) or one per batch level \(3\)"),
+    ({"n_clusters": 0}, ValueError, "'n_clusters'"),
+    ({"n_clusters": 61}, ValueError, r"'n_clusters' parameter must be in \[1, n_cells=60\]"),
+    ({"alpha": 0.0}, ValueError, "'alpha'"),
+    ({"alpha": float("inf")}, ValueError, "'alpha'"),
+    ({"batch_prune_threshold": 1.5}, ValueError, "'batch_prune_threshold'"),
+    ({"ridge_lambda": 0.0, "flavor": "harmony1"}, ValueError, "'ridge_lambda'"),
+    ({"flavor": "harmony3"}, ValueError, "'flavor' parameter must be one of 'harmony1', 'harmony2'"),
+    ({"correction_method": "magic"}, ValueError, "'correction_method'"),
+    ({"colsum_algo": "magic"}, ValueError, "'colsum_algo'"),
+    ({"dtype": np.int32}, ValueError, "'dtype' parameter must be numpy.float32 or numpy.float64"),
+    ({"random_state": -1}, TypeError, "'random_state'"),
+    ({"device": "tpu"}, ValueError, "'device'"),
+    ({"verbose": "yes"}, TypeError, "'verbose'"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_PARAMETERS)
+def test_bad_parameters_are_rejected(kwargs, error, message):
+    adata = small_adata()
+    before = snapshot(adata)
+    with pytest.raises(error, match=message):
+        harmony_integrate(adata, "batch", **kwargs)
+    assert_unchanged(adata, before)
+
+
+def test_missing_basis_lists_obsm_keys():
+    adata = small_adata()
+    before = snapshot(adata)
+    with pytest.raises(KeyError, match=r"'X_umap' is not in adata.obsm. Available keys: \['X_pca'\]"):
+        harmony_integrate(adata, "batch", basis="X_umap")
+    assert_unchanged(adata, before)
+
+
+def test_missing_key_lists_obs_columns():
+    adata = small_adata()
+    before = snapshot(adata)
+    with pytest.raises(KeyError, match=r"'sample' is not a column of adata.obs. Available columns: \['batch', 'donor'\]"):
+        harmony_integrate(adata, ["batch", "sample"])
+    assert_unchanged(adata, before)
+
+
+def test_empty_key_list():
+    with pytest.raises(ValueError, match="at least one obs column"):
+        harmony_integrate(small_adata(), [])
+
+
+def test_missing_values_in_a_key():
+    adata = small_adata()
+    adata.obs["batch"] = adata.obs["batch"].astype(object)
+    adata.obs.iloc[3, 0] = None
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match="'batch' has 1 missing value"):
+        harmony_integrate(adata, "batch")
+    assert_unchanged(adata, before)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_basis(bad):
+    adata = small_adata()
+    adata.obsm["X_pca"][7, 2] = bad
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=r"non-finite value\(s\) \(NaN or Inf\) in 1 cell\(s\), first at row 7"):
+        harmony_integrate(adata, "batch")
+    assert_unchanged(adata, before)
+
+
+def test_float32_overflow_is_caught():
+    adata = small_adata()
+    adata.obsm["X_pca"][0, 0] = 1e300
+    with pytest.raises(ValueError, match="beyond the range of float32. Use dtype=numpy.float64"):
+        harmony_integrate(adata, "batch", dtype=np.float32)
+
+
+def test_basis_must_be_two_dimensional():
+    adata = small_adata()
+    adata.obsm["X_bad"] = np.zeros((60, 2, 2))
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_bad'\] must be 2-D \(n_cells, n_pcs\)"):
+        harmony_integrate(adata, "batch", basis="X_bad")
+    assert_unchanged(adata, before)
+
+
+def test_one_dimensional_basis_from_a_file_is_rejected():
+    # AnnData reshapes 1-D obsm values to one column; an array read straight from a file is not.
+    from harmony_step._params import HarmonyParams
+    from harmony_step.api import _embedding_array
+
+    with pytest.raises(ValueError, match=r"must be 2-D \(n_cells, n_pcs\). Got shape \(60,\)"):
+        _embedding_array(np.zeros(60), HarmonyParams.create())
+
+
+def test_one_cell_is_rejected():
+    adata = small_adata(n=1)
+    before = snapshot(adata)
+    with pytest.raises(ValueError, match=r"has 1 cell\(s\); Harmony needs at least 2"):
+        harmony_integrate(adata, "batch")
+    assert_unchanged(adata, before)
+
+
+def test_unknown_flavor_specific_parameter_warns():
+    adata = small_adata()
+    with pytest.warns(UserWarning, match="'ridge_lambda' is ignored by flavor='harmony2'"):
+        harmony_integrate(adata, "batch", ridge_lambda=2.0, max_iter_harmony=1, device="cpu")
+    with pytest.warns(UserWarning, match="ignored by flavor='harmony1'"):
+        harmony_integrate(adata, "batch", flavor="harmony1", alpha=0.5, max_iter_harmony=1, device="cpu")
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the error raised where there is no GPU; a GPU is present")
+def test_gpu_requested_without_gpu():
+    adata = small_adata()
+    before = snapshot(adata)
+    with pytest.raises(GPUUnavailableError, match="device='gpu' was requested but no GPU can be used"):
+        harmony_integrate(adata, "batch", device="gpu")
+    assert_unchanged(adata, before)
