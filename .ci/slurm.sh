@@ -5,6 +5,9 @@
 # Run as root on Debian 12. Installs what it needs, can be re-run, bounds every step with
 # `timeout -s KILL`, and stops the daemons it started (by PID) when it exits, however it exits.
 #
+# With arguments, runs them instead of the tests while the cluster is up (for example
+# `.ci/slurm.sh bash` for a shell on it); the cluster stops when they finish.
+#
 # Environment:
 #   SLURM_CI_DIR   state, spool and log folder of the test cluster (default /tmp/harmony-step-slurm)
 #   VENV           Python virtual environment to use or create (default <repo>/.venv)
@@ -135,6 +138,11 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
+# Finished jobs stay visible to squeue and scontrol for an hour: the executor polls squeue and
+# the tests read each job's allocation back with scontrol.
+MinJobAge=3600
+# List GPUs among a job's trackable resources (scontrol show job: TRES=...,gres/gpu=1).
+AccountingStorageTRES=gres/gpu
 SlurmdParameters=config_overrides
 GresTypes=gpu
 StateSaveLocation=$STATE/state
@@ -197,6 +205,12 @@ timeout -s KILL 600 "$VENV/bin/pip" install -q -e "$ROOT[test,workflow]" snakema
 # --------------------------------------------------------------------------------------------
 # 5. Tests
 cd "$ROOT"
-log "running the Slurm tests"
-HARMONY_STEP_INTEGRATION=1 timeout -s KILL 1500 "$VENV/bin/python" -m pytest -v -p no:cacheprovider \
-    tests/test_profiles.py tests/integration/test_slurm.py
+export HARMONY_STEP_INTEGRATION=1
+if (($#)); then
+    log "running $*"
+    timeout -s KILL "$DAEMON_LIFETIME_S" "$@"
+else
+    log "running the Slurm tests"
+    timeout -s KILL 1500 "$VENV/bin/python" -m pytest -v -p no:cacheprovider \
+        tests/test_profiles.py tests/integration/test_slurm.py
+fi
