@@ -64,12 +64,25 @@ trap 'exit 130' INT TERM
 
 # Start a daemon in the foreground under a hard time limit and remember its PID.
 # `timeout` passes TERM on to the daemon, so stopping this PID stops the daemon.
+declare -A DAEMON_NAMES=()
 start_daemon() {
     local name=$1
     shift
     timeout -s KILL "$DAEMON_LIFETIME_S" "$@" > "$STATE/log/$name.out" 2>&1 &
     STARTED_PIDS+=("$!")
+    DAEMON_NAMES[$!]=$name
     log "started $name (pid $!)"
+}
+
+# Stop at once, with its last words, if a daemon has exited.
+check_daemons() {
+    local pid
+    for pid in "${STARTED_PIDS[@]}"; do
+        if ! kill -0 "$pid" 2> /dev/null; then
+            tail -n 5 "$STATE/log/${DAEMON_NAMES[$pid]}.out" >&2
+            die "${DAEMON_NAMES[$pid]} exited; see $STATE/log"
+        fi
+    done
 }
 
 # Wait until a check (a function that bounds its own commands) succeeds, at most $1 seconds.
@@ -78,6 +91,7 @@ wait_for() {
     shift 2
     local deadline=$((SECONDS + limit))
     until "$@" > /dev/null 2>&1; do
+        check_daemons
         ((SECONDS < deadline)) || die "$what not ready after ${limit}s; see $STATE/log"
         sleep 0.5
     done
@@ -141,8 +155,6 @@ ReturnToService=2
 # Finished jobs stay visible to squeue and scontrol for an hour: the executor polls squeue and
 # the tests read each job's allocation back with scontrol.
 MinJobAge=3600
-# List GPUs among a job's trackable resources (scontrol show job: TRES=...,gres/gpu=1).
-AccountingStorageTRES=gres/gpu
 SlurmdParameters=config_overrides
 GresTypes=gpu
 StateSaveLocation=$STATE/state
