@@ -40,8 +40,9 @@ def instrument(totals, counts, sync):
     for module, names in TIMED.items():
         for name in names:
             original = getattr(module, name)
+            label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
 
-            def timed(*args, _f=original, _n=f"{module.__name__.split('.')[-1]}.{name}", **kwargs):
+            def timed(*args, _f=original, _n=label, **kwargs):
                 sync()
                 start = time.perf_counter()
                 out = _f(*args, **kwargs)

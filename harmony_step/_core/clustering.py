@@ -13,18 +13,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from harmony_step._core.init import softmax_rows
-from harmony_step._core.objective import (
-    diversity_term,
-    entropy_sum,
-    expected_counts,
-    kmeans_term,
-    log_penalty,
-    to_parts,
-)
+from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
 from harmony_step._core.permutation import cell_order, iteration_seed
 from harmony_step._core.result import ObjectiveParts
 from harmony_step._core.sums import level_sums, one_hot, row_normalize
+from harmony_step._kernels import log_penalty_table, penalized_softmax
 
 # Inner convergence window (spec 7.1): compare sums of the last three objectives.
 WINDOW = 3
@@ -74,17 +67,19 @@ def objective(
 def _update_block(
     xp: Any, state: ClusteringState, consts: ClusteringConstants, cells: Any, centroids: Any
 ) -> tuple[Any, Any]:
-    """Recompute the assignments of ``cells``; returns their R^T Z and entropy contributions."""
+    """Recompute the assignments of ``cells``; returns their R^T Z and per-row entropy sums."""
     z_block = state.z_hat[cells]
-    phi = one_hot(xp, state.codes[cells], consts.n_levels, xp.float64)
-    state.observed -= phi.T @ state.assignments[cells].astype(xp.float64)
-    expected = expected_counts(xp, state.observed, consts.level_share, consts.first_key_levels)
-    penalty = phi @ log_penalty(xp, state.observed, expected, consts.theta, consts.flavor)
-    new = softmax_rows(xp, z_block @ centroids.T, 2.0 / consts.sigma, penalty.astype(z_block.dtype))
-    state.assignments[cells] = new
-    new64 = new.astype(xp.float64)
+    codes = state.codes[cells]
+    phi = one_hot(xp, codes, consts.n_levels, xp.float64)
+    state.observed -= phi.T @ state.assignments[cells].astype(xp.float64, copy=False)
+    penalty = log_penalty_table(
+        xp, state.observed, consts.level_share, consts.theta, consts.first_key_levels, consts.flavor
+    )
+    new64, entropy = penalized_softmax(
+        xp, z_block @ centroids.T, penalty, codes, cells, state.assignments, 2.0 / consts.sigma
+    )
     state.observed += phi.T @ new64
-    return new64.T @ z_block.astype(xp.float64), entropy_sum(xp, new64)
+    return new64.T @ z_block.astype(xp.float64, copy=False), entropy
 
 
 def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed: int) -> Any:
@@ -93,15 +88,15 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
     centroids = centroids64.astype(state.z_hat.dtype)
     order = cell_order(xp, state.z_hat.shape[0], seed)
     sums = xp.zeros_like(state.centroid_sums)
-    entropy = xp.zeros((), dtype=xp.float64)
+    entropies = []
     for start in range(0, order.shape[0], consts.block_size):
         block_sums, block_entropy = _update_block(
             xp, state, consts, order[start : start + consts.block_size], centroids
         )
         sums += block_sums
-        entropy += block_entropy
+        entropies.append(block_entropy)
     state.centroid_sums = sums
-    return objective(xp, state, consts, centroids64, entropy)
+    return objective(xp, state, consts, centroids64, xp.concatenate(entropies).sum())
 
 
 def inner_converged(history: list[float], tol: float) -> bool:

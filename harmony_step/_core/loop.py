@@ -25,8 +25,8 @@ from harmony_step._core.correction import (
 from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
-from harmony_step._core.setup import Problem, make_problem
-from harmony_step._core.sums import CHUNK_ROWS, cross_sums, level_sums, row_normalize
+from harmony_step._core.setup import Problem, load_embedding, make_problem
+from harmony_step._core.sums import chunk_rows, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
 
 progress_log = logging.getLogger("harmony_step.progress")
@@ -64,10 +64,11 @@ def run_harmony(
     problem = make_problem(*embedding.shape, design, params, _seed(params.random_state))
     method = resolve_method(
         params.correction_method, design.n_keys, problem.n_clusters, design.n_levels_total,
-        embedding.dtype.itemsize,
+        params.numpy_dtype.itemsize,
     )  # fmt: skip
-    x = backend.asarray(embedding)
-    index = LevelIndex.build(xp, design.codes, design.n_levels)
+    x = load_embedding(xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]")
+    codes = backend.asarray(design.codes)
+    index = LevelIndex.build(xp, codes, design)
     consts = ClusteringConstants(
         theta=xp.asarray(problem.theta), level_share=xp.asarray(problem.level_share),
         first_key_levels=problem.first_key_levels, n_levels=design.n_levels_total,
@@ -77,7 +78,7 @@ def run_harmony(
     backend.synchronize()
     mark = clock.add("setup", 0.0)
 
-    state, init_parts = _initialise(xp, x, design, problem, consts, backend)
+    state, init_parts = _initialise(xp, x, codes, design, problem, consts, backend)
     backend.synchronize()
     mark = clock.add("init", mark)
     iterations = [IterationRecord(0, 0, init_parts, clock.elapsed())]
@@ -116,6 +117,7 @@ def run_harmony(
 def _initialise(
     xp: Any,
     x: Any,
+    codes: Any,
     design: BatchDesign,
     problem: Problem,
     consts: ClusteringConstants,
@@ -127,15 +129,15 @@ def _initialise(
     centroids = initial_centroids(xp, z_hat, strata, problem.n_clusters, problem.random_state)
     assignments = xp.empty((problem.n_cells, problem.n_clusters), dtype=x.dtype)
     soft_assignments(xp, z_hat, centroids, consts.sigma, out=assignments)
-    codes = xp.asarray(design.codes)
     state = ClusteringState(
         z_hat=z_hat, assignments=assignments, codes=codes,
         observed=level_sums(xp, codes, assignments, consts.n_levels),
         centroid_sums=cross_sums(xp, assignments, z_hat),
     )  # fmt: skip
+    step = chunk_rows(problem.n_cells)
     entropy = sum(
-        entropy_sum(xp, assignments[s : s + CHUNK_ROWS].astype(xp.float64))
-        for s in range(0, problem.n_cells, CHUNK_ROWS)
+        entropy_sum(xp, assignments[s : s + step].astype(xp.float64))
+        for s in range(0, problem.n_cells, step)
     )
     parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
     return state, to_parts(backend.to_host(parts))
