@@ -37,8 +37,8 @@ cleanup() {
     if ((${#STARTED_PIDS[@]})) && command -v squeue > /dev/null; then
         # Jobs outlive slurmd (slurmstepd is its own process): cancel them while the daemons run.
         local jobs
-        jobs=$(timeout -s KILL 10 squeue -h -o %i 2> /dev/null)
-        [[ -n $jobs ]] && timeout -s KILL 10 scancel $jobs
+        mapfile -t jobs < <(timeout -s KILL 10 squeue -h -o %i 2> /dev/null)
+        ((${#jobs[@]})) && timeout -s KILL 10 scancel "${jobs[@]}"
         for _ in $(seq 20); do
             [[ -z $(timeout -s KILL 5 squeue -h -o %i 2> /dev/null) ]] && break
             sleep 0.5
@@ -124,6 +124,17 @@ NODE=$(hostname -s)
 if [[ -e $SLURM_CONF_FILE ]] && ! grep -qF "$MARKER" "$SLURM_CONF_FILE"; then
     die "$SLURM_CONF_FILE exists and was not written by this script; refusing to replace a real cluster configuration"
 fi
+# Daemons of an earlier run that was killed before it could stop them: stop them by the PIDs they
+# recorded in this script's state folder.
+for daemon in slurmd slurmctld munge/munged; do
+    pid=$(cat "$STATE/$daemon.pid" 2> /dev/null) || continue
+    daemon=${daemon#*/}
+    if [[ $(cat "/proc/$pid/comm" 2> /dev/null) == "$daemon" ]]; then
+        log "stopping $daemon (pid $pid) left by an earlier run"
+        kill -TERM "$pid"
+        timeout -s KILL 30 tail --pid="$pid" -f /dev/null || kill -KILL "$pid"
+    fi
+done
 if pgrep -x slurmctld > /dev/null || pgrep -x slurmd > /dev/null; then
     die "slurmctld or slurmd is already running; stop it first (this script starts its own)"
 fi
@@ -142,6 +153,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$STATE/munge/munge.socket
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -181,19 +193,18 @@ EOF
 
 # --------------------------------------------------------------------------------------------
 # 3. Daemons
-munge_works() { timeout -s KILL 5 sh -c 'munge -n | unmunge' > /dev/null 2>&1; }
-if munge_works; then
-    log "munged already running; using it"
-else
-    [[ -s /etc/munge/munge.key ]] || timeout -s KILL 30 mungekey --create --keyfile=/etc/munge/munge.key
-    chown munge:munge /etc/munge/munge.key
-    chmod 0400 /etc/munge/munge.key
-    mkdir -p /run/munge /var/lib/munge /var/log/munge
-    chown munge:munge /run/munge /var/lib/munge /var/log/munge
-    start_daemon munged setpriv --reuid=munge --regid=munge --init-groups \
-        /usr/sbin/munged --foreground --force
-    wait_for 30 munged munge_works
-fi
+# A munged of our own, on its own socket, so that a system munged is neither needed nor touched.
+MUNGE_SOCKET=$STATE/munge/munge.socket
+munge_works() { timeout -s KILL 5 sh -c "munge -n -S '$MUNGE_SOCKET' | unmunge -S '$MUNGE_SOCKET'"; }
+[[ -s /etc/munge/munge.key ]] || timeout -s KILL 30 mungekey --create --keyfile=/etc/munge/munge.key
+chown munge:munge /etc/munge/munge.key
+chmod 0400 /etc/munge/munge.key
+mkdir -p "$STATE/munge"
+chown munge:munge "$STATE/munge"
+start_daemon munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged \
+    --foreground --force --socket="$MUNGE_SOCKET" --pid-file="$STATE/munge/munged.pid" \
+    --seed-file="$STATE/munge/munged.seed" --key-file=/etc/munge/munge.key
+wait_for 30 munged munge_works
 
 start_daemon slurmctld /usr/sbin/slurmctld -D -f "$SLURM_CONF_FILE"
 ctld_up() { timeout -s KILL 10 scontrol ping; }
@@ -201,7 +212,7 @@ wait_for 30 slurmctld ctld_up
 start_daemon slurmd /usr/sbin/slurmd -D -f "$SLURM_CONF_FILE"
 node_idle() { [[ $(timeout -s KILL 10 sinfo -h -n "$NODE" -o %T) == idle ]]; }
 wait_for 60 "node $NODE" node_idle
-log "cluster up: $(sinfo -h -o '%P %D %T %c CPUs %m MB %G')"
+log "cluster up: $(timeout -s KILL 10 sinfo -h -o '%P %D %T %c CPUs %m MB %G')"
 
 # A one-GPU step, as the Snakemake Slurm executor submits for `gpu: 1`.
 timeout -s KILL 60 srun --gpus=1 -n1 true || die "Slurm refused a --gpus=1 job step; see $STATE/log"
@@ -212,7 +223,7 @@ if [[ ! -x $VENV/bin/python ]]; then
     log "creating $VENV"
     timeout -s KILL 120 python3 -m venv "$VENV"
 fi
-timeout -s KILL 600 "$VENV/bin/pip" install -q -e "$ROOT[test,workflow]" snakemake-executor-plugin-slurm
+timeout -s KILL 600 "$VENV/bin/pip" install -q -e "${ROOT}[test,workflow]" snakemake-executor-plugin-slurm
 
 # --------------------------------------------------------------------------------------------
 # 5. Tests
