@@ -41,8 +41,9 @@ RESULT_FILES = (
     "convergence.png",
     "params.yaml",
 )
-# Options a cluster without slurmdbd needs (job states from squeue, no account to guess), plus
-# the Slurm logs of successful jobs kept as evidence of where each job ran.
+# Options a cluster without slurmdbd needs (job states from squeue, no account to guess), a first
+# status check after 1 s instead of 40, and the Slurm logs of successful jobs kept as evidence of
+# where each job ran.
 TEST_CLUSTER_OPTIONS = {
     "slurm-status-command": "squeue",
     "slurm-no-account": True,
