@@ -190,3 +190,13 @@ def test_gpu_requested_without_gpu():
     ):
         harmony_integrate(adata, "batch", device="gpu")
     assert_unchanged(adata, before)
+
+
+def test_prefaulted_host_buffer_has_the_requested_layout():
+    from harmony_step._backend import _touched_empty
+
+    for shape, dtype in [((1, 1), np.float32), ((1000, 7), np.float32), ((5000, 50), np.float64)]:
+        out = _touched_empty(shape, np.dtype(dtype))
+        assert out.shape == shape
+        assert out.dtype == dtype
+        assert out.flags.c_contiguous

@@ -66,6 +66,7 @@ def run_harmony(
         params.correction_method, design.n_keys, problem.n_clusters, design.n_levels_total,
         params.numpy_dtype.itemsize,
     )  # fmt: skip
+    host_output = backend.prepare_host_output(embedding.shape, params.numpy_dtype)
     x = load_embedding(xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]")
     codes = backend.asarray(design.codes)
     index = LevelIndex.build(xp, codes, design)
@@ -104,7 +105,7 @@ def run_harmony(
         if i + 1 < params.max_iter_harmony:
             row_normalize(xp, state.z_hat, out=state.z_hat)
             state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
-    corrected = backend.to_host(state.z_hat)
+    corrected = backend.to_host(state.z_hat, out=host_output)
     _report_outcome(params, converged, len(rounds) - 1)
     clock.phases["total"] = clock.elapsed()
     return HarmonyResult(
