@@ -12,7 +12,6 @@ import json
 import os
 import pty
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -255,25 +254,6 @@ def test_bad_input_fails_cleanly(case, small, tmp_path):
     # "output is the input" writes into the input folder: that folder must be unchanged too
     watched = folder if case == "output is the input" else out
     _assert_failed_cleanly(result, code, pattern, watched, inputs)
-
-
-@pytest.fixture
-def locked_folder(tmp_path):
-    """A folder nobody can create files in, root included (chattr +i), or mode 0555 for others."""
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-        return
-    if shutil.which("chattr") is None:
-        pytest.skip("running as root without chattr: cannot make a folder unwritable")
-    locked = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
-    if locked.returncode != 0:
-        pytest.skip(f"running as root and chattr +i failed: {locked.stderr.strip()}")
-    yield folder
-    subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 @pytest.mark.parametrize("which", ["--output", "--summary", "--plot", "--convergence"])

@@ -21,6 +21,7 @@ from harmony_step._report import (
     plot_convergence,
     summary_json,
 )
+from tests.reference import SUMMARY_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +61,7 @@ def test_summary_has_the_contract_fields(harmony_uns, monkeypatch):
         seconds={"read": 1.0, "compute": 2.0, "write": 0.5, "total": 3.5},
         extra={"keys": ["donor"]},
     )
-    required = {
-        "converged",
-        "n_rounds",
-        "inner_iterations",
-        "final_objective",
-        "parameters",
-        "device",
-        "versions",
-        "input_sha256",
-        "seconds",
-        "peak_gpu_memory_bytes",
-        "metrics",
-        "environment",
-    }
+    required = SUMMARY_KEYS
     assert required <= set(summary)
     assert summary["n_rounds"] == 2
     assert summary["inner_iterations"] == [5, 5]

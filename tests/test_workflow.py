@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from harmony_step._params import PARAMETERS, HarmonyParams
+from tests.reference import RESULT_FILES, SUMMARY_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
@@ -42,20 +43,6 @@ RESULT_FILES = (
 # Parameters that are not in the `harmony` section, and where the schema keeps them instead.
 DATASET_LEVEL = ("basis", "adjusted_basis")
 TOP_LEVEL = ("device",)
-SUMMARY_KEYS = {
-    "converged",
-    "n_rounds",
-    "inner_iterations",
-    "final_objective",
-    "parameters",
-    "device",
-    "versions",
-    "input_sha256",
-    "seconds",
-    "peak_gpu_memory_bytes",
-    "metrics",
-    "environment",
-}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -156,7 +156,9 @@ def _correct(
 ) -> None:
     """Fit the per-cluster ridge regressions on the raw input and write the corrected X into z_hat."""
     # O is recomputed exactly so that no strategy sees counts drifted by the +- block updates.
-    state.observed = level_sums(xp, state.codes, state.assignments, consts_levels(problem))
+    state.observed = level_sums(
+        xp, state.codes, state.assignments, int(problem.level_counts.shape[0])
+    )
     observed = backend.to_host(state.observed)
     sizes = observed[: problem.first_key_levels].sum(axis=0)
     expected = problem.level_share[:, None] * sizes[None, :]
@@ -171,10 +173,6 @@ def _correct(
     )  # fmt: skip
     weights = coefficients(method, stats, problem.n_cells)
     apply_correction(xp, x, state.assignments, weights, index, out=state.z_hat)
-
-
-def consts_levels(problem: Problem) -> int:
-    return int(problem.level_counts.shape[0])
 
 
 def _report_round(params: HarmonyParams, record: RoundRecord) -> None:

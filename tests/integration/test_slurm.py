@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.reference import RESULT_FILES
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
