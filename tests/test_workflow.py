@@ -33,13 +33,6 @@ TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 BIN = Path(sys.executable).parent
 
 DATASETS = ("pbmc", "pbmc_theta1")
-RESULT_FILES = (
-    "integrated.h5ad",
-    "convergence.tsv",
-    "summary.json",
-    "convergence.png",
-    "params.yaml",
-)
 # Parameters that are not in the `harmony` section, and where the schema keeps them instead.
 DATASET_LEVEL = ("basis", "adjusted_basis")
 TOP_LEVEL = ("device",)

@@ -36,13 +36,6 @@ SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm-gpu" / "config.yaml"
 TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
 BIN = Path(sys.executable).parent
 
-RESULT_FILES = (
-    "integrated.h5ad",
-    "convergence.tsv",
-    "summary.json",
-    "convergence.png",
-    "params.yaml",
-)
 # Options a cluster without slurmdbd needs (job states from squeue, no account to guess), a first
 # status check after 1 s instead of 40, and the Slurm logs of successful jobs kept as evidence of
 # where each job ran.
