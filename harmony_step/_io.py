@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -248,12 +249,15 @@ class StagedOutputs:
     def temporary(self, destination: str | os.PathLike[str]) -> Path:
         """A new empty temporary file in the destination's folder, renamed onto it at commit."""
         destination = Path(destination)
-        descriptor, name = tempfile.mkstemp(
-            dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
-        )
+        # SIGTERM is held back until the new file is registered, so a run terminated right here
+        # still finds it and removes it.
+        with _sigterm_deferred():
+            descriptor, name = tempfile.mkstemp(
+                dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
+            )
+            self._pending.append((Path(name), destination))
         os.close(descriptor)
         os.chmod(name, self._mode)
-        self._pending.append((Path(name), destination))
         return Path(name)
 
     def commit(self) -> None:
@@ -272,6 +276,17 @@ class StagedOutputs:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
         self._pending.clear()
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """Block SIGTERM in this thread for the duration; a pending one is delivered on exit."""
+    blocked = {signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync_path(path: Path) -> None:
