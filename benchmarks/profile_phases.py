@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_benchmarks import PARAMS, synthetic
 
 import harmony_step
+from harmony_step import api
+from harmony_step._backend import Backend
 from harmony_step._core import clustering, correction, init, loop
 
 TIMED = {
@@ -32,7 +34,15 @@ TIMED = {
     ],
     clustering: ["_iterate", "_update_block", "cell_order", "level_sums"],
     correction: ["level_moments", "apply_correction", "coefficients", "cross_counts"],
-    loop: ["_initialise", "_correct", "cross_sums", "level_sums", "row_normalize"],
+    loop: [
+        "_initialise",
+        "_correct",
+        "cross_sums",
+        "level_sums",
+        "row_normalize",
+        "load_embedding",
+    ],
+    api: ["run_harmony", "_checked_inputs", "build_provenance", "select_backend"],
 }
 
 
@@ -40,8 +50,9 @@ def instrument(totals, counts, sync):
     for module, names in TIMED.items():
         for name in names:
             original = getattr(module, name)
+            label = f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
 
-            def timed(*args, _f=original, _n=f"{module.__name__.split('.')[-1]}.{name}", **kwargs):
+            def timed(*args, _f=original, _n=label, **kwargs):
                 sync()
                 start = time.perf_counter()
                 out = _f(*args, **kwargs)
@@ -51,6 +62,17 @@ def instrument(totals, counts, sync):
                 return out
 
             setattr(module, name, timed)
+    original_to_host = Backend.to_host
+
+    def to_host(self, array):
+        sync()
+        start = time.perf_counter()
+        out = original_to_host(self, array)
+        totals["Backend.to_host"] += time.perf_counter() - start
+        counts["Backend.to_host"] += 1
+        return out
+
+    Backend.to_host = to_host
 
 
 def main() -> None:

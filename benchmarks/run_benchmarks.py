@@ -2,9 +2,12 @@
 
 Synthetic data: n cells x 50 PCs, 8 batches, 20 cell types with a per-batch shift. Every run gets
 the same explicit parameters (the peers' defaults differ from ours). For each size and dtype both
-implementations run once on a small input to compile their kernels, then once timed; peak GPU
-memory is the high-water mark of bytes in use in CuPy's pool during the call, tracked by an
-allocator hook that sees every allocation of both.
+implementations first run once on a 600,000-cell input (large enough to take every code path,
+initial subsampling included) to compile their kernels; then each runs twice, alternating
+(ours, peer, ours, peer), and the faster of its two runs is reported, so that one-off costs of the
+machine (such as host memory touched for the first time) fall on neither side. Peak GPU memory is
+the high-water mark of bytes in use in CuPy's pool during a call, tracked by an allocator hook that
+sees every allocation of both.
 
     python benchmarks/run_benchmarks.py --cells 1000000 10000000 --out benchmarks/results
 """
@@ -128,7 +131,7 @@ def main() -> None:
     runners = {"harmony-step": run_ours}
     if "rapids-singlecell" in args.peers:
         runners["rapids-singlecell"] = run_rsc
-    warm = synthetic(20_000, seed=1)
+    warm = synthetic(600_000, seed=1)
     rows = []
     for dtype in args.dtypes:
         for runner in runners.values():  # compile kernels for this dtype outside the timed runs
@@ -136,15 +139,24 @@ def main() -> None:
     for n_cells in args.cells:
         data = synthetic(n_cells)
         for dtype in args.dtypes:
-            outputs = {}
-            for name, runner in runners.items():
-                adata = data.copy()
-                info = measure(runner, adata, np.dtype(dtype).type, tracker)
-                outputs[name] = np.asarray(adata.obsm["X_pca_harmony"], dtype=np.float64)
-                row = {"implementation": name, "cells": n_cells, "dtype": dtype, **info}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del adata
+            outputs, best = {}, {}
+            for _attempt in range(2):
+                for name, runner in runners.items():
+                    adata = data.copy()
+                    info = measure(runner, adata, np.dtype(dtype).type, tracker)
+                    outputs[name] = np.asarray(adata.obsm["X_pca_harmony"], dtype=np.float64)
+                    row = {"implementation": name, "cells": n_cells, "dtype": dtype, **info}
+                    print(json.dumps(row), flush=True)
+                    if name not in best or row["seconds"] < best[name]["seconds"]:
+                        row["seconds_all"] = [
+                            *best.get(name, {}).get("seconds_all", []),
+                            row["seconds"],
+                        ]
+                        best[name] = row
+                    else:
+                        best[name]["seconds_all"].append(row["seconds"])
+                    del adata
+            rows.extend(best.values())
             if len(outputs) == 2:
                 a, b = outputs.values()
                 rows[-1]["rel_frobenius_vs_harmony_step"] = float(

@@ -19,6 +19,9 @@ import numpy as np
 # log(R + eps) in the entropy term; must match harmony_step._core.objective.ENTROPY_EPS.
 ENTROPY_EPS = 1e-12
 THREADS = 128
+# The one-warp-per-row softmax keeps this many logits per lane in registers: K <= 32 * 16 = 512.
+VALUES_PER_LANE = 16
+ROWS_PER_BLOCK = 8
 
 _SOFTMAX_SOURCE = r"""
 template <typename T>
@@ -87,6 +90,73 @@ __device__ void harmony_penalized_softmax(
     if (tid == 0) row_entropy[row] = shared[0];
 }
 
+// Fast path: one warp per row, each lane keeps up to VALUES_PER_LANE logits in registers
+// (K <= 32 * VALUES_PER_LANE). Butterfly shuffles leave the identical value in every lane,
+// so the reductions are fixed-order and every lane agrees bit for bit.
+template <typename T>
+__device__ void harmony_penalized_softmax_warp(
+    const T* __restrict__ similarity, const double* __restrict__ log_penalty,
+    const int* __restrict__ codes, const long long* __restrict__ cells,
+    T* __restrict__ assignments, double* __restrict__ out64, double* __restrict__ row_entropy,
+    const int n_rows, const int n_clusters, const int n_keys, const double scale)
+{
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n_rows) return;
+    const T* sim = similarity + row * n_clusters;
+    const int* code = codes + row * n_keys;
+    double v[VALUES_PER_LANE];
+    double row_max = -1.7976931348623157e308;
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) {
+        const int k = lane + 32 * j;
+        v[j] = 0.0;
+        if (k < n_clusters) {
+            double logit = scale * ((double)sim[k] - 1.0);
+            for (int c = 0; c < n_keys; ++c) logit += log_penalty[(long long)code[c] * n_clusters + k];
+            v[j] = logit;
+            row_max = fmax(row_max, logit);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) row_max = fmax(row_max, __shfl_xor_sync(0xffffffffu, row_max, o));
+    double total = 0.0;
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) {
+        const int k = lane + 32 * j;
+        if (k < n_clusters) { v[j] = exp(v[j] - row_max); total += v[j]; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    T* dest = assignments + cells[row] * n_clusters;
+    double* out = out64 + row * n_clusters;
+    double entropy = 0.0;
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) {
+        const int k = lane + 32 * j;
+        if (k < n_clusters) {
+            const T r = (T)(v[j] / total);
+            const double r64 = (double)r;
+            dest[k] = r;
+            out[k] = r64;
+            entropy += r64 * log(r64 + ENTROPY_EPS);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) entropy += __shfl_xor_sync(0xffffffffu, entropy, o);
+    if (lane == 0) row_entropy[row] = entropy;
+}
+
+extern "C" __global__ void penalized_softmax_warp_float(
+    const float* a, const double* b, const int* c, const long long* d, float* e, double* f,
+    double* g, const int n, const int k, const int m, const double s)
+{ harmony_penalized_softmax_warp<float>(a, b, c, d, e, f, g, n, k, m, s); }
+
+extern "C" __global__ void penalized_softmax_warp_double(
+    const double* a, const double* b, const int* c, const long long* d, double* e, double* f,
+    double* g, const int n, const int k, const int m, const double s)
+{ harmony_penalized_softmax_warp<double>(a, b, c, d, e, f, g, n, k, m, s); }
+
 extern "C" __global__ void penalized_softmax_float(
     const float* a, const double* b, const int* c, const long long* d, float* e, double* f,
     double* g, const int n, const int k, const int m, const double s)
@@ -106,7 +176,12 @@ def _softmax_module(device_id: int) -> Any:
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(
             code=_SOFTMAX_SOURCE,
-            options=("--std=c++14", f"-DTHREADS={THREADS}", f"-DENTROPY_EPS={ENTROPY_EPS!r}"),
+            options=(
+                "--std=c++14",
+                f"-DTHREADS={THREADS}",
+                f"-DVALUES_PER_LANE={VALUES_PER_LANE}",
+                f"-DENTROPY_EPS={ENTROPY_EPS!r}",
+            ),
             name_expressions=None,
         )
 
@@ -149,16 +224,18 @@ def penalized_softmax(
     entropy = xp.empty(n, dtype=xp.float64)
     if n == 0:
         return out64, entropy
-    name = (
-        "penalized_softmax_double" if similarity.dtype == xp.float64 else "penalized_softmax_float"
-    )
-    kernel = _softmax_module(xp.cuda.Device().id).get_function(name)
+    suffix = "double" if similarity.dtype == xp.float64 else "float"
+    module = _softmax_module(xp.cuda.Device().id)
     args = (
         xp.ascontiguousarray(similarity), xp.ascontiguousarray(log_penalty, dtype=xp.float64),
         xp.ascontiguousarray(codes, dtype=xp.int32), xp.ascontiguousarray(cells, dtype=xp.int64),
         assignments, out64, entropy, np.int32(n), np.int32(k), np.int32(codes.shape[1]), np.float64(scale),
     )  # fmt: skip
-    kernel((n,), (THREADS,), args)
+    if k <= 32 * VALUES_PER_LANE:
+        grid = ((n + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,)
+        module.get_function(f"penalized_softmax_warp_{suffix}")(grid, (32 * ROWS_PER_BLOCK,), args)
+    else:
+        module.get_function(f"penalized_softmax_{suffix}")((n,), (THREADS,), args)
     return out64, entropy
 
 
@@ -173,6 +250,41 @@ def _penalized_softmax_reference(similarity, log_penalty, codes, cells, assignme
     assignments[cells] = stored
     out64 = stored.astype(np.float64)
     return out64, (out64 * np.log(out64 + ENTROPY_EPS)).sum(axis=1)
+
+
+@functools.cache
+def _one_hot_kernel() -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "raw int32 codes, int32 n_keys, int32 n_levels",
+        "float64 out",
+        """
+        const long long row = i / n_levels;
+        const int level = i % n_levels;
+        double hit = 0.0;
+        for (int c = 0; c < n_keys; ++c) if (codes[row * n_keys + c] == level) hit = 1.0;
+        out = hit;
+        """,
+        "harmony_one_hot",
+    )
+
+
+def one_hot(xp: Any, codes: Any, n_levels: int) -> Any:
+    """Stacked one-hot (n, n_levels) float64 of codes (n, C): C ones per row, one per key."""
+    if xp is np:
+        out = np.zeros((codes.shape[0], n_levels))
+        for c in range(codes.shape[1]):
+            out[np.arange(codes.shape[0]), codes[:, c]] = 1.0
+        return out
+    out = xp.empty((codes.shape[0], n_levels), dtype=xp.float64)
+    _one_hot_kernel()(
+        xp.ascontiguousarray(codes, dtype=xp.int32),
+        np.int32(codes.shape[1]),
+        np.int32(n_levels),
+        out,
+    )
+    return out
 
 
 _PENALTY_SOURCE = r"""

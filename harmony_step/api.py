@@ -149,6 +149,8 @@ def _checked_inputs(
 
 
 def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
+    """The embedding as stored (shape and kind checked); finiteness and the dtype cast are checked
+    on the device by the core, where they are cheap for large inputs."""
     if hasattr(raw, "toarray") or hasattr(raw, "tocsr"):
         raise TypeError(f"adata.obsm[{params.basis!r}] is sparse; Harmony needs a dense embedding.")
     if hasattr(raw, "to_numpy"):
@@ -165,25 +167,4 @@ def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
         raise ValueError(f"{name} has {array.shape[0]} cell(s); Harmony needs at least 2.")
     if array.shape[1] < 1:
         raise ValueError(f"{name} has no columns; Harmony needs at least one dimension.")
-    _reject_non_finite(array, name)
-    with np.errstate(over="ignore"):
-        converted = np.ascontiguousarray(array, dtype=params.numpy_dtype)
-    if converted.dtype != array.dtype and not np.isfinite(converted).all():
-        raise ValueError(
-            f"{name} has values beyond the range of {params.dtype}. Use dtype=numpy.float64 or rescale."
-        )
-    return converted
-
-
-def _reject_non_finite(array: np.ndarray, name: str) -> None:
-    if np.issubdtype(array.dtype, np.integer) or (
-        np.isfinite(array.min()) and np.isfinite(array.max())
-    ):
-        return  # min and max propagate NaN and show Inf: a fast check before the detailed one
-    bad = ~np.isfinite(array)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(
-            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} cell(s), "
-            f"first at row {int(rows[0])}. Remove or impute them before running Harmony."
-        )
+    return np.ascontiguousarray(array)

@@ -13,3 +13,21 @@ def min_pc_correlation(ours: np.ndarray, reference: np.ndarray) -> float:
 def relative_frobenius(ours: np.ndarray, reference: np.ndarray) -> float:
     ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+
+
+# The fields every summary JSON must carry (the command-line contract).
+SUMMARY_KEYS = frozenset(
+    {
+        "converged", "n_rounds", "inner_iterations", "final_objective", "parameters", "device",
+        "versions", "input_sha256", "seconds", "peak_gpu_memory_bytes", "metrics", "environment",
+    }
+)  # fmt: skip
+
+# The files the workflow writes per dataset under results/<name>/.
+RESULT_FILES = (
+    "integrated.h5ad",
+    "convergence.tsv",
+    "summary.json",
+    "convergence.png",
+    "params.yaml",
+)

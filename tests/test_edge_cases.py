@@ -14,7 +14,9 @@ from harmony_step import HarmonyConvergenceWarning, harmony_integrate
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
 
 
-def blobs(n: int = 300, d: int = 6, n_batches: int = 3, seed: int = 0, shift: float = 2.0) -> ad.AnnData:
+def blobs(
+    n: int = 300, d: int = 6, n_batches: int = 3, seed: int = 0, shift: float = 2.0
+) -> ad.AnnData:
     """Two cell types, each shifted per batch: a batch effect Harmony should remove."""
     rng = np.random.default_rng(seed)
     cell_type = rng.integers(0, 2, n)
@@ -42,7 +44,12 @@ def batch_spread(x: np.ndarray, obs: pd.DataFrame) -> float:
     """Mean distance between per-batch means within each cell type (smaller = better mixed)."""
     spreads = []
     for _, group in obs.groupby("cell_type", observed=True):
-        means = np.array([x[obs.index.get_indexer(g.index)].mean(0) for _, g in group.groupby("batch", observed=True)])
+        means = np.array(
+            [
+                x[obs.index.get_indexer(g.index)].mean(0)
+                for _, g in group.groupby("batch", observed=True)
+            ]
+        )
         spreads.append(np.linalg.norm(means - means.mean(0), axis=1).mean())
     return float(np.mean(spreads))
 
@@ -72,7 +79,9 @@ def test_one_cluster_is_one_global_ridge_regression(flavor, device):
     phi = pd.get_dummies(adata.obs["batch"]).to_numpy(dtype=float)
     design = np.hstack([np.ones((x.shape[0], 1)), phi])
     counts = phi.sum(0)
-    ridge = np.full(counts.size, 1.0) if flavor == "harmony1" else 0.2 * counts  # alpha * E, E = N_b * 1
+    ridge = (
+        np.full(counts.size, 1.0) if flavor == "harmony1" else 0.2 * counts
+    )  # alpha * E, E = N_b * 1
     gram = design.T @ design + np.diag(np.concatenate([[0.0], ridge]))
     weights = np.linalg.solve(gram, design.T @ x)
     expected = x - phi @ weights[1:]
@@ -116,7 +125,9 @@ def test_several_keys(device):
     assert record["keys"] == ["batch", "donor"]
     assert batch_spread(out, adata.obs) < 0.5 * batch_spread(adata.obsm["X_pca"], adata.obs)
     with pytest.warns(UserWarning, match="'fast' needs a single batch key"):
-        harmony_integrate(adata, ["batch", "donor"], correction_method="fast", max_iter_harmony=1, device=device)
+        harmony_integrate(
+            adata, ["batch", "donor"], correction_method="fast", max_iter_harmony=1, device=device
+        )
 
 
 def test_single_level_key_among_several_contributes_nothing():

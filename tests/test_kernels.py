@@ -14,6 +14,7 @@ SHAPES = [  # (rows in block, clusters, levels per key, keys)
     pytest.param(257, 7, (4,), id="odd-shapes"),
     pytest.param(1000, 100, (8,), id="typical"),
     pytest.param(300, 130, (3, 2), id="two-keys-more-clusters-than-threads"),
+    pytest.param(40, 600, (2,), id="more-clusters-than-the-warp-path-holds"),
 ]
 
 
@@ -22,7 +23,9 @@ def block_inputs(n, k, levels, dtype, seed=0):
     similarity = rng.uniform(-1, 1, (n, k)).astype(dtype)
     similarity[0] = 0  # an all-zero row (all-zero cell)
     offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
-    codes = np.stack([rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1).astype(np.int32)
+    codes = np.stack(
+        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+    ).astype(np.int32)
     penalty = rng.normal(size=(sum(levels), k))
     n_total = n + 50
     cells = rng.permutation(n_total)[:n].astype(np.int64)
@@ -51,7 +54,9 @@ def test_reference_penalty_matches_the_objective_module(flavor):
     theta = rng.uniform(0, 3, 5)
     table = _kernels.log_penalty_table(np, observed, share, theta, 3, flavor)
     expected = share[:, None] * observed[:3].sum(0)[None, :]
-    np.testing.assert_allclose(table, plain_log_penalty(np, observed, expected, theta, flavor), rtol=1e-13)
+    np.testing.assert_allclose(
+        table, plain_log_penalty(np, observed, expected, theta, flavor), rtol=1e-13
+    )
 
 
 @pytest.mark.gpu
@@ -63,7 +68,13 @@ def test_gpu_softmax_matches_reference(n, k, levels, dtype):
     sim, pen, codes, cells, r = block_inputs(n, k, levels, dtype)
     r_gpu = cupy.asarray(r)
     new_gpu, ent_gpu = _kernels.penalized_softmax(
-        cupy, cupy.asarray(sim), cupy.asarray(pen), cupy.asarray(codes), cupy.asarray(cells), r_gpu, 20.0
+        cupy,
+        cupy.asarray(sim),
+        cupy.asarray(pen),
+        cupy.asarray(codes),
+        cupy.asarray(cells),
+        r_gpu,
+        20.0,
     )
     new_ref, ent_ref = _kernels.penalized_softmax(np, sim, pen, codes, cells, r, 20.0)
     tol = 1e-6 if dtype == np.float32 else 1e-13
@@ -72,9 +83,16 @@ def test_gpu_softmax_matches_reference(n, k, levels, dtype):
     np.testing.assert_allclose(r_gpu.get(), r, rtol=tol, atol=tol)
     again = cupy.asarray(r)
     new_again, ent_again = _kernels.penalized_softmax(
-        cupy, cupy.asarray(sim), cupy.asarray(pen), cupy.asarray(codes), cupy.asarray(cells), again, 20.0
+        cupy,
+        cupy.asarray(sim),
+        cupy.asarray(pen),
+        cupy.asarray(codes),
+        cupy.asarray(cells),
+        again,
+        20.0,
     )
-    assert cupy.array_equal(new_again, new_gpu) and cupy.array_equal(ent_again, ent_gpu)
+    assert cupy.array_equal(new_again, new_gpu)
+    assert cupy.array_equal(ent_again, ent_gpu)
 
 
 @pytest.mark.gpu
@@ -83,14 +101,23 @@ def test_gpu_softmax_empty_block():
 
     sim, pen, codes, cells, r = block_inputs(4, 5, (2,), np.float64)
     new, ent = _kernels.penalized_softmax(
-        cupy, cupy.asarray(sim[:0]), cupy.asarray(pen), cupy.asarray(codes[:0]), cupy.asarray(cells[:0]), cupy.asarray(r), 1.0
+        cupy,
+        cupy.asarray(sim[:0]),
+        cupy.asarray(pen),
+        cupy.asarray(codes[:0]),
+        cupy.asarray(cells[:0]),
+        cupy.asarray(r),
+        1.0,
     )
-    assert new.shape == (0, 5) and ent.shape == (0,)
+    assert new.shape == (0, 5)
+    assert ent.shape == (0,)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("flavor", ["harmony1", "harmony2"])
-@pytest.mark.parametrize(("levels", "clusters", "first"), [((1,), 1, 1), ((8,), 100, 8), ((3, 2), 200, 3)])
+@pytest.mark.parametrize(
+    ("levels", "clusters", "first"), [((1,), 1, 1), ((8,), 100, 8), ((3, 2), 200, 3)]
+)
 def test_gpu_penalty_matches_reference(flavor, levels, clusters, first):
     import cupy
 
@@ -105,3 +132,19 @@ def test_gpu_penalty_matches_reference(flavor, levels, clusters, first):
     )
     ref = _kernels.log_penalty_table(np, observed, share, theta, first, flavor)
     np.testing.assert_allclose(gpu.get(), ref, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "levels"), [(1, (1,)), (1000, (8,)), (77, (3, 4, 2))])
+def test_gpu_one_hot_matches_reference(n, levels):
+    import cupy
+
+    rng = np.random.default_rng(2)
+    offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
+    codes = np.stack(
+        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+    ).astype(np.int32)
+    gpu = _kernels.one_hot(cupy, cupy.asarray(codes), sum(levels))
+    ref = _kernels.one_hot(np, codes, sum(levels))
+    np.testing.assert_array_equal(gpu.get(), ref)
+    assert np.all(ref.sum(1) == len(levels))

@@ -16,14 +16,21 @@ from harmony_step._backend import GPUUnavailableError, gpu_available
 def small_adata(n: int = 60, d: int = 5, seed: int = 0) -> ad.AnnData:
     rng = np.random.default_rng(seed)
     obs = pd.DataFrame(
-        {"batch": pd.Categorical(rng.choice(["a", "b", "c"], n)), "donor": rng.choice(["x", "y"], n)},
+        {
+            "batch": pd.Categorical(rng.choice(["a", "b", "c"], n)),
+            "donor": rng.choice(["x", "y"], n),
+        },
         index=[f"c{i}" for i in range(n)],
     )
     return ad.AnnData(obs=obs, obsm={"X_pca": rng.normal(size=(n, d))})
 
 
 def snapshot(adata: ad.AnnData) -> tuple:
-    return (adata.obs.copy(), {k: v.copy() for k, v in adata.obsm.items()}, copy.deepcopy(dict(adata.uns)))
+    return (
+        adata.obs.copy(),
+        {k: v.copy() for k, v in adata.obsm.items()},
+        copy.deepcopy(dict(adata.uns)),
+    )
 
 
 def assert_unchanged(adata: ad.AnnData, before: tuple) -> None:
@@ -39,7 +46,11 @@ BAD_PARAMETERS = [
     ({"max_iter_harmony": 0}, ValueError, "'max_iter_harmony' parameter must be an int >= 1"),
     ({"max_iter_clustering": 0}, ValueError, "'max_iter_clustering'"),
     ({"max_iter_harmony": 2.5}, TypeError, "'max_iter_harmony'"),
-    ({"block_proportion": 0.0}, ValueError, r"'block_proportion' parameter must be a float in the range \(0, 1\]"),
+    (
+        {"block_proportion": 0.0},
+        ValueError,
+        r"'block_proportion' parameter must be a float in the range \(0, 1\]",
+    ),
     ({"block_proportion": 1.5}, ValueError, "'block_proportion'"),
     ({"sigma": 0}, ValueError, r"'sigma' parameter must be a float in the range \(0, inf\)"),
     ({"sigma": -1.0}, ValueError, "Got -1.0 instead"),
@@ -54,7 +65,11 @@ BAD_PARAMETERS = [
     ({"alpha": float("inf")}, ValueError, "'alpha'"),
     ({"batch_prune_threshold": 1.5}, ValueError, "'batch_prune_threshold'"),
     ({"ridge_lambda": 0.0, "flavor": "harmony1"}, ValueError, "'ridge_lambda'"),
-    ({"flavor": "harmony3"}, ValueError, "'flavor' parameter must be one of 'harmony1', 'harmony2'"),
+    (
+        {"flavor": "harmony3"},
+        ValueError,
+        "'flavor' parameter must be one of 'harmony1', 'harmony2'",
+    ),
     ({"correction_method": "magic"}, ValueError, "'correction_method'"),
     ({"colsum_algo": "magic"}, ValueError, "'colsum_algo'"),
     ({"dtype": np.int32}, ValueError, "'dtype' parameter must be numpy.float32 or numpy.float64"),
@@ -76,7 +91,9 @@ def test_bad_parameters_are_rejected(kwargs, error, message):
 def test_missing_basis_lists_obsm_keys():
     adata = small_adata()
     before = snapshot(adata)
-    with pytest.raises(KeyError, match=r"'X_umap' is not in adata.obsm. Available keys: \['X_pca'\]"):
+    with pytest.raises(
+        KeyError, match=r"'X_umap' is not in adata.obsm. Available keys: \['X_pca'\]"
+    ):
         harmony_integrate(adata, "batch", basis="X_umap")
     assert_unchanged(adata, before)
 
@@ -84,7 +101,10 @@ def test_missing_basis_lists_obsm_keys():
 def test_missing_key_lists_obs_columns():
     adata = small_adata()
     before = snapshot(adata)
-    with pytest.raises(KeyError, match=r"'sample' is not a column of adata.obs. Available columns: \['batch', 'donor'\]"):
+    with pytest.raises(
+        KeyError,
+        match=r"'sample' is not a column of adata.obs. Available columns: \['batch', 'donor'\]",
+    ):
         harmony_integrate(adata, ["batch", "sample"])
     assert_unchanged(adata, before)
 
@@ -109,7 +129,9 @@ def test_non_finite_basis(bad):
     adata = small_adata()
     adata.obsm["X_pca"][7, 2] = bad
     before = snapshot(adata)
-    with pytest.raises(ValueError, match=r"non-finite value\(s\) \(NaN or Inf\) in 1 cell\(s\), first at row 7"):
+    with pytest.raises(
+        ValueError, match=r"non-finite value\(s\) \(NaN or Inf\) in 1 cell\(s\), first at row 7"
+    ):
         harmony_integrate(adata, "batch")
     assert_unchanged(adata, before)
 
@@ -117,7 +139,7 @@ def test_non_finite_basis(bad):
 def test_float32_overflow_is_caught():
     adata = small_adata()
     adata.obsm["X_pca"][0, 0] = 1e300
-    with pytest.raises(ValueError, match="beyond the range of float32. Use dtype=numpy.float64"):
+    with pytest.raises(ValueError, match=r"beyond the range of float32\. Use dtype=numpy\.float64"):
         harmony_integrate(adata, "batch", dtype=np.float32)
 
 
@@ -152,13 +174,29 @@ def test_unknown_flavor_specific_parameter_warns():
     with pytest.warns(UserWarning, match="'ridge_lambda' is ignored by flavor='harmony2'"):
         harmony_integrate(adata, "batch", ridge_lambda=2.0, max_iter_harmony=1, device="cpu")
     with pytest.warns(UserWarning, match="ignored by flavor='harmony1'"):
-        harmony_integrate(adata, "batch", flavor="harmony1", alpha=0.5, max_iter_harmony=1, device="cpu")
+        harmony_integrate(
+            adata, "batch", flavor="harmony1", alpha=0.5, max_iter_harmony=1, device="cpu"
+        )
 
 
-@pytest.mark.skipif(gpu_available(), reason="checks the error raised where there is no GPU; a GPU is present")
+@pytest.mark.skipif(
+    gpu_available(), reason="checks the error raised where there is no GPU; a GPU is present"
+)
 def test_gpu_requested_without_gpu():
     adata = small_adata()
     before = snapshot(adata)
-    with pytest.raises(GPUUnavailableError, match="device='gpu' was requested but no GPU can be used"):
+    with pytest.raises(
+        GPUUnavailableError, match="device='gpu' was requested but no GPU can be used"
+    ):
         harmony_integrate(adata, "batch", device="gpu")
     assert_unchanged(adata, before)
+
+
+def test_prefaulted_host_buffer_has_the_requested_layout():
+    from harmony_step._backend import _touched_empty
+
+    for shape, dtype in [((1, 1), np.float32), ((1000, 7), np.float32), ((5000, 50), np.float64)]:
+        out = _touched_empty(shape, np.dtype(dtype))
+        assert out.shape == shape
+        assert out.dtype == dtype
+        assert out.flags.c_contiguous

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from harmony_step._core.sums import CHUNK_ROWS, level_sums
+from harmony_step._batches import BatchDesign
+from harmony_step._core.sums import chunk_rows, level_sums
 
 # A cluster whose total mass is below this fraction of N gets no correction (spec 8.2).
 ZERO_MASS_FRACTION = 1e-12
@@ -36,22 +37,22 @@ class LevelIndex:
     joint_membership: np.ndarray | None  # (J, B) 0/1 levels of each observed combination
 
     @classmethod
-    def build(cls, xp: Any, codes: np.ndarray, n_levels: tuple[int, ...]) -> LevelIndex:
+    def build(cls, xp: Any, codes: Any, design: BatchDesign) -> LevelIndex:
+        """Per-level cell lists from a stable sort of each key's codes on the device."""
+        counts = design.level_counts()
         cells = []
-        for c in range(codes.shape[1]):
-            order = np.argsort(codes[:, c], kind="stable")
-            bounds = np.searchsorted(codes[order, c], np.arange(sum(n_levels) + 1))
-            offset = sum(n_levels[:c])
-            for b in range(offset, offset + n_levels[c]):
-                cells.append(xp.asarray(order[bounds[b] : bounds[b + 1]]))
+        for c, offset in enumerate(design.offsets):
+            order = xp.argsort(codes[:, c], kind="stable") if xp is np else xp.argsort(codes[:, c])
+            bounds = np.concatenate([[0], np.cumsum(counts[offset : offset + design.n_levels[c]])])
+            cells.extend(order[bounds[j] : bounds[j + 1]] for j in range(design.n_levels[c]))
         joint_codes, membership = None, None
-        if codes.shape[1] > 1:
-            table, joint = np.unique(codes, axis=0, return_inverse=True)
-            membership = np.zeros((table.shape[0], sum(n_levels)))
-            for c in range(codes.shape[1]):
+        if design.n_keys > 1:
+            joint, table = design.joint_codes()
+            membership = np.zeros((table.shape[0], design.n_levels_total))
+            for c in range(design.n_keys):
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
             joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
-        return cls(tuple(cells), n_levels[0], joint_codes, membership)
+        return cls(tuple(cells), design.n_levels[0], joint_codes, membership)
 
 
 def resolve_method(
@@ -97,9 +98,10 @@ def level_moments(xp: Any, x: Any, assignments: Any, index: LevelIndex) -> Any:
     """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64, chunked per level."""
     n_clusters, n_pcs = assignments.shape[1], x.shape[1]
     moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
+    step = chunk_rows(x.shape[0])
     for b, cells in enumerate(index.cells):
-        for start in range(0, cells.shape[0], CHUNK_ROWS):
-            chunk = cells[start : start + CHUNK_ROWS]
+        for start in range(0, cells.shape[0], step):
+            chunk = cells[start : start + step]
             moments[b] += assignments[chunk].astype(xp.float64).T @ x[chunk].astype(xp.float64)
     return moments
 
@@ -228,8 +230,9 @@ def apply_correction(
 ) -> None:
     """out = x - sum_k R_ik sum_c W_k[b_c(i)], level by level (each cell once per key)."""
     out[...] = x
+    step = chunk_rows(x.shape[0])
     for b, cells in enumerate(index.cells):
         w_b = xp.asarray(weights[:, b, :], dtype=x.dtype)  # (K, d)
-        for start in range(0, cells.shape[0], CHUNK_ROWS):
-            chunk = cells[start : start + CHUNK_ROWS]
+        for start in range(0, cells.shape[0], step):
+            chunk = cells[start : start + step]
             out[chunk] -= assignments[chunk] @ w_b

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 
 from harmony_step._core.permutation import pcg_keys
-from harmony_step._core.sums import CHUNK_ROWS, cross_sums, one_hot, row_normalize
+from harmony_step._core.sums import chunk_rows, cross_sums, one_hot, row_normalize
 
 SAMPLES_PER_CLUSTER = 5000
 LLOYD_ITERATIONS = 25
 # Rows per distance chunk in k-means: bounds scratch to KMEANS_CHUNK * K * 8 bytes.
-KMEANS_CHUNK = 1 << 18
+KMEANS_CHUNK = 1 << 17
 
 
 def sample_size(n_cells: int, n_clusters: int, n_strata: int) -> int:
@@ -55,25 +55,31 @@ def stratified_sample(xp: Any, strata: np.ndarray, size: int, seed: int) -> Any:
 def kmeans_plus_plus(xp: Any, points: Any, k: int, rng: np.random.Generator) -> Any:
     """k-means++ seeding on ``points`` (n, d) float64; returns (k, d) centres.
 
-    Squared distances to the newest centre are computed directly (no cancellation). When every
-    remaining distance is zero the lowest-index unchosen point is taken without drawing.
+    The uniforms are drawn up front so the loop never waits for the device. Squared distances to
+    the newest centre are computed directly (no cancellation). When every remaining distance is
+    zero the lowest-index unchosen point is taken.
     """
     n = points.shape[0]
-    chosen = [int(rng.integers(n))]
-    nearest = ((points - points[chosen[0]]) ** 2).sum(axis=1)
-    for _ in range(1, k):
+    first = int(rng.integers(n))
+    draws = xp.asarray(rng.random(max(k - 1, 0)))
+    chosen = xp.zeros(k, dtype=xp.int64)
+    chosen[0] = first
+    taken = xp.zeros(n, dtype=bool)
+    taken[first] = True
+    nearest = ((points - points[first]) ** 2).sum(axis=1)
+    for j in range(1, k):
         cumulative = xp.cumsum(nearest)
-        total = float(cumulative[-1])
-        if total > 0:
-            target = rng.random() * total
-            found = xp.searchsorted(cumulative, xp.asarray([target]), side="right")
-            index = min(int(found[0]), n - 1)
-        else:
-            taken = set(chosen)
-            index = next(i for i in range(n) if i not in taken)
-        chosen.append(index)
+        total = cumulative[-1:]
+        found = xp.minimum(
+            xp.searchsorted(cumulative, draws[j - 1 : j] * total, side="right"), n - 1
+        )
+        index = xp.where(
+            total > 0, found, xp.argmin(taken)
+        )  # argmin of a bool mask: first unchosen
+        chosen[j : j + 1] = index
+        taken[index] = True
         nearest = xp.minimum(nearest, ((points - points[index]) ** 2).sum(axis=1))
-    return points[xp.asarray(chosen)].copy()
+    return points[chosen].copy()
 
 
 def _assign(xp: Any, points: Any, centres: Any) -> tuple[Any, Any]:
@@ -115,8 +121,9 @@ def lloyd(xp: Any, points: Any, centres: Any) -> Any:
 def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any) -> None:
     """R_ik proportional to exp(-(2/sigma)(1 - z_i.y_k)), written into ``out`` chunk by chunk."""
     scale = 2.0 / sigma
-    for start in range(0, z_hat.shape[0], CHUNK_ROWS):
-        stop = start + CHUNK_ROWS
+    step = chunk_rows(z_hat.shape[0])
+    for start in range(0, z_hat.shape[0], step):
+        stop = start + step
         logits = z_hat[start:stop] @ centroids.T
         out[start:stop] = softmax_rows(xp, logits, scale)
 

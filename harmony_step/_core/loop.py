@@ -25,8 +25,8 @@ from harmony_step._core.correction import (
 from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
-from harmony_step._core.setup import Problem, make_problem
-from harmony_step._core.sums import CHUNK_ROWS, cross_sums, level_sums, row_normalize
+from harmony_step._core.setup import Problem, load_embedding, make_problem
+from harmony_step._core.sums import chunk_rows, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
 
 progress_log = logging.getLogger("harmony_step.progress")
@@ -64,10 +64,12 @@ def run_harmony(
     problem = make_problem(*embedding.shape, design, params, _seed(params.random_state))
     method = resolve_method(
         params.correction_method, design.n_keys, problem.n_clusters, design.n_levels_total,
-        embedding.dtype.itemsize,
+        params.numpy_dtype.itemsize,
     )  # fmt: skip
-    x = backend.asarray(embedding)
-    index = LevelIndex.build(xp, design.codes, design.n_levels)
+    host_output = backend.prepare_host_output(embedding.shape, params.numpy_dtype)
+    x = load_embedding(xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]")
+    codes = backend.asarray(design.codes)
+    index = LevelIndex.build(xp, codes, design)
     consts = ClusteringConstants(
         theta=xp.asarray(problem.theta), level_share=xp.asarray(problem.level_share),
         first_key_levels=problem.first_key_levels, n_levels=design.n_levels_total,
@@ -77,7 +79,7 @@ def run_harmony(
     backend.synchronize()
     mark = clock.add("setup", 0.0)
 
-    state, init_parts = _initialise(xp, x, design, problem, consts, backend)
+    state, init_parts = _initialise(xp, x, codes, design, problem, consts, backend)
     backend.synchronize()
     mark = clock.add("init", mark)
     iterations = [IterationRecord(0, 0, init_parts, clock.elapsed())]
@@ -103,7 +105,7 @@ def run_harmony(
         if i + 1 < params.max_iter_harmony:
             row_normalize(xp, state.z_hat, out=state.z_hat)
             state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
-    corrected = backend.to_host(state.z_hat)
+    corrected = backend.to_host(state.z_hat, out=host_output)
     _report_outcome(params, converged, len(rounds) - 1)
     clock.phases["total"] = clock.elapsed()
     return HarmonyResult(
@@ -116,6 +118,7 @@ def run_harmony(
 def _initialise(
     xp: Any,
     x: Any,
+    codes: Any,
     design: BatchDesign,
     problem: Problem,
     consts: ClusteringConstants,
@@ -127,15 +130,15 @@ def _initialise(
     centroids = initial_centroids(xp, z_hat, strata, problem.n_clusters, problem.random_state)
     assignments = xp.empty((problem.n_cells, problem.n_clusters), dtype=x.dtype)
     soft_assignments(xp, z_hat, centroids, consts.sigma, out=assignments)
-    codes = xp.asarray(design.codes)
     state = ClusteringState(
         z_hat=z_hat, assignments=assignments, codes=codes,
         observed=level_sums(xp, codes, assignments, consts.n_levels),
         centroid_sums=cross_sums(xp, assignments, z_hat),
     )  # fmt: skip
+    step = chunk_rows(problem.n_cells)
     entropy = sum(
-        entropy_sum(xp, assignments[s : s + CHUNK_ROWS].astype(xp.float64))
-        for s in range(0, problem.n_cells, CHUNK_ROWS)
+        entropy_sum(xp, assignments[s : s + step].astype(xp.float64))
+        for s in range(0, problem.n_cells, step)
     )
     parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
     return state, to_parts(backend.to_host(parts))
@@ -153,7 +156,9 @@ def _correct(
 ) -> None:
     """Fit the per-cluster ridge regressions on the raw input and write the corrected X into z_hat."""
     # O is recomputed exactly so that no strategy sees counts drifted by the +- block updates.
-    state.observed = level_sums(xp, state.codes, state.assignments, consts_levels(problem))
+    state.observed = level_sums(
+        xp, state.codes, state.assignments, int(problem.level_counts.shape[0])
+    )
     observed = backend.to_host(state.observed)
     sizes = observed[: problem.first_key_levels].sum(axis=0)
     expected = problem.level_share[:, None] * sizes[None, :]
@@ -168,10 +173,6 @@ def _correct(
     )  # fmt: skip
     weights = coefficients(method, stats, problem.n_cells)
     apply_correction(xp, x, state.assignments, weights, index, out=state.z_hat)
-
-
-def consts_levels(problem: Problem) -> int:
-    return int(problem.level_counts.shape[0])
 
 
 def _report_round(params: HarmonyParams, record: RoundRecord) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -82,3 +83,37 @@ def make_problem(
         first_key_levels=design.n_levels[0],
         random_state=seed,
     )
+
+
+# Rows moved to the device per step when loading the embedding: bounds the staging copy.
+LOAD_ROWS = 1 << 18
+
+
+def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any:
+    """The embedding on the device in the working dtype; rejects NaN/Inf and values the dtype cannot hold.
+
+    Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
+    full-size staging array is needed, and the input is still checked before any work.
+    """
+    x = xp.empty(host.shape, dtype=dtype)
+    finite_input = xp.ones((), dtype=bool)
+    finite_cast = xp.ones((), dtype=bool)
+    for start in range(0, host.shape[0], LOAD_ROWS):
+        part = xp.asarray(host[start : start + LOAD_ROWS])
+        with np.errstate(over="ignore"):
+            x[start : start + LOAD_ROWS] = part
+        if part.dtype.kind == "f":
+            finite_input &= xp.isfinite(part).all()
+            finite_cast &= xp.isfinite(x[start : start + LOAD_ROWS]).all()
+    if not bool(finite_input):
+        bad = ~np.isfinite(host)
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} cell(s), "
+            f"first at row {int(rows[0])}. Remove or impute them before running Harmony."
+        )
+    if not bool(finite_cast):
+        raise ValueError(
+            f"{name} has values beyond the range of {dtype.name}. Use dtype=numpy.float64 or rescale."
+        )
+    return x

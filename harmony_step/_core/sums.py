@@ -8,27 +8,34 @@ from __future__ import annotations
 
 from typing import Any
 
-# Rows per chunk of the chunked sums: bounds the float64 scratch to ~CHUNK_ROWS * (K + d) * 8 bytes.
-CHUNK_ROWS = 1 << 17
+from harmony_step import _kernels
+
+# Rows per chunk of the chunked sums: an eighth of the cells, within these bounds. The float64
+# scratch (~rows * (K + d) * 8 bytes) stays a small share of R (N x K) while big inputs need few
+# launches. It depends only on N, so the summation order, and the result, are fixed for an input.
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 1 << 16, 1 << 19
+
+
+def chunk_rows(n_cells: int) -> int:
+    return min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, n_cells // 8))
+
+
 # Guard for row normalisation: a zero row stays zero instead of becoming NaN.
 NORM_FLOOR = 1e-12
 
 
 def one_hot(xp: Any, codes: Any, n_levels: int, dtype: Any) -> Any:
     """Stacked one-hot of ``codes`` (n, C): each row has C ones, one per key, shape (n, n_levels)."""
-    n = codes.shape[0]
-    out = xp.zeros((n, n_levels), dtype=dtype)
-    rows = xp.arange(n)
-    for c in range(codes.shape[1]):
-        out[rows, codes[:, c]] = 1
-    return out
+    out = _kernels.one_hot(xp, codes, n_levels)
+    return out if dtype == out.dtype else out.astype(dtype)
 
 
 def level_sums(xp: Any, codes: Any, values: Any, n_levels: int) -> Any:
     """sum_i Phi_ib * values_i for every level b, (n_levels, m) float64; values (n, m)."""
     out = xp.zeros((n_levels, values.shape[1]), dtype=xp.float64)
-    for start in range(0, values.shape[0], CHUNK_ROWS):
-        stop = start + CHUNK_ROWS
+    step = chunk_rows(values.shape[0])
+    for start in range(0, values.shape[0], step):
+        stop = start + step
         phi = one_hot(xp, codes[start:stop], n_levels, xp.float64)
         out += phi.T @ values[start:stop].astype(xp.float64, copy=False)
     return out
@@ -37,8 +44,9 @@ def level_sums(xp: Any, codes: Any, values: Any, n_levels: int) -> Any:
 def cross_sums(xp: Any, left: Any, right: Any) -> Any:
     """left^T @ right over all rows in float64, chunked: (m1, m2)."""
     out = xp.zeros((left.shape[1], right.shape[1]), dtype=xp.float64)
-    for start in range(0, left.shape[0], CHUNK_ROWS):
-        stop = start + CHUNK_ROWS
+    step = chunk_rows(left.shape[0])
+    for start in range(0, left.shape[0], step):
+        stop = start + step
         out += left[start:stop].astype(xp.float64, copy=False).T @ right[start:stop].astype(
             xp.float64, copy=False
         )

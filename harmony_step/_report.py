@@ -1,0 +1,220 @@
+"""Run reports: the convergence table (TSV), the run summary (JSON) and the convergence plot (PNG).
+
+Everything here reads the ``uns['harmony']`` block written by :func:`harmony_step.harmony_integrate`
+(layout in :mod:`harmony_step._provenance`) and returns text or draws into a file; the command line
+decides where the files go and writes them atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONVERGENCE_COLUMNS = (
+    "round",
+    "iteration",
+    "objective",
+    "kmeans",
+    "entropy",
+    "diversity",
+    "seconds",
+)
+"""Columns of the convergence table, one row per clustering iteration (round 0 = initialisation)."""
+
+OBJECTIVE_PARTS = ("kmeans", "entropy", "diversity")
+
+
+# --- convergence table ---------------------------------------------------------------------------
+
+
+def convergence_tsv(harmony_uns: Mapping[str, Any]) -> str:
+    """The per-iteration convergence history as tab-separated text with a header line.
+
+    Floats are written with ``repr`` (the shortest text that reads back to the same double).
+    """
+    table = harmony_uns["iterations"]
+    columns = [np.asarray(table[name]) for name in CONVERGENCE_COLUMNS]
+    lines = ["\t".join(CONVERGENCE_COLUMNS)]
+    for row in zip(*columns, strict=True):
+        lines.append("\t".join(_cell(value) for value in row))
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, np.integer | int):
+        return str(int(value))
+    return repr(float(value))
+
+
+# --- summary -------------------------------------------------------------------------------------
+
+
+def container_kind() -> str:
+    """``"apptainer"``, ``"docker"`` (any OCI runtime: Docker, podman) or ``"none"``."""
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+        return "apptainer"
+    if Path("/.singularity.d").is_dir():
+        return "apptainer"
+    if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
+        return "docker"
+    return "none"
+
+
+def environment() -> dict[str, str]:
+    """Where the run happened: container kind, image name (``HARMONY_STEP_IMAGE``) and host name."""
+    return {
+        "container": container_kind(),
+        "image": os.environ.get("HARMONY_STEP_IMAGE") or "none",
+        "hostname": socket.gethostname(),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the Python libraries that shape the result, read from installed metadata."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("numpy", "scipy", "pandas", "anndata", "h5py", "scikit-learn"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "none"
+    return versions
+
+
+def build_summary(
+    harmony_uns: Mapping[str, Any],
+    *,
+    parameters: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    input_sha256: str,
+    seconds: Mapping[str, float],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run summary: convergence, parameters, device, versions, timings, metrics, environment.
+
+    Parameters
+    ----------
+    harmony_uns
+        ``adata.uns['harmony']`` of the run.
+    parameters
+        The parameters used, after defaults, ``--params`` and flags were merged.
+    metrics
+        Integration metrics ``{"before": ..., "after": ..., "settings": ...}``.
+    input_sha256
+        Hex SHA-256 of the input file.
+    seconds
+        Wall time per phase of the command (read, compute, write, total, ...).
+    extra
+        Further top-level fields (paths, keys, the command line).
+    """
+    resolved = harmony_uns["resolved"]
+    rounds = harmony_uns["rounds"]
+    objective = np.asarray(harmony_uns["iterations"]["objective"])
+    versions = {**library_versions(), **_plain(harmony_uns["versions"], from_uns=True)}
+    summary = {
+        "converged": bool(harmony_uns["converged"]),
+        "n_rounds": int(harmony_uns["n_rounds"]),
+        # per outer round, without the initialisation record (round 0)
+        "inner_iterations": [
+            int(n)
+            for r, n in zip(rounds["round"], rounds["inner_iterations"], strict=True)
+            if int(r) > 0
+        ],
+        "final_objective": float(objective[-1]) if objective.size else None,
+        "parameters": _plain(parameters),
+        "resolved": _plain(resolved, from_uns=True),
+        "device": {"kind": str(resolved["device"]), "name": str(resolved["device_name"])},
+        "versions": versions,
+        "input_sha256": input_sha256,
+        "seconds": {name: round(float(value), 6) for name, value in seconds.items()},
+        "harmony_seconds": _plain(harmony_uns["timings"], from_uns=True),
+        "peak_gpu_memory_bytes": int(harmony_uns["peak_gpu_memory_bytes"]),
+        "metrics": _plain(metrics, from_uns=True),
+        "environment": environment(),
+    }
+    summary.update(_plain(extra or {}))
+    return summary
+
+
+def _plain(value: Any, *, from_uns: bool = False) -> Any:
+    """JSON-ready copy: NumPy scalars and arrays become Python values, NaN becomes null.
+
+    With ``from_uns``, the string ``"none"`` (how ``uns`` stores None) also becomes null.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, from_uns=from_uns) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [_plain(v, from_uns=from_uns) for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_plain(v, from_uns=from_uns) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if from_uns and isinstance(value, str) and value == "none":
+        return None
+    return value
+
+
+def summary_json(summary: Mapping[str, Any]) -> str:
+    """Indented JSON text; refuses NaN so the file stays standard JSON."""
+    return json.dumps(_plain(summary), indent=2, allow_nan=False) + "\n"
+
+
+# --- plot ----------------------------------------------------------------------------------------
+
+
+def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[str]) -> None:
+    """Draw the objective per clustering iteration and its three parts into a PNG file.
+
+    The top panel shows the objective with dotted lines where a new outer round starts; the bottom
+    panel its k-means, entropy and diversity parts. Uses the Agg canvas directly, so no display or
+    global pyplot state is involved.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    table = harmony_uns["iterations"]
+    step = np.arange(len(np.asarray(table["objective"])))
+    rounds = np.asarray(table["round"])
+    figure = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    top.plot(step, table["objective"], marker=".", color="black")
+    top.set_ylabel("objective")
+    top.set_title(_title(harmony_uns))
+    for part in OBJECTIVE_PARTS:
+        bottom.plot(step, table[part], marker=".", label=part)
+    bottom.set_ylabel("objective part")
+    bottom.set_xlabel("clustering iteration (all rounds)")
+    bottom.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
+    starts = step[1:][np.diff(rounds) != 0]
+    for axes in (top, bottom):
+        for start in starts:
+            axes.axvline(start - 0.5, color="grey", linestyle=":", linewidth=0.8)
+    for start, number in zip(starts, rounds[1:][np.diff(rounds) != 0], strict=True):
+        top.annotate(
+            f"r{int(number)}",
+            (start - 0.5, 0.98),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, 0),
+            textcoords="offset points",
+            fontsize="x-small",
+            color="grey",
+            va="top",
+        )
+    figure.savefig(target, format="png")
+
+
+def _title(harmony_uns: Mapping[str, Any]) -> str:
+    converged = "converged" if bool(harmony_uns["converged"]) else "not converged"
+    return f"Harmony: {int(harmony_uns['n_rounds'])} rounds, {converged}"

@@ -1,0 +1,486 @@
+"""The Snakemake workflow, run for real on the CI configuration in .test/ (pbmc_3500 on the CPU).
+
+Each run happens in a temporary working directory holding a copy of .test/config/config.yaml with
+absolute input paths, so the repository is never written to. ``snakemake`` and ``harmony-step``
+are taken from the environment running the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from harmony_step._params import PARAMETERS, HarmonyParams
+from tests.reference import RESULT_FILES, SUMMARY_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+SCHEMA_FILE = REPO / "workflow" / "schemas" / "config.schema.yaml"
+EXAMPLE_CONFIG = REPO / "config" / "config.yaml"
+TEST_CONFIG = REPO / ".test" / "config" / "config.yaml"
+BIN = Path(sys.executable).parent
+
+DATASETS = ("pbmc", "pbmc_theta1")
+# Parameters that are not in the `harmony` section, and where the schema keeps them instead.
+DATASET_LEVEL = ("basis", "adjusted_basis")
+TOP_LEVEL = ("device",)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_FILE.read_text())
+
+
+def write_workdir(workdir: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """A working directory with the .test config, inputs made absolute, optionally edited."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    for dataset in config["datasets"].values():
+        dataset["input"] = str((TEST_CONFIG.parents[1] / dataset["input"]).resolve())
+    if edit is not None:
+        edit(config)
+    (workdir / "config").mkdir(parents=True, exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return workdir
+
+
+def edit_config(workdir: Path, edit: Callable[[dict], None]) -> None:
+    path = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    edit(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def snakemake(workdir: Path, *args: str, succeed: bool = True) -> str:
+    """Run snakemake on the workflow in ``workdir``; return stdout and stderr together."""
+    pytest.importorskip(
+        "snakemake", reason="needs the 'workflow' extra: pip install -e '.[test,workflow]'"
+    )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
+    command += ["--directory", str(workdir), "--cores", "2", *args]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=900, check=False
+    )
+    output = done.stdout + done.stderr
+    if succeed:
+        assert done.returncode == 0, f"snakemake {' '.join(args)} failed:\n{output}"
+    else:
+        assert done.returncode != 0, f"snakemake {' '.join(args)} should have failed:\n{output}"
+    return output
+
+
+def result(workdir: Path, dataset: str, filename: str) -> Path:
+    return workdir / "results" / dataset / filename
+
+
+def modification_times(workdir: Path, dataset: str) -> dict[str, int]:
+    return {name: result(workdir, dataset, name).stat().st_mtime_ns for name in RESULT_FILES}
+
+
+def planned_harmony_jobs(dry_run_output: str) -> list[str]:
+    """Datasets of the ``harmony`` jobs a dry run would execute, in the order listed."""
+    jobs = re.findall(
+        r"^rule harmony:\n(?:    .*\n)*?    wildcards: dataset=(\S+)", dry_run_output, re.M
+    )
+    return sorted(jobs)
+
+
+def expected_settings(dataset: str) -> dict[str, Any]:
+    """The Harmony settings a dataset of the .test config must run with."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
+    settings = {spec.name: spec.default for spec in PARAMETERS}
+    settings["device"] = config["device"]
+    settings.update(config["harmony"])
+    settings.update(config["datasets"][dataset].get("params", {}))
+    return settings
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory in which the .test workflow has run to completion."""
+    workdir = write_workdir(tmp_path_factory.mktemp("workflow"))
+    snakemake(workdir)
+    return workdir
+
+
+# --- a complete run -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_integrated_h5ad_holds_the_corrected_embedding(finished: Path, dataset: str) -> None:
+    import anndata
+
+    source = anndata.read_h5ad(
+        yaml.safe_load((finished / "config" / "config.yaml").read_text())["datasets"][dataset][
+            "input"
+        ]
+    )
+    integrated = anndata.read_h5ad(result(finished, dataset, "integrated.h5ad"))
+    corrected = np.asarray(integrated.obsm["X_pca_harmony"])
+    assert corrected.shape == source.obsm["X_pca"].shape
+    assert np.all(np.isfinite(corrected))
+    assert list(integrated.obs_names) == list(source.obs_names)
+    assert list(integrated.obs["donor"]) == list(source.obs["donor"])
+    # A corrected embedding that equals its input would mean Harmony never ran.
+    assert not np.allclose(corrected, source.obsm["X_pca"], atol=1e-3)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_convergence_table_has_one_row_per_iteration(finished: Path, dataset: str) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(result(finished, dataset, "convergence.tsv"), sep="\t")
+    assert {"round", "iteration", "objective"} <= set(table.columns), list(table.columns)
+    assert len(table) >= 2
+    assert np.all(np.isfinite(table["objective"]))
+    assert table["round"].max() <= expected_settings(dataset)["max_iter_harmony"]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_summary_records_the_run(finished: Path, dataset: str) -> None:
+    summary = json.loads(result(finished, dataset, "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS, sorted(SUMMARY_KEYS - set(summary))
+    settings = expected_settings(dataset)
+    assert summary["parameters"]["theta"] == pytest.approx(settings["theta"])
+    assert summary["parameters"]["n_clusters"] == settings["n_clusters"]
+    assert summary["device"]["kind"] == "cpu"
+    assert isinstance(summary["converged"], bool)
+    assert 1 <= summary["n_rounds"] <= settings["max_iter_harmony"]
+    source = yaml.safe_load((finished / "config" / "config.yaml").read_text())["datasets"][dataset]
+    assert summary["input_sha256"] == hashlib.sha256(Path(source["input"]).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_plot_params_log_and_benchmark_are_written(finished: Path, dataset: str) -> None:
+    with result(finished, dataset, "convergence.png").open("rb") as plot:
+        assert plot.read(8) == PNG_SIGNATURE
+    settings = yaml.safe_load(result(finished, dataset, "params.yaml").read_text())
+    assert settings == expected_settings(dataset)
+    assert (finished / "results" / "logs" / "harmony" / f"{dataset}.log").is_file()
+    benchmark = (finished / "results" / "benchmarks" / "harmony" / f"{dataset}.tsv").read_text()
+    assert benchmark.split("\t", 1)[0] == "s"
+
+
+# --- reruns ---------------------------------------------------------------------------------------
+
+
+def test_unchanged_rerun_runs_nothing(finished: Path) -> None:
+    before = {dataset: modification_times(finished, dataset) for dataset in DATASETS}
+    output = snakemake(finished)
+    assert "Nothing to be done" in output, output
+    assert {dataset: modification_times(finished, dataset) for dataset in DATASETS} == before
+
+
+def copy_of(finished: Path, target: Path) -> Path:
+    """A copy of a finished working directory, with Snakemake's records and file times."""
+    shutil.copytree(finished, target, symlinks=True)
+    return target
+
+
+def test_changed_dataset_parameter_reruns_only_that_dataset(finished: Path, tmp_path: Path) -> None:
+    workdir = copy_of(finished, tmp_path / "copy")
+    before = {dataset: modification_times(workdir, dataset) for dataset in DATASETS}
+
+    def lower_theta(config: dict) -> None:
+        config["datasets"]["pbmc_theta1"]["params"]["theta"] = 0.5
+
+    edit_config(workdir, lower_theta)
+    plan = snakemake(workdir, "--dry-run")
+    assert planned_harmony_jobs(plan) == ["pbmc_theta1"], plan
+    assert "Params have changed since last execution" in plan
+
+    snakemake(workdir)
+    assert modification_times(workdir, "pbmc") == before["pbmc"]
+    after = modification_times(workdir, "pbmc_theta1")
+    assert all(after[name] > before["pbmc_theta1"][name] for name in RESULT_FILES)
+    summary = json.loads(result(workdir, "pbmc_theta1", "summary.json").read_text())
+    assert summary["parameters"]["theta"] == pytest.approx(0.5)
+
+
+def test_changed_shared_parameter_reruns_every_dataset(finished: Path, tmp_path: Path) -> None:
+    workdir = copy_of(finished, tmp_path / "copy")
+
+    def raise_sigma(config: dict) -> None:
+        config["harmony"]["sigma"] = 0.2
+
+    edit_config(workdir, raise_sigma)
+    assert planned_harmony_jobs(snakemake(workdir, "--dry-run")) == sorted(DATASETS)
+
+
+# --- report, lint, format -------------------------------------------------------------------------
+
+
+def test_report_embeds_the_convergence_plots(finished: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report.html"
+    snakemake(finished, "--report", str(report))
+    html = report.read_text()
+    # Each plot is embedded as a base64 PNG data URI (iVBORw0KGgo encodes the PNG signature).
+    assert len(re.findall(r"data:image/png;[^\"]*base64,iVBORw0KGgo", html)) == len(DATASETS)
+    for dataset in DATASETS:
+        assert f"results/{dataset}/convergence.png" in html
+        assert f"results/{dataset}/convergence.tsv" in html
+
+
+@pytest.mark.parametrize("config_file", [TEST_CONFIG, EXAMPLE_CONFIG], ids=["test", "example"])
+def test_workflow_passes_snakemake_lint(tmp_path: Path, config_file: Path) -> None:
+    (tmp_path / "config").mkdir()
+    shutil.copy(config_file, tmp_path / "config" / "config.yaml")
+    output = snakemake(tmp_path, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in output
+
+
+def test_workflow_is_snakefmt_formatted() -> None:
+    snakefmt = shutil.which("snakefmt", path=str(BIN)) or shutil.which("snakefmt")
+    if snakefmt is None:
+        pytest.skip("snakefmt is not installed (it comes with the 'workflow' extra)")
+    done = subprocess.run(
+        [snakefmt, "--check", str(REPO / "workflow")], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_harmony_rule_runs_in_the_versioned_image() -> None:
+    pytest.importorskip("snakemake")
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        OutputSettings,
+        ResourceSettings,
+        StorageSettings,
+    )
+
+    image = (REPO / "container" / "IMAGE").read_text().strip()
+    with SnakemakeApi(OutputSettings(quiet=True)) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(),
+            storage_settings=StorageSettings(),
+            workdir=REPO / ".test",
+            snakefile=SNAKEFILE,
+        )
+        rule = workflow._workflow.get_rule("harmony")
+        assert rule.container_img == f"docker://{image}"
+        assert rule.conda_env == "../envs/harmony-step.yaml"
+
+
+# --- resources ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu", "expected"),
+    [("cpu", None, 0), ("auto", None, 1), ("gpu", None, 1), ("auto", 2, 2)],
+)
+def test_gpu_request_follows_device_and_config(
+    tmp_path: Path, device: str, gpu: int | None, expected: int
+) -> None:
+    def set_device(config: dict) -> None:
+        config["device"] = device
+        config["resources"]["gpu"] = gpu
+
+    plan = snakemake(write_workdir(tmp_path, set_device), "--dry-run")
+    requests = re.findall(r"^    resources: .*\bgpu=(\d+)", plan, re.M)
+    assert requests == [str(expected)] * len(DATASETS), plan
+
+
+def test_plot_switched_off_is_neither_drawn_nor_expected(tmp_path: Path) -> None:
+    def no_plot(config: dict) -> None:
+        config["plot"] = False
+
+    plan = snakemake(write_workdir(tmp_path, no_plot), "--dry-run", "--printshellcmds")
+    assert planned_harmony_jobs(plan) == sorted(DATASETS)
+    assert "convergence.png" not in plan
+    assert "--plot" not in plan
+    assert "--summary results/pbmc/summary.json" in plan
+
+
+# --- the config schema ----------------------------------------------------------------------------
+
+
+def test_schema_defaults_equal_the_parameter_defaults() -> None:
+    schema = load_schema()
+    harmony = schema["properties"]["harmony"]["properties"]
+    dataset = schema["$defs"]["dataset"]["properties"]
+    for spec in PARAMETERS:
+        if spec.name in DATASET_LEVEL:
+            default = dataset[spec.name]["default"]
+        elif spec.name in TOP_LEVEL:
+            default = schema["properties"][spec.name]["default"]
+        else:
+            default = harmony[spec.name]["default"]
+        assert default == spec.default, spec.name
+        assert type(default) is type(spec.default), spec.name
+    shared = {spec.name for spec in PARAMETERS} - set(DATASET_LEVEL) - set(TOP_LEVEL)
+    assert set(harmony) == shared
+    assert set(dataset["params"]["properties"]) == shared | set(TOP_LEVEL)
+
+
+def walk_properties(schema: dict, node: dict, path: str = ""):
+    """Yield (path, property schema, required) for every key the schema defines."""
+    if "$ref" in node:
+        node = {**schema["$defs"][node["$ref"].rsplit("/", 1)[-1]], **node}
+    required = set(node.get("required", ()))
+    for name, child in node.get("properties", {}).items():
+        yield f"{path}{name}", child, name in required
+        yield from walk_properties(schema, child, f"{path}{name}.")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk_properties(schema, node["additionalProperties"], f"{path}<name>.")
+
+
+def test_schema_describes_every_key_and_gives_optional_ones_a_default() -> None:
+    schema = load_schema()
+    keys = list(walk_properties(schema, schema))
+    assert len(keys) > 40
+    for path, node, required in keys:
+        assert node.get("description"), f"{path} has no description"
+        # Required keys have no meaningful default; per-dataset overrides inherit the shared value.
+        if not required and ".params." not in path:
+            assert "default" in node, f"{path} has no default"
+    assert schema["additionalProperties"] is False
+
+
+def test_example_config_shows_every_key_with_its_default() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = load_schema()
+    example = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    jsonschema.Draft202012Validator(schema).validate(example)
+    assert set(example) == set(schema["properties"])
+    assert set(example["resources"]) == set(schema["properties"]["resources"]["properties"])
+    defaults = {spec.name: spec.default for spec in PARAMETERS}
+    assert example["harmony"] == {name: defaults[name] for name in example["harmony"]}
+    assert set(example["harmony"]) == set(schema["properties"]["harmony"]["properties"])
+    assert example["device"] == defaults["device"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("sigma", 0.0),
+        ("sigma", 0.5),
+        ("tau", -1.0),
+        ("tol_harmony", 0.0),
+        ("block_proportion", 0.0),
+        ("block_proportion", 1.0),
+        ("batch_prune_threshold", 1.5),
+        ("batch_prune_threshold", None),
+        ("n_clusters", 0),
+        ("n_clusters", 2.5),
+        ("n_clusters", None),
+        ("max_iter_harmony", True),
+        ("theta", [1.0, 2.0]),
+        ("theta", []),
+        ("theta", -1.0),
+        ("random_state", -1),
+        ("random_state", None),
+        ("dtype", "float16"),
+        ("flavor", "harmony1"),
+        ("flavor", "harmony3"),
+        ("correction_method", "fast"),
+        ("correction_method", "slow"),
+        ("verbose", "yes"),
+    ],
+)
+def test_schema_accepts_what_the_parameters_accept(name: str, value: Any) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = load_schema()
+    harmony = {"$defs": schema["$defs"], **schema["properties"]["harmony"]}
+    schema_accepts = jsonschema.Draft202012Validator(harmony).is_valid({name: value})
+    try:
+        HarmonyParams.create(**{name: value})
+    except (TypeError, ValueError):
+        parameters_accept = False
+    else:
+        parameters_accept = True
+    assert schema_accepts == parameters_accept
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c.update(colour="red"),
+            r"at the top level: Additional properties are not allowed \('colour'",
+        ),
+        (
+            lambda c: c["harmony"].update(thetta=1.0),
+            r"at harmony: Additional properties are not allowed \('thetta'",
+        ),
+        (
+            lambda c: c["datasets"]["pbmc"].update(batch="donor"),
+            r"at datasets\.pbmc: Additional properties are not allowed \('batch'",
+        ),
+        (
+            lambda c: c["harmony"].update(max_iter_harmony="ten"),
+            r"at harmony\.max_iter_harmony: 'ten' is not of type 'integer'",
+        ),
+        (
+            lambda c: c["datasets"]["pbmc_theta1"]["params"].update(theta="high"),
+            r"at datasets\.pbmc_theta1\.params\.theta: 'high' .*Allowed: a number >= 0",
+        ),
+        (lambda c: c.update(device="tpu"), r"at device: 'tpu' is not one of"),
+        (
+            lambda c: c["datasets"]["pbmc"].pop("key"),
+            r"at datasets\.pbmc: 'key' is a required property",
+        ),
+    ],
+    ids=[
+        "unknown-top-key",
+        "unknown-harmony-key",
+        "unknown-dataset-key",
+        "wrong-type",
+        "wrong-theta",
+        "bad-device",
+        "missing-key",
+    ],
+)
+def test_schema_rejects_bad_config_with_a_clear_message(
+    tmp_path: Path, edit: Callable[[dict], Any], message: str
+) -> None:
+    output = snakemake(write_workdir(tmp_path, edit), "--dry-run", succeed=False)
+    assert re.search(r"Invalid config " + message, output), output
+    assert "config/README.md" in output
+    assert not (tmp_path / "results").exists()
+
+
+# --- the conda fallback ---------------------------------------------------------------------------
+
+
+def conda_pins() -> dict[str, str]:
+    env = yaml.safe_load((REPO / "workflow" / "envs" / "harmony-step.yaml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    pins = dict(line.split("==") for line in pip_section if "==" in line)
+    return {name.lower(): version for name, version in pins.items()}
+
+
+def test_conda_environment_pins_every_runtime_dependency() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = {
+        re.split(r"[<>=!~ ]", spec, maxsplit=1)[0].lower() for spec in project["dependencies"]
+    }
+    assert required <= set(conda_pins()), sorted(required - set(conda_pins()))
+
+
+def test_conda_environment_matches_the_image_lock() -> None:
+    lock = REPO / "container" / "requirements-cuda12.lock"
+    if not lock.is_file():
+        pytest.skip(f"{lock.relative_to(REPO)} is not in this checkout")
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock.read_text(), re.M))
+    locked = {name.lower(): version for name, version in locked.items()}
+    for name, version in conda_pins().items():
+        assert locked.get(name) == version, f"{name}: conda {version}, image {locked.get(name)}"
