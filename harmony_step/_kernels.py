@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-# log(R + eps) in the entropy term; must match harmony_step._core.objective.ENTROPY_EPS.
+# Added inside log(R + eps) of the entropy term (here and in the objective) so R = 0 gives 0, not NaN.
 ENTROPY_EPS = 1e-12
 THREADS = 128
 # The one-warp-per-row softmax keeps this many logits per lane in registers: K <= 32 * 16 = 512.

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from harmony_step._core.permutation import pcg_keys
-from harmony_step._core.sums import chunk_rows, cross_sums, one_hot, row_normalize
+from harmony_step._core.sums import chunk_rows, one_hot, row_normalize
 
 SAMPLES_PER_CLUSTER = 5000
 LLOYD_ITERATIONS = 25
@@ -152,6 +152,3 @@ def initial_centroids(
     points = z_hat[sample].astype(xp.float64)
     centres = lloyd(xp, points, kmeans_plus_plus(xp, points, n_clusters, rng))
     return row_normalize(xp, centres).astype(z_hat.dtype)
-
-
-__all__ = ["cross_sums", "initial_centroids", "soft_assignments", "softmax_rows"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmony_step._core.result import ObjectiveParts
-
-# Added inside log(R + eps) of the entropy term so that R = 0 contributes 0, not NaN.
-ENTROPY_EPS = 1e-12
+from harmony_step._kernels import ENTROPY_EPS
 
 
 def expected_counts(xp: Any, observed: Any, level_share: Any, first_key_levels: int) -> Any:
