@@ -13,8 +13,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harmony_step._core.kernels import log_penalty_table, penalized_softmax
 from harmony_step._core.sums import one_hot
-from harmony_step._kernels import log_penalty_table, penalized_softmax
 
 
 def main() -> None:

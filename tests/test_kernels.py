@@ -1,12 +1,13 @@
-"""CuPy kernels against their NumPy references, both dtypes, edge shapes."""
+"""Hot-path kernels against their NumPy references, both dtypes, edge shapes."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from harmony_step import _kernels
+from harmony_step._core import kernels
 from harmony_step._core.objective import log_penalty as plain_log_penalty
+from harmony_step._core.sums import counts, cross_sums, level_sums
 
 SHAPES = [  # (rows in block, clusters, levels per key, keys)
     pytest.param(1, 1, (1,), id="one-row-one-cluster"),
@@ -15,102 +16,138 @@ SHAPES = [  # (rows in block, clusters, levels per key, keys)
     pytest.param(1000, 100, (8,), id="typical"),
     pytest.param(300, 130, (3, 2), id="two-keys-more-clusters-than-threads"),
     pytest.param(40, 600, (2,), id="more-clusters-than-the-warp-path-holds"),
+    pytest.param(500, 100, (400,), id="O-tile-too-big-for-shared-memory"),
 ]
 
 
 def block_inputs(n, k, levels, dtype, seed=0):
+    """A block of n cells among n + 50, the next block's 30 cells, and O without the block's mass."""
     rng = np.random.default_rng(seed)
+    n_total = n + 50
     similarity = rng.uniform(-1, 1, (n, k)).astype(dtype)
     similarity[0] = 0  # an all-zero row (all-zero cell)
     offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
     codes = np.stack(
-        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+        [rng.integers(0, L, n_total) + o for L, o in zip(levels, offsets, strict=True)], 1
     ).astype(np.int32)
     penalty = rng.normal(size=(sum(levels), k))
-    n_total = n + 50
-    cells = rng.permutation(n_total)[:n].astype(np.int64)
-    assignments = rng.uniform(size=(n_total, k)).astype(dtype)
-    return similarity, penalty, codes, cells, assignments
+    cells = rng.permutation(n_total)[: n + 30].astype(np.int64)  # block, then the next block
+    assignments = rng.dirichlet(np.ones(k), n_total).astype(dtype)
+    block = cells[:n]
+    observed = level_sums(np, codes, assignments, sum(levels)) - level_sums(
+        np, codes[block], assignments[block], sum(levels)
+    )
+    return similarity, penalty, codes, cells, assignments, observed
+
+
+def run(xp, inputs, n):
+    sim, pen, codes, cells, r, observed = (xp.asarray(a) for a in inputs)
+    entropy = xp.full(r.shape[0], np.nan)
+    kernels.block_update(xp, sim, pen, codes, cells, n, r, entropy, observed, 20.0)
+    return r, entropy, observed
+
+
+def expected_observed(inputs, assignments_after, n):
+    """O after the update: level sums of the new R, less the next block's (removed) mass."""
+    _, _, codes, cells, _, observed = inputs
+    levels = observed.shape[0]
+    removed = level_sums(np, codes[cells[n:]], assignments_after[cells[n:]], levels)
+    return level_sums(np, codes, assignments_after, levels) - removed
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("n", "k", "levels"), SHAPES)
-def test_reference_softmax_rows_sum_to_one(n, k, levels, dtype):
-    sim, pen, codes, cells, r = block_inputs(n, k, levels, dtype)
-    untouched = np.setdiff1d(np.arange(r.shape[0]), cells)
-    before = r[untouched].copy()
-    new64, entropy = _kernels.penalized_softmax(np, sim, pen, codes, cells, r, 20.0)
-    np.testing.assert_allclose(r[cells].sum(1), 1.0, rtol=1e-5 if dtype == np.float32 else 1e-12)
-    np.testing.assert_array_equal(new64, r[cells].astype(np.float64))
-    np.testing.assert_array_equal(r[untouched], before)
-    assert np.all(entropy <= k * 1.01e-12)  # r log(r + eps) is at most eps per entry (r = 1)
+def test_reference_block_update(n, k, levels, dtype):
+    inputs = block_inputs(n, k, levels, dtype)
+    cells, before = inputs[3], inputs[4].copy()
+    r, entropy, observed = run(np, inputs, n)
+    untouched = np.setdiff1d(np.arange(r.shape[0]), cells[:n])
+    np.testing.assert_allclose(
+        r[cells[:n]].sum(1), 1.0, rtol=1e-5 if dtype == np.float32 else 1e-12
+    )
+    np.testing.assert_array_equal(r[untouched], before[untouched])
+    assert np.all(entropy[cells[:n]] <= k * 1.01e-12)  # r log(r + eps) <= eps per entry (r = 1)
+    assert np.isnan(entropy[untouched]).all()
+    np.testing.assert_array_equal(observed, expected_observed(inputs, r, n))
 
 
 @pytest.mark.parametrize("flavor", ["harmony1", "harmony2"])
 def test_reference_penalty_matches_the_objective_module(flavor):
     rng = np.random.default_rng(0)
-    observed = rng.uniform(0, 50, (5, 9))
+    observed = kernels.fixed_point(rng.uniform(0, 50, (5, 9)))
     share = np.array([0.2, 0.3, 0.5, 0.6, 0.4])  # two keys: 3 + 2 levels
     theta = rng.uniform(0, 3, 5)
-    table = _kernels.log_penalty_table(np, observed, share, theta, 3, flavor)
-    expected = share[:, None] * observed[:3].sum(0)[None, :]
-    np.testing.assert_allclose(
-        table, plain_log_penalty(np, observed, expected, theta, flavor), rtol=1e-13
-    )
+    table = kernels.log_penalty_table(np, observed, share, theta, 3, flavor)
+    o = counts(np, observed)
+    expected = share[:, None] * o[:3].sum(0)[None, :]
+    np.testing.assert_allclose(table, plain_log_penalty(np, o, expected, theta, flavor), rtol=1e-13)
+
+
+def test_fixed_point_removal_undoes_addition_exactly():
+    rng = np.random.default_rng(3)
+    r = rng.dirichlet(np.ones(20), 1000).astype(np.float32)
+    codes = rng.integers(0, 5, (1000, 1)).astype(np.int32)
+    observed = level_sums(np, codes, r, 5)
+    kernels.block_update(np, None, None, codes, np.arange(1000), 0, r, None, observed, 0.0)
+    assert not observed.any()
+
+
+def test_cross_sums_match_float64_products():
+    rng = np.random.default_rng(4)
+    left = rng.uniform(size=(40_000, 30)).astype(np.float32)  # two full chunks and a remainder
+    right = rng.normal(size=(40_000, 7)).astype(np.float32)
+    exact = left.astype(np.float64).T @ right.astype(np.float64)
+    np.testing.assert_allclose(cross_sums(np, left, right), exact, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("n", "k", "levels"), SHAPES)
-def test_gpu_softmax_matches_reference(n, k, levels, dtype):
+def test_gpu_block_update_matches_reference(n, k, levels, dtype):
     import cupy
 
-    sim, pen, codes, cells, r = block_inputs(n, k, levels, dtype)
-    r_gpu = cupy.asarray(r)
-    new_gpu, ent_gpu = _kernels.penalized_softmax(
-        cupy,
-        cupy.asarray(sim),
-        cupy.asarray(pen),
-        cupy.asarray(codes),
-        cupy.asarray(cells),
-        r_gpu,
-        20.0,
-    )
-    new_ref, ent_ref = _kernels.penalized_softmax(np, sim, pen, codes, cells, r, 20.0)
+    inputs = block_inputs(n, k, levels, dtype)
+    r_gpu, ent_gpu, obs_gpu = run(cupy, inputs, n)
+    r_ref, ent_ref, obs_ref = run(np, inputs, n)
     tol = 1e-6 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(new_gpu.get(), new_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(r_gpu.get(), r_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(ent_gpu.get(), ent_ref, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(r_gpu.get(), r, rtol=tol, atol=tol)
-    again = cupy.asarray(r)
-    new_again, ent_again = _kernels.penalized_softmax(
-        cupy,
-        cupy.asarray(sim),
-        cupy.asarray(pen),
-        cupy.asarray(codes),
-        cupy.asarray(cells),
-        again,
-        20.0,
-    )
-    assert cupy.array_equal(new_again, new_gpu)
-    assert cupy.array_equal(ent_again, ent_gpu)
+    # O is exact for the R the GPU stored, and within rounding of the reference's.
+    np.testing.assert_array_equal(obs_gpu.get(), expected_observed(inputs, r_gpu.get(), n))
+    np.testing.assert_allclose(counts(np, obs_gpu.get()), counts(np, obs_ref), rtol=1e-5, atol=1e-5)
+    r_again, ent_again, obs_again = run(cupy, inputs, n)
+    assert cupy.array_equal(r_again, r_gpu)
+    assert cupy.array_equal(ent_again, ent_gpu, equal_nan=True)
+    assert cupy.array_equal(obs_again, obs_gpu)
 
 
 @pytest.mark.gpu
-def test_gpu_softmax_empty_block():
+def test_gpu_block_update_empty_block():
     import cupy
 
-    sim, pen, codes, cells, r = block_inputs(4, 5, (2,), np.float64)
-    new, ent = _kernels.penalized_softmax(
-        cupy,
-        cupy.asarray(sim[:0]),
-        cupy.asarray(pen),
-        cupy.asarray(codes[:0]),
-        cupy.asarray(cells[:0]),
-        cupy.asarray(r),
-        1.0,
-    )
-    assert new.shape == (0, 5)
-    assert ent.shape == (0,)
+    inputs = block_inputs(4, 5, (2,), np.float64)
+    observed = cupy.asarray(inputs[5])
+    kernels.block_update(
+        cupy, cupy.asarray(inputs[0][:0]), cupy.asarray(inputs[1]), cupy.asarray(inputs[2]),
+        cupy.asarray(inputs[3][:0]), 0, cupy.asarray(inputs[4]), cupy.zeros(54), observed, 1.0,
+    )  # fmt: skip
+    np.testing.assert_array_equal(observed.get(), inputs[5])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "levels"), [(1, (1,)), (100_000, (8,)), (777, (3, 4, 2))])
+def test_gpu_level_sums_equal_reference_exactly(n, levels, dtype):
+    import cupy
+
+    rng = np.random.default_rng(2)
+    offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
+    codes = np.stack(
+        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+    ).astype(np.int32)
+    r = rng.dirichlet(np.ones(30), n).astype(dtype)
+    gpu = level_sums(cupy, cupy.asarray(codes), cupy.asarray(r), sum(levels))
+    np.testing.assert_array_equal(gpu.get(), level_sums(np, codes, r, sum(levels)))
 
 
 @pytest.mark.gpu
@@ -123,15 +160,29 @@ def test_gpu_penalty_matches_reference(flavor, levels, clusters, first):
 
     rng = np.random.default_rng(1)
     b = sum(levels)
-    observed = rng.uniform(0, 100, (b, clusters))
-    observed[0, 0] = 0.0  # an empty level-cluster pair
+    observed = kernels.fixed_point(rng.uniform(0, 100, (b, clusters)))
+    observed[0, 0] = 0  # an empty level-cluster pair
     share = rng.uniform(0, 1, b)
     theta = rng.uniform(0, 3, b)
-    gpu = _kernels.log_penalty_table(
+    gpu = kernels.log_penalty_table(
         cupy, cupy.asarray(observed), cupy.asarray(share), cupy.asarray(theta), first, flavor
     )
-    ref = _kernels.log_penalty_table(np, observed, share, theta, first, flavor)
+    ref = kernels.log_penalty_table(np, observed, share, theta, first, flavor)
     np.testing.assert_allclose(gpu.get(), ref, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_cross_sums_match_reference(dtype):
+    import cupy
+
+    rng = np.random.default_rng(5)
+    left = rng.uniform(size=(50_000, 100)).astype(dtype)
+    right = rng.normal(size=(50_000, 50)).astype(dtype)
+    gpu = cross_sums(cupy, cupy.asarray(left), cupy.asarray(right)).get()
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(gpu, cross_sums(np, left, right), rtol=tol, atol=tol)
+    assert np.array_equal(gpu, cross_sums(cupy, cupy.asarray(left), cupy.asarray(right)).get())
 
 
 @pytest.mark.gpu
@@ -144,7 +195,7 @@ def test_gpu_one_hot_matches_reference(n, levels):
     codes = np.stack(
         [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
     ).astype(np.int32)
-    gpu = _kernels.one_hot(cupy, cupy.asarray(codes), sum(levels))
-    ref = _kernels.one_hot(np, codes, sum(levels))
+    gpu = kernels.one_hot(cupy, cupy.asarray(codes), sum(levels))
+    ref = kernels.one_hot(np, codes, sum(levels))
     np.testing.assert_array_equal(gpu.get(), ref)
     assert np.all(ref.sum(1) == len(levels))

@@ -1,10 +1,11 @@
-"""The clustering step (spec section 5): block-wise soft k-means with the diversity penalty.
+"""The clustering step (docs/algorithm.md §5): block-wise soft k-means with the diversity penalty.
 
 Each iteration visits the cells in a pseudo-random order, in blocks. A block's mass is removed
 from the observed counts O, the penalty is formed from these leave-block-out counts, the block's
-assignments are recomputed and its mass is added back. The objective needs no N x K similarity
-matrix: its k-means part is recovered from R^T Z (see ``objective.kmeans_term``), and R^T Z and the
-entropy sum are accumulated block by block, because every cell is updated exactly once per iteration.
+assignments are recomputed and its mass is added back. One kernel launch per block does the
+update, the addition and the next block's removal (``kernels.block_update``); O is exact fixed
+point, so nothing drifts. The objective needs no N x K similarity matrix: its k-means part is
+recovered from R^T Z (see ``objective.kmeans_term``), computed once per iteration.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from harmony_step._core.kernels import block_update, log_penalty_table
 from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
 from harmony_step._core.permutation import cell_order, iteration_seed
 from harmony_step._core.result import ObjectiveParts
-from harmony_step._core.sums import level_sums, one_hot, row_normalize
-from harmony_step._kernels import log_penalty_table, penalized_softmax
+from harmony_step._core.sums import counts, cross_sums, row_normalize
 
-# Inner convergence window (spec 7.1): compare sums of the last three objectives.
+# Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
 
 
@@ -30,8 +31,9 @@ class ClusteringState:
     z_hat: Any  # (N, d) working dtype
     assignments: Any  # R, (N, K) working dtype
     codes: Any  # (N, C) int32
-    observed: Any  # O, (B, K) float64
+    observed: Any  # O, (B, K) int64 fixed point (kernels.FIXED_POINT_SCALE per cell)
     centroid_sums: Any  # (K, d) float64
+    row_entropy: Any  # (N,) float64, sum_k R log(R + eps) of each cell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,7 @@ def objective(
     xp: Any, state: ClusteringState, consts: ClusteringConstants, centroids: Any, entropy: Any
 ) -> Any:
     """(kmeans, entropy, diversity) as a float64 device vector, from carried sums."""
-    observed = state.observed
+    observed = counts(xp, state.observed)
     expected = expected_counts(xp, observed, consts.level_share, consts.first_key_levels)
     mass = observed[: consts.first_key_levels].sum()
     return xp.stack(
@@ -64,39 +66,28 @@ def objective(
     )
 
 
-def _update_block(
-    xp: Any, state: ClusteringState, consts: ClusteringConstants, cells: Any, centroids: Any
-) -> tuple[Any, Any]:
-    """Recompute the assignments of ``cells``; returns their R^T Z and per-row entropy sums."""
-    z_block = state.z_hat[cells]
-    codes = state.codes[cells]
-    phi = one_hot(xp, codes, consts.n_levels, xp.float64)
-    state.observed -= phi.T @ state.assignments[cells].astype(xp.float64, copy=False)
-    penalty = log_penalty_table(
-        xp, state.observed, consts.level_share, consts.theta, consts.first_key_levels, consts.flavor
-    )
-    new64, entropy = penalized_softmax(
-        xp, z_block @ centroids.T, penalty, codes, cells, state.assignments, 2.0 / consts.sigma
-    )
-    state.observed += phi.T @ new64
-    return new64.T @ z_block.astype(xp.float64, copy=False), entropy
-
-
 def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed: int) -> Any:
     """One pass over all cells in blocks; returns the objective parts (device, float64)."""
     centroids64 = row_normalize(xp, state.centroid_sums)
-    centroids = centroids64.astype(state.z_hat.dtype)
+    centroids_t = centroids64.astype(state.z_hat.dtype).T
     order = cell_order(xp, state.z_hat.shape[0], seed)
-    sums = xp.zeros_like(state.centroid_sums)
-    entropies = []
-    for start in range(0, order.shape[0], consts.block_size):
-        block_sums, block_entropy = _update_block(
-            xp, state, consts, order[start : start + consts.block_size], centroids
-        )
-        sums += block_sums
-        entropies.append(block_entropy)
-    state.centroid_sums = sums
-    return objective(xp, state, consts, centroids64, xp.concatenate(entropies).sum())
+    size, scale = consts.block_size, 2.0 / consts.sigma
+    # The first block's old mass leaves O here; each launch below removes the next block's.
+    block_update(xp, None, None, state.codes, order[:size], 0, state.assignments, None,
+                 state.observed, scale)  # fmt: skip
+    for start in range(0, order.shape[0], size):
+        cells = order[start : start + size]
+        penalty = log_penalty_table(
+            xp, state.observed, consts.level_share, consts.theta, consts.first_key_levels,
+            consts.flavor,
+        )  # fmt: skip
+        block_update(
+            xp, state.z_hat[cells] @ centroids_t, penalty, state.codes,
+            order[start : start + 2 * size], cells.shape[0], state.assignments,
+            state.row_entropy, state.observed, scale,
+        )  # fmt: skip
+    state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
+    return objective(xp, state, consts, centroids64, state.row_entropy.sum())
 
 
 def inner_converged(history: list[float], tol: float) -> bool:
@@ -119,7 +110,6 @@ def cluster(
     on_iteration: Callable[[int, ObjectiveParts], None],
 ) -> tuple[int, bool, ObjectiveParts]:
     """Run the clustering step of one round; returns (iterations, inner test fired, last objective)."""
-    state.observed = level_sums(xp, state.codes, state.assignments, consts.n_levels)
     history: list[float] = []
     parts = None
     for t in range(max_iter):

@@ -1,4 +1,4 @@
-"""The correction step (spec section 8): a mixture of ridge regressions, one per cluster.
+"""The correction step (docs/algorithm.md §8): a mixture of ridge regressions, one per cluster.
 
 Three pieces: per-level sums of R_ik x_i over cells (on the device, float64), the small
 (B+1)-sized solves per cluster (on the host, float64, identical code for both backends), and the
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from harmony_step._batches import BatchDesign
-from harmony_step._core.sums import chunk_rows, level_sums
+from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums
 
-# A cluster whose total mass is below this fraction of N gets no correction (spec 8.2).
+# A cluster whose total mass is below this fraction of N gets no correction (docs/algorithm.md §8.2).
 ZERO_MASS_FRACTION = 1e-12
 # Automatic choice: the batched solve while K (B+1)^2 elements fit in this many bytes.
 BATCHED_SCRATCH_BYTES = 1 << 30
@@ -80,7 +80,7 @@ def resolve_method(
 def ridge_and_active(
     observed: np.ndarray, expected: np.ndarray, level_counts: np.ndarray, params: Any
 ) -> tuple[np.ndarray, np.ndarray]:
-    """lambda_bk and the mask of (level, cluster) pairs kept in the regression (spec 8.1)."""
+    """lambda_bk and the mask of (level, cluster) pairs kept in the regression (docs/algorithm.md §8.1)."""
     if params.flavor == "harmony1":
         ridge = np.full_like(observed, params.ridge_lambda)
         active = np.ones(observed.shape, dtype=bool)
@@ -102,7 +102,7 @@ def level_moments(xp: Any, x: Any, assignments: Any, index: LevelIndex) -> Any:
     for b, cells in enumerate(index.cells):
         for start in range(0, cells.shape[0], step):
             chunk = cells[start : start + step]
-            moments[b] += assignments[chunk].astype(xp.float64).T @ x[chunk].astype(xp.float64)
+            moments[b] += cross_sums(xp, assignments[chunk], x[chunk])
     return moments
 
 
@@ -113,7 +113,7 @@ def closed_form(
     moments: np.ndarray,
     intercept: np.ndarray,
 ) -> np.ndarray:
-    """One key: W_b for all clusters from the arrowhead inverse (spec 8.3), shape (K, B, d).
+    """One key: W_b for all clusters from the arrowhead inverse (docs/algorithm.md §8.3), shape (K, B, d).
 
     With f_b = 1/(o_b + l_b) on active levels, c = sum_active o l/(o + l) + sum_pruned o (the
     stable Schur complement), W_0 = (M_0 - sum_b f_b o_b M_b) / c and W_b = f_b (M_b - o_b W_0).
@@ -221,7 +221,7 @@ def cross_counts(
         cross[:, diag, diag] = observed.T
         return cross
     membership = index.joint_membership
-    joint = to_host(level_sums(xp, index.joint_codes, assignments, membership.shape[0]))  # (J, K)
+    joint = to_host(counts(xp, level_sums(xp, index.joint_codes, assignments, membership.shape[0])))
     return np.einsum("jb,jk,jc->kbc", membership, joint, membership)
 
 

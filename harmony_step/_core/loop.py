@@ -1,4 +1,4 @@
-"""Outer loop (spec section 9): initialise, then alternate clustering and correction."""
+"""Outer loop (docs/algorithm.md §9): initialise, then alternate clustering and correction."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
 from harmony_step._core.setup import Problem, load_embedding, make_problem
-from harmony_step._core.sums import chunk_rows, cross_sums, level_sums, row_normalize
+from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
 
 progress_log = logging.getLogger("harmony_step.progress")
@@ -134,6 +134,7 @@ def _initialise(
         z_hat=z_hat, assignments=assignments, codes=codes,
         observed=level_sums(xp, codes, assignments, consts.n_levels),
         centroid_sums=cross_sums(xp, assignments, z_hat),
+        row_entropy=xp.zeros(problem.n_cells, dtype=xp.float64),
     )  # fmt: skip
     step = chunk_rows(problem.n_cells)
     entropy = sum(
@@ -155,11 +156,8 @@ def _correct(
     backend: Backend,
 ) -> None:
     """Fit the per-cluster ridge regressions on the raw input and write the corrected X into z_hat."""
-    # O is recomputed exactly so that no strategy sees counts drifted by the +- block updates.
-    state.observed = level_sums(
-        xp, state.codes, state.assignments, int(problem.level_counts.shape[0])
-    )
-    observed = backend.to_host(state.observed)
+    # O is exact fixed point, kept current by every block update.
+    observed = backend.to_host(counts(xp, state.observed))
     sizes = observed[: problem.first_key_levels].sum(axis=0)
     expected = problem.level_share[:, None] * sizes[None, :]
     ridge, active = ridge_and_active(observed, expected, problem.level_counts, params)

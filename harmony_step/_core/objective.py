@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from harmony_step._core.kernels import ENTROPY_EPS
 from harmony_step._core.result import ObjectiveParts
-from harmony_step._kernels import ENTROPY_EPS
 
 
 def expected_counts(xp: Any, observed: Any, level_share: Any, first_key_levels: int) -> Any:

@@ -1,4 +1,4 @@
-"""The pseudo-random cell order of each clustering iteration (spec section 10).
+"""The pseudo-random cell order of each clustering iteration (docs/algorithm.md §10).
 
 Keys are a PCG-RXS-M-XS hash of (cell index XOR seed) in 32-bit arithmetic, as rapids-singlecell
 forms them, so the block order matches it exactly. The hash is a bijection of 32-bit words, so keys

@@ -1,19 +1,23 @@
-"""Fixed-order sums over cells, accumulated in float64 (spec section 12).
+"""Sums over cells, in a fixed order or exactly (docs/algorithm.md §12).
 
-No floating-point atomics: per-level and per-cluster sums are dense GEMMs over row chunks, added
-in chunk order, so the same input gives the same bits on every run.
+No floating-point atomics: O is summed exactly in fixed point (``kernels.FIXED_POINT_SCALE``), and
+the K x d products R^T Z are GEMMs over fixed row chunks in the working dtype, whose partial sums
+are added in float64 in chunk order. Neither copies N x K or N x d data to float64, and both depend
+only on N, so the same input gives the same bits on every run.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from harmony_step import _kernels
+from harmony_step._core import kernels
 
-# Rows per chunk of the chunked sums: an eighth of the cells, within these bounds. The float64
-# scratch (~rows * (K + d) * 8 bytes) stays a small share of R (N x K) while big inputs need few
-# launches. It depends only on N, so the summation order, and the result, are fixed for an input.
+# Rows per chunk of the chunked per-level sums: an eighth of the cells, within these bounds.
+# The scratch stays a small share of R (N x K) while big inputs need few launches.
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 1 << 16, 1 << 19
+# Rows summed in the working dtype before a partial product joins the float64 total: short enough
+# that float32 rounding stays near 1e-6 relative, long enough that the GEMMs are efficient.
+CROSS_CHUNK_ROWS = 1 << 14
 
 
 def chunk_rows(n_cells: int) -> int:
@@ -26,30 +30,45 @@ NORM_FLOOR = 1e-12
 
 def one_hot(xp: Any, codes: Any, n_levels: int, dtype: Any) -> Any:
     """Stacked one-hot of ``codes`` (n, C): each row has C ones, one per key, shape (n, n_levels)."""
-    out = _kernels.one_hot(xp, codes, n_levels)
+    out = kernels.one_hot(xp, codes, n_levels)
     return out if dtype == out.dtype else out.astype(dtype)
 
 
-def level_sums(xp: Any, codes: Any, values: Any, n_levels: int) -> Any:
-    """sum_i Phi_ib * values_i for every level b, (n_levels, m) float64; values (n, m)."""
-    out = xp.zeros((n_levels, values.shape[1]), dtype=xp.float64)
-    step = chunk_rows(values.shape[0])
-    for start in range(0, values.shape[0], step):
-        stop = start + step
-        phi = one_hot(xp, codes[start:stop], n_levels, xp.float64)
-        out += phi.T @ values[start:stop].astype(xp.float64, copy=False)
-    return out
+def level_sums(xp: Any, codes: Any, assignments: Any, n_levels: int) -> Any:
+    """O = sum_i Phi_ib R_ik for every level b, in fixed point: (n_levels, K) int64.
+
+    ``codes`` (N, C) int32, ``assignments`` (N, K) working dtype. Exact, so any order gives the
+    same bits; ``counts`` turns it into float64 cell mass.
+    """
+    observed = xp.zeros((n_levels, assignments.shape[1]), dtype=xp.int64)
+    kernels.block_update(
+        xp, None, None, codes, None, 0, assignments, None, observed, 0.0, other_sign=1
+    )
+    return observed
+
+
+def counts(xp: Any, fixed: Any) -> Any:
+    """Fixed-point mass (int64) as float64 cell counts."""
+    return fixed.astype(xp.float64) * (1.0 / kernels.FIXED_POINT_SCALE)
 
 
 def cross_sums(xp: Any, left: Any, right: Any) -> Any:
-    """left^T @ right over all rows in float64, chunked: (m1, m2)."""
-    out = xp.zeros((left.shape[1], right.shape[1]), dtype=xp.float64)
-    step = chunk_rows(left.shape[0])
-    for start in range(0, left.shape[0], step):
-        stop = start + step
-        out += left[start:stop].astype(xp.float64, copy=False).T @ right[start:stop].astype(
-            xp.float64, copy=False
+    """left^T @ right over all rows, (m1, m2) float64, from (N, m1) and (N, m2) in the working dtype.
+
+    Rows are taken ``CROSS_CHUNK_ROWS`` at a time in one batched GEMM of the working dtype; the
+    partial products are summed in float64 in chunk order.
+    """
+    n, m1, m2 = left.shape[0], left.shape[1], right.shape[1]
+    step = CROSS_CHUNK_ROWS
+    full = (n // step) * step
+    out = xp.zeros((m1, m2), dtype=xp.float64)
+    if full:
+        parts = xp.matmul(
+            left[:full].reshape(-1, step, m1).transpose(0, 2, 1), right[:full].reshape(-1, step, m2)
         )
+        out += parts.sum(axis=0, dtype=xp.float64)
+    if full < n:
+        out += (left[full:].T @ right[full:]).astype(xp.float64)
     return out
 
 

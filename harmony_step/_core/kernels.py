@@ -1,0 +1,405 @@
+"""The clustering step's hot path: hand-written CuPy kernels, each beside its plain NumPy reference.
+
+One block update is one pass over the block's rows (docs/algorithm.md §5): ``block_update`` forms
+the penalised logits from the similarity, takes the row softmax, stores R, records each row's
+entropy term and adds the new mass to O, and in the same launch removes the *next* block's old
+mass from O, so the next penalty sees leave-block-out counts without another pass. There is no
+host synchronisation, no one-hot matrix and no float64 copy of N x K or N x d data in the loop.
+
+O is kept in fixed point (``FIXED_POINT_SCALE`` units per unit of mass, int64). Integer sums are
+exact, so atomic accumulation in any order, on one GPU or several, gives the same bits on every
+run, the CPU and the GPU agree exactly on O for the same R, and removing a block's mass undoes its
+addition exactly (no drift over many block updates). The rounding step, 2^-32 of a cell, is far
+below the float32 resolution of R.
+
+CUDA source is compiled lazily per device (``functools.cache``); CuPy is never imported at module
+level, so the package runs without it. On NumPy the reference implementations run.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+# Added inside log(R + eps) of the entropy term (here and in the objective) so R = 0 gives 0, not NaN.
+ENTROPY_EPS = 1e-12
+# One unit of R mass in O is 2^32 integer units: int64 then holds the mass of 2^31 cells exactly.
+FIXED_POINT_BITS = 32
+FIXED_POINT_SCALE = float(1 << FIXED_POINT_BITS)
+# The warp-per-row softmax keeps this many logits per lane in registers (K <= 512); beyond that it
+# recomputes the logits in each of its three passes instead of caching them.
+VALUES_PER_LANE = 16
+WARPS_PER_BLOCK = 16
+# Resident thread blocks per multiprocessor for the block update: few, long-lived blocks, so that
+# each flushes its shared O tile to global memory once.
+BLOCKS_PER_SM = 2
+# Shared-memory O tiles larger than this fall back to global atomics.
+MAX_TILE_BYTES = 160 * 1024
+
+_SOURCE = r"""
+#define LANES 32
+
+__device__ __forceinline__ long long fixed_point(const double r) {
+    return __double2ll_rn(r * FIXED_POINT_SCALE);
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;  // butterfly: every lane ends with the same, fixed-order sum
+}
+
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ void add_mass(
+    unsigned long long* sink, const int* code, const int n_keys, const int n_clusters, const int k,
+    const long long q)
+{
+    for (int c = 0; c < n_keys; ++c)
+        atomicAdd(sink + (long long)code[c] * n_clusters + k, (unsigned long long)q);
+}
+
+template <typename T>
+__device__ __forceinline__ double logit_at(
+    const T* sim, const double* log_penalty, const int* code, const int n_keys,
+    const int n_clusters, const int k, const double scale)
+{
+    double logit = scale * ((double)sim[k] - 1.0);
+    for (int c = 0; c < n_keys; ++c) logit += log_penalty[(long long)code[c] * n_clusters + k];
+    return logit;
+}
+
+// One warp computes one row: softmax of the penalised logits, stored in R, its mass added to the
+// sink; returns sum_k R log(R + eps) of the stored (dtype-rounded) values.
+template <typename T>
+__device__ double softmax_row(
+    const T* sim, const double* log_penalty, const int* code, T* r, unsigned long long* sink,
+    const int n_clusters, const int n_keys, const double scale, const int lane)
+{
+    double entropy = 0.0;
+    if (n_clusters <= LANES * VALUES_PER_LANE) {
+        double v[VALUES_PER_LANE];
+        double row_max = -1.7976931348623157e308;
+#pragma unroll
+        for (int j = 0; j < VALUES_PER_LANE; ++j) {
+            const int k = lane + LANES * j;
+            v[j] = 0.0;
+            if (k < n_clusters) {
+                v[j] = logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale);
+                row_max = fmax(row_max, v[j]);
+            }
+        }
+        row_max = warp_max(row_max);
+        double total = 0.0;
+#pragma unroll
+        for (int j = 0; j < VALUES_PER_LANE; ++j) {
+            if (lane + LANES * j < n_clusters) { v[j] = exp(v[j] - row_max); total += v[j]; }
+        }
+        total = warp_sum(total);
+#pragma unroll
+        for (int j = 0; j < VALUES_PER_LANE; ++j) {
+            const int k = lane + LANES * j;
+            if (k < n_clusters) {
+                const T stored = (T)(v[j] / total);
+                const double r64 = (double)stored;
+                r[k] = stored;
+                entropy += r64 * log(r64 + ENTROPY_EPS);
+                add_mass(sink, code, n_keys, n_clusters, k, fixed_point(r64));
+            }
+        }
+        return warp_sum(entropy);
+    }
+    // Many clusters: recompute the logits in each pass rather than keep them.
+    double row_max = -1.7976931348623157e308;
+    for (int k = lane; k < n_clusters; k += LANES)
+        row_max = fmax(row_max, logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale));
+    row_max = warp_max(row_max);
+    double total = 0.0;
+    for (int k = lane; k < n_clusters; k += LANES)
+        total += exp(logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale) - row_max);
+    total = warp_sum(total);
+    for (int k = lane; k < n_clusters; k += LANES) {
+        const double e = exp(logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale) - row_max);
+        const T stored = (T)(e / total);
+        const double r64 = (double)stored;
+        r[k] = stored;
+        entropy += r64 * log(r64 + ENTROPY_EPS);
+        add_mass(sink, code, n_keys, n_clusters, k, fixed_point(r64));
+    }
+    return warp_sum(entropy);
+}
+
+// Rows [0, n_update) of ``cells`` get new assignments; rows [n_update, n_rows) add
+// ``other_sign`` times their current mass to O. ``identity`` means row i is cell i.
+template <typename T>
+__device__ void block_update(
+    const T* __restrict__ similarity, const double* __restrict__ log_penalty,
+    const int* __restrict__ codes, const long long* __restrict__ cells, T* __restrict__ assignments,
+    double* __restrict__ row_entropy, unsigned long long* __restrict__ observed,
+    const long long n_update, const long long n_rows, const int n_clusters, const int n_keys,
+    const int n_levels, const double scale, const long long other_sign, const int shared_tile,
+    const int identity)
+{
+    extern __shared__ unsigned long long tile[];
+    unsigned long long* sink = shared_tile ? tile : observed;
+    const int table = n_levels * n_clusters;
+    if (shared_tile) {
+        for (int i = threadIdx.x; i < table; i += blockDim.x) tile[i] = 0ull;
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & (LANES - 1);
+    const long long warps = blockDim.x / LANES;
+    for (long long row = blockIdx.x * warps + threadIdx.x / LANES; row < n_rows;
+         row += (long long)gridDim.x * warps) {
+        const long long cell = identity ? row : cells[row];
+        T* r = assignments + cell * n_clusters;
+        const int* code = codes + cell * n_keys;
+        if (row < n_update) {
+            const double entropy = softmax_row<T>(
+                similarity + row * n_clusters, log_penalty, code, r, sink, n_clusters, n_keys,
+                scale, lane);
+            if (lane == 0) row_entropy[cell] = entropy;
+        } else {
+            for (int k = lane; k < n_clusters; k += LANES)
+                add_mass(sink, code, n_keys, n_clusters, k, other_sign * fixed_point((double)r[k]));
+        }
+    }
+    if (shared_tile) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < table; i += blockDim.x)
+            if (tile[i] != 0ull) atomicAdd(observed + i, tile[i]);
+    }
+}
+
+#define BLOCK_UPDATE_ENTRY(NAME, T)                                                              \
+extern "C" __global__ void NAME(                                                                 \
+    const T* a, const double* b, const int* c, const long long* d, T* e, double* f,              \
+    unsigned long long* g, const long long h, const long long i, const int j, const int k,       \
+    const int l, const double m, const long long n, const int o, const int p)                    \
+{ block_update<T>(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p); }
+
+BLOCK_UPDATE_ENTRY(block_update_float, float)
+BLOCK_UPDATE_ENTRY(block_update_double, double)
+
+// log P (B, K) from fixed-point O; n_k is summed exactly in integers over key 0's levels.
+extern "C" __global__ void log_penalty_table(
+    const long long* __restrict__ observed, const double* __restrict__ level_share,
+    const double* __restrict__ theta, double* __restrict__ out,
+    const int n_levels, const int n_clusters, const int first_key_levels, const int stabilized)
+{
+    const int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n_clusters) return;
+    long long size = 0;
+    for (int b = 0; b < first_key_levels; ++b) size += observed[(long long)b * n_clusters + k];
+    const double n_k = (double)size / FIXED_POINT_SCALE;
+    for (int b = 0; b < n_levels; ++b) {
+        const long long at = (long long)b * n_clusters + k;
+        const double e = level_share[b] * n_k;
+        const double o = (double)observed[at] / FIXED_POINT_SCALE;
+        out[at] = theta[b] * (log1p(e) - log1p(stabilized ? o + e : o));
+    }
+}
+"""
+
+PENALTY_THREADS = 128
+
+
+@functools.cache
+def _kernel(device_id: int, name: str) -> Any:
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawKernel(
+            _SOURCE,
+            name,
+            options=(
+                "--std=c++14",
+                f"-DVALUES_PER_LANE={VALUES_PER_LANE}",
+                f"-DENTROPY_EPS={ENTROPY_EPS!r}",
+                f"-DFIXED_POINT_SCALE={FIXED_POINT_SCALE!r}",
+            ),
+        )
+
+
+@functools.cache
+def _launch_shape(device_id: int, tile_bytes: int) -> tuple[int, bool]:
+    """(thread blocks, whether O's tile goes to shared memory) for the block update."""
+    import cupy
+
+    attributes = cupy.cuda.Device(device_id).attributes
+    blocks = BLOCKS_PER_SM * attributes["MultiProcessorCount"]
+    limit = min(MAX_TILE_BYTES, attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+    return blocks, tile_bytes <= limit
+
+
+def block_update(
+    xp: Any,
+    similarity: Any,
+    log_penalty: Any,
+    codes: Any,
+    cells: Any,
+    n_update: int,
+    assignments: Any,
+    row_entropy: Any,
+    observed: Any,
+    scale: float,
+    other_sign: int = -1,
+) -> None:
+    """One block update of the clustering step, in place.
+
+    For the first ``n_update`` rows of ``cells``: R[cell] = softmax(scale (similarity - 1) +
+    sum_c log_penalty[codes[cell, c]]), row_entropy[cell] = sum_k R log(R + eps), and the new mass
+    is added to O. The remaining rows of ``cells`` add ``other_sign`` times their current mass.
+
+    Parameters
+    ----------
+    similarity
+        (n_update, K) working dtype, z_i . y_k of the updated cells, in the order of ``cells``.
+    log_penalty
+        (B, K) float64 penalty table (``log_penalty_table``).
+    codes
+        (N, C) int32 level codes of every cell, one column per key (levels offset per key).
+    cells
+        (n_rows,) int64 cell indices; ``None`` means every cell in order (then n_rows = N).
+    assignments
+        R, (N, K) working dtype, C-contiguous; updated in place.
+    row_entropy
+        (N,) float64, updated in place for the updated cells.
+    observed
+        O in fixed point, (B, K) int64 (``FIXED_POINT_SCALE`` units per unit of mass), in place.
+    """
+    n_rows = assignments.shape[0] if cells is None else int(cells.shape[0])
+    if xp is np:
+        _block_update_reference(
+            similarity, log_penalty, codes, cells, n_update, assignments, row_entropy, observed,
+            scale, other_sign,
+        )  # fmt: skip
+        return
+    if n_rows == 0:
+        return
+    n_levels, n_clusters = observed.shape
+    tile_bytes = n_levels * n_clusters * 8
+    device = xp.cuda.Device().id
+    blocks, shared = _launch_shape(device, tile_bytes)
+    warps_needed = -(-n_rows // WARPS_PER_BLOCK)
+    kernel = _kernel(
+        device, f"block_update_{'double' if assignments.dtype == xp.float64 else 'float'}"
+    )
+    if shared and kernel.max_dynamic_shared_size_bytes < tile_bytes:
+        kernel.max_dynamic_shared_size_bytes = tile_bytes
+    identity = cells is None
+    unused = observed  # stands in for the pointers a launch does not read
+    args = (
+        similarity if n_update else unused, unused if log_penalty is None else log_penalty, codes,
+        unused if identity else cells, assignments, unused if row_entropy is None else row_entropy,
+        observed,
+        np.int64(n_update), np.int64(n_rows), np.int32(n_clusters), np.int32(codes.shape[1]),
+        np.int32(n_levels), np.float64(scale), np.int64(other_sign), np.int32(shared),
+        np.int32(identity),
+    )  # fmt: skip
+    kernel(
+        (min(blocks, warps_needed),), (32 * WARPS_PER_BLOCK,), args,
+        shared_mem=tile_bytes if shared else 0,
+    )  # fmt: skip
+
+
+def fixed_point(values: np.ndarray) -> np.ndarray:
+    """R values as int64 fixed-point mass, rounded to nearest even like the kernel's __double2ll_rn."""
+    return np.rint(values.astype(np.float64, copy=False) * FIXED_POINT_SCALE).astype(np.int64)
+
+
+def _add_mass(observed: np.ndarray, codes: np.ndarray, mass: np.ndarray) -> None:
+    for c in range(codes.shape[1]):
+        np.add.at(observed, codes[:, c], mass)
+
+
+def _block_update_reference(
+    similarity, log_penalty, codes, cells, n_update, assignments, row_entropy, observed, scale,
+    other_sign,
+):  # fmt: skip
+    cells = np.arange(assignments.shape[0]) if cells is None else cells
+    update, other = cells[:n_update], cells[n_update:]
+    if update.size:
+        block_codes = codes[update]
+        logits = scale * (similarity.astype(np.float64) - 1.0)
+        for c in range(block_codes.shape[1]):
+            logits += log_penalty[block_codes[:, c]]
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=1, keepdims=True)
+        stored = logits.astype(assignments.dtype, copy=False)
+        assignments[update] = stored
+        r64 = stored.astype(np.float64)
+        row_entropy[update] = (r64 * np.log(r64 + ENTROPY_EPS)).sum(axis=1)
+        _add_mass(observed, block_codes, fixed_point(r64))
+    if other.size:
+        _add_mass(observed, codes[other], other_sign * fixed_point(assignments[other]))
+
+
+def log_penalty_table(
+    xp: Any, observed: Any, level_share: Any, theta: Any, first_key_levels: int, flavor: str
+) -> Any:
+    """log P (B, K) from fixed-point O: theta_b [log(E+1) - log(O+1)] (harmony1) or
+    theta_b [log(E+1) - log(O+E+1)] (harmony2), with E_bk = Pr_b n_k (docs/algorithm.md §6).
+
+    ``observed`` is (B, K) int64 fixed point; n_k is summed exactly over key 0's levels.
+    """
+    if xp is np:
+        return _log_penalty_reference(observed, level_share, theta, first_key_levels, flavor)
+    n_levels, n_clusters = observed.shape
+    out = xp.empty(observed.shape, dtype=xp.float64)
+    _kernel(xp.cuda.Device().id, "log_penalty_table")(
+        (-(-n_clusters // PENALTY_THREADS),), (PENALTY_THREADS,),
+        (observed, level_share, theta, out, np.int32(n_levels), np.int32(n_clusters),
+         np.int32(first_key_levels), np.int32(flavor == "harmony2")),
+    )  # fmt: skip
+    return out
+
+
+def _log_penalty_reference(observed, level_share, theta, first_key_levels, flavor):
+    size = observed[:first_key_levels].sum(axis=0).astype(np.float64) / FIXED_POINT_SCALE
+    counts = observed.astype(np.float64) / FIXED_POINT_SCALE
+    expected = level_share[:, None] * size[None, :]
+    denominator = counts + expected if flavor == "harmony2" else counts
+    return theta[:, None] * (np.log1p(expected) - np.log1p(denominator))
+
+
+@functools.cache
+def _one_hot_kernel() -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "raw int32 codes, int32 n_keys, int32 n_levels",
+        "float64 out",
+        """
+        const long long row = i / n_levels;
+        const int level = i % n_levels;
+        double hit = 0.0;
+        for (int c = 0; c < n_keys; ++c) if (codes[row * n_keys + c] == level) hit = 1.0;
+        out = hit;
+        """,
+        "harmony_one_hot",
+    )
+
+
+def one_hot(xp: Any, codes: Any, n_levels: int) -> Any:
+    """Stacked one-hot (n, n_levels) float64 of codes (n, C): C ones per row, one per key."""
+    if xp is np:
+        out = np.zeros((codes.shape[0], n_levels))
+        for c in range(codes.shape[1]):
+            out[np.arange(codes.shape[0]), codes[:, c]] = 1.0
+        return out
+    out = xp.empty((codes.shape[0], n_levels), dtype=xp.float64)
+    _one_hot_kernel()(
+        xp.ascontiguousarray(codes, dtype=xp.int32),
+        np.int32(codes.shape[1]),
+        np.int32(n_levels),
+        out,
+    )
+    return out
