@@ -16,7 +16,8 @@ SHAPES = [  # (rows in block, clusters, levels per key, keys)
     pytest.param(1000, 100, (8,), id="typical"),
     pytest.param(300, 130, (3, 2), id="two-keys-more-clusters-than-threads"),
     pytest.param(40, 600, (2,), id="more-clusters-than-the-warp-path-holds"),
-    pytest.param(500, 100, (400,), id="O-tile-too-big-for-shared-memory"),
+    pytest.param(500, 100, (400,), id="many-levels"),
+    pytest.param(2000, 256, (3,), id="most-clusters-kept-in-registers"),
 ]
 
 
@@ -41,7 +42,7 @@ def block_inputs(n, k, levels, dtype, seed=0):
 
 
 def run(xp, inputs, n):
-    sim, pen, codes, cells, r, observed = (xp.asarray(a) for a in inputs)
+    sim, pen, codes, cells, r, observed = (xp.array(a, copy=True) for a in inputs)
     entropy = xp.full(r.shape[0], np.nan)
     kernels.block_update(xp, sim, pen, codes, cells, n, r, entropy, observed, 20.0)
     return r, entropy, observed

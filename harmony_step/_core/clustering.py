@@ -16,7 +16,7 @@ from typing import Any
 
 from harmony_step._core.kernels import block_update, log_penalty_table
 from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
-from harmony_step._core.permutation import cell_order, iteration_seed
+from harmony_step._core.permutation import cell_order, group_blocks_by_level, iteration_seed
 from harmony_step._core.result import ObjectiveParts
 from harmony_step._core.sums import counts, cross_sums, row_normalize
 
@@ -34,6 +34,10 @@ class ClusteringState:
     observed: Any  # O, (B, K) int64 fixed point (kernels.FIXED_POINT_SCALE per cell)
     centroid_sums: Any  # (K, d) float64
     row_entropy: Any  # (N,) float64, sum_k R log(R + eps) of each cell
+
+    @property
+    def first_levels(self) -> Any:
+        return self.codes[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +75,11 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
     centroids64 = row_normalize(xp, state.centroid_sums)
     # A contiguous copy: NumPy multiplies by a transposed view far more slowly.
     centroids_t = xp.ascontiguousarray(centroids64.astype(state.z_hat.dtype).T)
-    order = cell_order(xp, state.z_hat.shape[0], seed)
     size, scale = consts.block_size, 2.0 / consts.sigma
+    order = group_blocks_by_level(
+        xp, cell_order(xp, state.z_hat.shape[0], seed), state.first_levels,
+        consts.first_key_levels, size,
+    )  # fmt: skip
     # The first block's old mass leaves O here; each launch below removes the next block's.
     block_update(xp, None, None, state.codes, order[:size], 0, state.assignments, None,
                  state.observed, scale)  # fmt: skip

@@ -30,13 +30,12 @@ FIXED_POINT_BITS = 32
 FIXED_POINT_SCALE = float(1 << FIXED_POINT_BITS)
 # The warp-per-row softmax keeps this many logits per lane in registers (K <= 512); beyond that it
 # recomputes the logits in each of its three passes instead of caching them.
-VALUES_PER_LANE = 16
-WARPS_PER_BLOCK = 16
-# Resident thread blocks per multiprocessor for the block update: few, long-lived blocks, so that
-# each flushes its shared O tile to global memory once.
+VALUES_PER_LANE = 8
+WARPS_PER_BLOCK = 8
+# Resident thread blocks per multiprocessor for the block update; each warp takes one contiguous
+# run of rows, at least MIN_ROWS_PER_WARP of them.
 BLOCKS_PER_SM = 2
-# Shared-memory O tiles larger than this fall back to global atomics.
-MAX_TILE_BYTES = 160 * 1024
+MIN_ROWS_PER_WARP = 16
 
 _SOURCE = r"""
 #define LANES 32
@@ -65,6 +64,19 @@ __device__ __forceinline__ void add_mass(
         atomicAdd(sink + (long long)code[c] * n_clusters + k, (unsigned long long)q);
 }
 
+__device__ __forceinline__ void flush_mass(
+    unsigned long long* observed, long long* mass, const int level, const int n_clusters,
+    const int lane)
+{
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) {
+        const int k = lane + LANES * j;
+        if (level >= 0 && k < n_clusters && mass[j] != 0)
+            atomicAdd(observed + (long long)level * n_clusters + k, (unsigned long long)mass[j]);
+        mass[j] = 0;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ double logit_at(
     const T* sim, const double* log_penalty, const int* code, const int n_keys,
@@ -75,15 +87,17 @@ __device__ __forceinline__ double logit_at(
     return logit;
 }
 
-// One warp computes one row: softmax of the penalised logits, stored in R, its mass added to the
-// sink; returns sum_k R log(R + eps) of the stored (dtype-rounded) values.
+// One warp computes one row: softmax of the penalised logits, stored in R. Its key-0 mass goes
+// to the warp's run sums (``cached``) or straight to O; returns sum_k R log(R + eps) of the stored
+// (dtype-rounded) values.
 template <typename T>
 __device__ double softmax_row(
-    const T* sim, const double* log_penalty, const int* code, T* r, unsigned long long* sink,
-    const int n_clusters, const int n_keys, const double scale, const int lane)
+    const T* sim, const double* log_penalty, const int* code, T* r, unsigned long long* observed,
+    long long* mass, const bool cached, const int n_clusters, const int n_keys, const double scale,
+    const int lane)
 {
     double entropy = 0.0;
-    if (n_clusters <= LANES * VALUES_PER_LANE) {
+    if (cached) {
         double v[VALUES_PER_LANE];
         double row_max = -1.7976931348623157e308;
 #pragma unroll
@@ -110,7 +124,9 @@ __device__ double softmax_row(
                 const double r64 = (double)stored;
                 r[k] = stored;
                 entropy += r64 * log(r64 + ENTROPY_EPS);
-                add_mass(sink, code, n_keys, n_clusters, k, fixed_point(r64));
+                const long long q = fixed_point(r64);
+                mass[j] += q;
+                add_mass(observed, code + 1, n_keys - 1, n_clusters, k, q);
             }
         }
         return warp_sum(entropy);
@@ -130,59 +146,72 @@ __device__ double softmax_row(
         const double r64 = (double)stored;
         r[k] = stored;
         entropy += r64 * log(r64 + ENTROPY_EPS);
-        add_mass(sink, code, n_keys, n_clusters, k, fixed_point(r64));
+        add_mass(observed, code, n_keys, n_clusters, k, fixed_point(r64));
     }
     return warp_sum(entropy);
 }
 
 // Rows [0, n_update) of ``cells`` get new assignments; rows [n_update, n_rows) add
 // ``other_sign`` times their current mass to O. ``identity`` means row i is cell i.
+// Each warp takes one contiguous run of rows. Rows arrive grouped by their key-0 level
+// (``permutation.cell_order``), so the key-0 mass of a run of equal levels is summed in registers
+// and flushed with one atomic per cluster when the level changes; other keys add per row.
 template <typename T>
 __device__ void block_update(
     const T* __restrict__ similarity, const double* __restrict__ log_penalty,
     const int* __restrict__ codes, const long long* __restrict__ cells, T* __restrict__ assignments,
     double* __restrict__ row_entropy, unsigned long long* __restrict__ observed,
     const long long n_update, const long long n_rows, const int n_clusters, const int n_keys,
-    const int n_levels, const double scale, const long long other_sign, const int shared_tile,
-    const int identity)
+    const double scale, const long long other_sign, const int identity)
 {
-    extern __shared__ unsigned long long tile[];
-    unsigned long long* sink = shared_tile ? tile : observed;
-    const int table = n_levels * n_clusters;
-    if (shared_tile) {
-        for (int i = threadIdx.x; i < table; i += blockDim.x) tile[i] = 0ull;
-        __syncthreads();
-    }
     const int lane = threadIdx.x & (LANES - 1);
-    const long long warps = blockDim.x / LANES;
-    for (long long row = blockIdx.x * warps + threadIdx.x / LANES; row < n_rows;
-         row += (long long)gridDim.x * warps) {
+    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / LANES;
+    const long long n_warps = (long long)gridDim.x * blockDim.x / LANES;
+    const long long per_warp = (n_rows + n_warps - 1) / n_warps;
+    const long long first = warp * per_warp;
+    const long long last = min(first + per_warp, n_rows);
+    const bool cached = n_clusters <= LANES * VALUES_PER_LANE;
+    long long mass[VALUES_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) mass[j] = 0;
+    int run_level = -1;
+    for (long long row = first; row < last; ++row) {
         const long long cell = identity ? row : cells[row];
         T* r = assignments + cell * n_clusters;
         const int* code = codes + cell * n_keys;
+        if (cached && code[0] != run_level) {
+            flush_mass(observed, mass, run_level, n_clusters, lane);
+            run_level = code[0];
+        }
         if (row < n_update) {
             const double entropy = softmax_row<T>(
-                similarity + row * n_clusters, log_penalty, code, r, sink, n_clusters, n_keys,
-                scale, lane);
+                similarity + row * n_clusters, log_penalty, code, r, observed, mass, cached,
+                n_clusters, n_keys, scale, lane);
             if (lane == 0) row_entropy[cell] = entropy;
+        } else if (cached) {
+#pragma unroll
+            for (int j = 0; j < VALUES_PER_LANE; ++j) {
+                const int k = lane + LANES * j;
+                if (k < n_clusters) {
+                    const long long q = other_sign * fixed_point((double)r[k]);
+                    mass[j] += q;
+                    add_mass(observed, code + 1, n_keys - 1, n_clusters, k, q);
+                }
+            }
         } else {
             for (int k = lane; k < n_clusters; k += LANES)
-                add_mass(sink, code, n_keys, n_clusters, k, other_sign * fixed_point((double)r[k]));
+                add_mass(observed, code, n_keys, n_clusters, k, other_sign * fixed_point((double)r[k]));
         }
     }
-    if (shared_tile) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < table; i += blockDim.x)
-            if (tile[i] != 0ull) atomicAdd(observed + i, tile[i]);
-    }
+    if (cached) flush_mass(observed, mass, run_level, n_clusters, lane);
 }
 
 #define BLOCK_UPDATE_ENTRY(NAME, T)                                                              \
 extern "C" __global__ void NAME(                                                                 \
     const T* a, const double* b, const int* c, const long long* d, T* e, double* f,              \
     unsigned long long* g, const long long h, const long long i, const int j, const int k,       \
-    const int l, const double m, const long long n, const int o, const int p)                    \
-{ block_update<T>(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p); }
+    const double m, const long long n, const int p)                                              \
+{ block_update<T>(a, b, c, d, e, f, g, h, i, j, k, m, n, p); }
 
 BLOCK_UPDATE_ENTRY(block_update_float, float)
 BLOCK_UPDATE_ENTRY(block_update_double, double)
@@ -228,14 +257,12 @@ def _kernel(device_id: int, name: str) -> Any:
 
 
 @functools.cache
-def _launch_shape(device_id: int, tile_bytes: int) -> tuple[int, bool]:
-    """(thread blocks, whether O's tile goes to shared memory) for the block update."""
+def _resident_warps(device_id: int) -> int:
+    """Warps of the block update that the device runs at once."""
     import cupy
 
-    attributes = cupy.cuda.Device(device_id).attributes
-    blocks = BLOCKS_PER_SM * attributes["MultiProcessorCount"]
-    limit = min(MAX_TILE_BYTES, attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
-    return blocks, tile_bytes <= limit
+    sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return BLOCKS_PER_SM * WARPS_PER_BLOCK * sms
 
 
 def block_update(
@@ -283,30 +310,20 @@ def block_update(
         return
     if n_rows == 0:
         return
-    n_levels, n_clusters = observed.shape
-    tile_bytes = n_levels * n_clusters * 8
     device = xp.cuda.Device().id
-    blocks, shared = _launch_shape(device, tile_bytes)
-    warps_needed = -(-n_rows // WARPS_PER_BLOCK)
-    kernel = _kernel(
-        device, f"block_update_{'double' if assignments.dtype == xp.float64 else 'float'}"
-    )
-    if shared and kernel.max_dynamic_shared_size_bytes < tile_bytes:
-        kernel.max_dynamic_shared_size_bytes = tile_bytes
-    identity = cells is None
+    warps = min(_resident_warps(device), -(-n_rows // MIN_ROWS_PER_WARP))
+    suffix = "double" if assignments.dtype == xp.float64 else "float"
     unused = observed  # stands in for the pointers a launch does not read
     args = (
         similarity if n_update else unused, unused if log_penalty is None else log_penalty, codes,
-        unused if identity else cells, assignments, unused if row_entropy is None else row_entropy,
-        observed,
-        np.int64(n_update), np.int64(n_rows), np.int32(n_clusters), np.int32(codes.shape[1]),
-        np.int32(n_levels), np.float64(scale), np.int64(other_sign), np.int32(shared),
-        np.int32(identity),
+        unused if cells is None else cells, assignments,
+        unused if row_entropy is None else row_entropy, observed, np.int64(n_update),
+        np.int64(n_rows), np.int32(assignments.shape[1]), np.int32(codes.shape[1]),
+        np.float64(scale), np.int64(other_sign), np.int32(cells is None),
     )  # fmt: skip
-    kernel(
-        (min(blocks, warps_needed),), (32 * WARPS_PER_BLOCK,), args,
-        shared_mem=tile_bytes if shared else 0,
-    )  # fmt: skip
+    _kernel(device, f"block_update_{suffix}")(
+        (-(-warps // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,), args
+    )
 
 
 def fixed_point(values: np.ndarray) -> np.ndarray:

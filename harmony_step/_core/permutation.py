@@ -33,3 +33,15 @@ def cell_order(xp: Any, n: int, seed: int) -> Any:
     if xp is np:
         return np.argsort(keys, kind="stable")
     return xp.argsort(keys)
+
+
+def group_blocks_by_level(xp: Any, order: Any, levels: Any, n_levels: int, block_size: int) -> Any:
+    """``order`` with the cells of each block regrouped by level, blocks and levels in order.
+
+    The cells of one block are updated together, so their order within the block changes
+    nothing in the algorithm; grouped by their key-0 level, a block's mass adds up in registers
+    (``kernels.block_update``). The sort keys are unique, so any sort gives this order.
+    """
+    position = xp.arange(order.shape[0], dtype=xp.int64)
+    keys = ((position // block_size) * n_levels + levels[order]) * order.shape[0] + position
+    return order[xp.argsort(keys)]
