@@ -28,13 +28,12 @@ ENTROPY_EPS = 1e-12
 # One unit of R mass in O is 2^32 integer units: int64 then holds the mass of 2^31 cells exactly.
 FIXED_POINT_BITS = 32
 FIXED_POINT_SCALE = float(1 << FIXED_POINT_BITS)
-# The warp-per-row softmax keeps this many logits per lane in registers (K <= 512); beyond that it
-# recomputes the logits in each of its three passes instead of caching them.
-VALUES_PER_LANE = 8
-WARPS_PER_BLOCK = 8
-# Resident thread blocks per multiprocessor for the block update; each warp takes one contiguous
-# run of rows, at least MIN_ROWS_PER_WARP of them.
-BLOCKS_PER_SM = 2
+# The warp-per-row softmax keeps K / 32 logits per lane in registers: the block update is compiled
+# for each of these widths and runs the narrowest that holds K (fewer registers, more warps in
+# flight). Beyond 32 * 16 clusters it recomputes the logits in each pass instead of caching them.
+VALUES_PER_LANE = (4, 8, 16)
+WARPS_PER_BLOCK = 4
+# Each warp takes one contiguous run of rows, at least this many.
 MIN_ROWS_PER_WARP = 16
 
 _SOURCE = r"""
@@ -175,8 +174,10 @@ __device__ void block_update(
 #pragma unroll
     for (int j = 0; j < VALUES_PER_LANE; ++j) mass[j] = 0;
     int run_level = -1;
+    // The next row's cell index is loaded one row ahead, so its latency overlaps this row's work.
+    long long cell = first < last ? (identity ? first : cells[first]) : 0;
     for (long long row = first; row < last; ++row) {
-        const long long cell = identity ? row : cells[row];
+        const long long next = row + 1 < last ? (identity ? row + 1 : cells[row + 1]) : 0;
         T* r = assignments + cell * n_clusters;
         const int* code = codes + cell * n_keys;
         if (cached && code[0] != run_level) {
@@ -202,12 +203,13 @@ __device__ void block_update(
             for (int k = lane; k < n_clusters; k += LANES)
                 add_mass(observed, code, n_keys, n_clusters, k, other_sign * fixed_point((double)r[k]));
         }
+        cell = next;
     }
     if (cached) flush_mass(observed, mass, run_level, n_clusters, lane);
 }
 
 #define BLOCK_UPDATE_ENTRY(NAME, T)                                                              \
-extern "C" __global__ void NAME(                                                                 \
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) NAME(                   \
     const T* a, const double* b, const int* c, const long long* d, T* e, double* f,              \
     unsigned long long* g, const long long h, const long long i, const int j, const int k,       \
     const double m, const long long n, const int p)                                              \
@@ -240,7 +242,7 @@ PENALTY_THREADS = 128
 
 
 @functools.cache
-def _kernel(device_id: int, name: str) -> Any:
+def _kernel(device_id: int, name: str, values_per_lane: int = VALUES_PER_LANE[0]) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_id):
@@ -249,7 +251,11 @@ def _kernel(device_id: int, name: str) -> Any:
             name,
             options=(
                 "--std=c++14",
-                f"-DVALUES_PER_LANE={VALUES_PER_LANE}",
+                f"-DVALUES_PER_LANE={values_per_lane}",
+                f"-DBLOCK_THREADS={32 * WARPS_PER_BLOCK}",
+                # Register cap: 64 per thread for the narrowest width (8 blocks of 128 threads
+                # resident per multiprocessor), more for wider ones.
+                f"-DMIN_BLOCKS={32 // values_per_lane}",
                 f"-DENTROPY_EPS={ENTROPY_EPS!r}",
                 f"-DFIXED_POINT_SCALE={FIXED_POINT_SCALE!r}",
             ),
@@ -257,12 +263,18 @@ def _kernel(device_id: int, name: str) -> Any:
 
 
 @functools.cache
-def _resident_warps(device_id: int) -> int:
-    """Warps of the block update that the device runs at once."""
+def _block_update_kernel(device_id: int, dtype_name: str, n_clusters: int) -> tuple[Any, int]:
+    """The block update compiled for K, and how many of its warps the device holds at once."""
     import cupy
 
-    sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-    return BLOCKS_PER_SM * WARPS_PER_BLOCK * sms
+    width = next((v for v in VALUES_PER_LANE if 32 * v >= n_clusters), VALUES_PER_LANE[0])
+    kernel = _kernel(device_id, f"block_update_{dtype_name}", width)
+    attributes = cupy.cuda.Device(device_id).attributes
+    threads = 32 * WARPS_PER_BLOCK
+    registers = max(int(kernel.attributes["num_regs"]), 1)
+    per_sm = max(1, min(attributes["MaxThreadsPerMultiProcessor"] // threads,
+                        attributes["MaxRegistersPerMultiprocessor"] // (registers * threads)))  # fmt: skip
+    return kernel, per_sm * WARPS_PER_BLOCK * attributes["MultiProcessorCount"]
 
 
 def block_update(
@@ -310,9 +322,9 @@ def block_update(
         return
     if n_rows == 0:
         return
-    device = xp.cuda.Device().id
-    warps = min(_resident_warps(device), -(-n_rows // MIN_ROWS_PER_WARP))
     suffix = "double" if assignments.dtype == xp.float64 else "float"
+    kernel, resident = _block_update_kernel(xp.cuda.Device().id, suffix, assignments.shape[1])
+    warps = min(resident, -(-n_rows // MIN_ROWS_PER_WARP))
     unused = observed  # stands in for the pointers a launch does not read
     args = (
         similarity if n_update else unused, unused if log_penalty is None else log_penalty, codes,
@@ -321,9 +333,7 @@ def block_update(
         np.int64(n_rows), np.int32(assignments.shape[1]), np.int32(codes.shape[1]),
         np.float64(scale), np.int64(other_sign), np.int32(cells is None),
     )  # fmt: skip
-    _kernel(device, f"block_update_{suffix}")(
-        (-(-warps // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,), args
-    )
+    kernel((-(-warps // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,), args)
 
 
 def fixed_point(values: np.ndarray) -> np.ndarray:
