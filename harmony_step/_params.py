@@ -504,8 +504,11 @@ class HarmonyParams:
     def resolve(
         cls, layers: Iterable[tuple[str, Mapping[str, Any]]], *, stacklevel: int = 1
     ) -> HarmonyParams:
-        """Merge layers of values (later ones win over earlier ones and over the defaults), check
-        every value once and return the parameters object.
+        """Check every given value once, where it is given, and merge the layers (later ones win
+        over earlier ones and over the defaults) into the parameters object.
+
+        A value that a later layer replaces is still checked, so a bad entry in a parameter file
+        is an error even when a flag overrides it.
 
         Parameters
         ----------
@@ -520,8 +523,7 @@ class HarmonyParams:
         TypeError, ValueError
             As :meth:`create`, prefixed with the origin of the offending value.
         """
-        merged: dict[str, Any] = {}
-        origin: dict[str, str] = {}
+        checked = dict(DEFAULTS)
         for where, values in layers:
             unknown = sorted(set(values) - set(DEFAULTS), key=str)
             if unknown:
@@ -532,19 +534,13 @@ class HarmonyParams:
                         f"Known parameters: {sorted(DEFAULTS)}.",
                     )
                 )
-            merged.update(values)
-            origin.update(dict.fromkeys(values, where))
-        checked = {}
-        for spec in PARAMETERS:
-            if spec.name not in merged:
-                checked[spec.name] = spec.default
-                continue
-            try:
-                checked[spec.name] = spec.kind.check(spec.name, merged[spec.name])
-            except (TypeError, ValueError) as err:
-                if not origin[spec.name]:
-                    raise
-                raise type(err)(_prefixed(origin[spec.name], str(err))) from err
+            for name, value in values.items():
+                try:
+                    checked[name] = KINDS[name].check(name, value)
+                except (TypeError, ValueError) as err:
+                    if not where:
+                        raise
+                    raise type(err)(_prefixed(where, str(err))) from err
         params = cls(**checked)
         for message in params._ignored_settings():
             warnings.warn(message, HarmonyParameterWarning, stacklevel=stacklevel + 1)
@@ -582,3 +578,4 @@ PARAMETERS: tuple[ParameterSpec, ...] = tuple(
 """The table, in the order of the public signature of ``harmony_integrate``."""
 
 DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
+KINDS: dict[str, Kind] = {p.name: p.kind for p in PARAMETERS}
