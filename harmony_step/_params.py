@@ -52,7 +52,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _integer(text: str) -> int:
+def integer_flag(text: str) -> int:
+    """An integer flag value; argparse reports anything else as a usage error."""
     try:
         return int(text)
     except ValueError:
@@ -214,8 +215,8 @@ class Integer(Kind):
 
     def flag_options(self) -> dict[str, Any]:
         if self.none_allowed:
-            return {"type": _or_none(_integer), "metavar": f"{self.metavar}|none"}
-        return {"type": _integer, "metavar": self.metavar}
+            return {"type": _or_none(integer_flag), "metavar": f"{self.metavar}|none"}
+        return {"type": integer_flag, "metavar": self.metavar}
 
     def schema(self) -> dict[str, Any]:
         return self._nullable({"type": "integer", "minimum": self.low})

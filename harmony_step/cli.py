@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harmony_step._params import PARAMETERS, HarmonyParams
+from harmony_step._params import PARAMETERS, HarmonyParams, integer_flag
 from harmony_step._step import StepRequest, run_step
 from harmony_step._step.metrics import SAMPLE_SIZE
 from harmony_step._step.progress import PROG, ProgressDisplay, attached
@@ -50,13 +50,6 @@ class Terminated(BaseException):
 
 
 # --- flags -------------------------------------------------------------------------------------
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def flag_name(parameter: str) -> str:
@@ -137,7 +130,7 @@ def _add_io_arguments(run: argparse.ArgumentParser) -> None:
     )
     files.add_argument(
         "--metrics-cells",
-        type=_integer,
+        type=integer_flag,
         default=SAMPLE_SIZE,
         metavar="N",
         help="most cells used for the integration metrics (iLISI, silhouette; cLISI with "
