@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_benchmarks import PARAMS, synthetic
 
 import harmony_step
-from harmony_step import api
+from harmony_step import _integrate
 from harmony_step._backend import Backend
 from harmony_step._core import clustering, correction, init, loop
 
@@ -42,7 +42,7 @@ TIMED = {
         "row_normalize",
         "load_embedding",
     ],
-    api: ["run_harmony", "_checked_inputs", "build_provenance", "select_backend"],
+    _integrate: ["run_harmony", "_checked_inputs", "build_provenance", "select_backend"],
 }
 
 

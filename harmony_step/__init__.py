@@ -1,8 +1,23 @@
-"""harmony-step: Harmony batch integration of single-cell embeddings on GPU (CuPy) and CPU (NumPy)."""
+"""harmony-step: Harmony batch integration of single-cell embeddings on GPU (CuPy) and CPU (NumPy).
 
-from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
+The package has three wings. The public face: :func:`harmony_integrate` (:mod:`harmony_step.api`)
+and the ``harmony-step`` command (:mod:`harmony_step.cli`). The step on files
+(:mod:`harmony_step._step`): read an h5ad file, integrate, measure, write atomically. The algorithm
+on arrays (:mod:`harmony_step._core`), which never sees a file or an AnnData.
+"""
+
+from harmony_step._params import (
+    HarmonyConvergenceWarning,
+    HarmonyParameterWarning,
+    HarmonyParams,
+)
+from harmony_step._version import __version__
 from harmony_step.api import harmony_integrate
 
-__version__ = "0.1.0"
-
-__all__ = ["HarmonyConvergenceWarning", "HarmonyParams", "__version__", "harmony_integrate"]
+__all__ = [
+    "HarmonyConvergenceWarning",
+    "HarmonyParameterWarning",
+    "HarmonyParams",
+    "__version__",
+    "harmony_integrate",
+]

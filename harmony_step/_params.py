@@ -1,191 +1,43 @@
-"""The Harmony parameters: one frozen object with the defaults, their documentation and validation.
+"""The Harmony parameters: one table that holds each parameter's default, help text and kind.
 
-Everything that exposes a Harmony parameter (the Python API, the command-line flags, the workflow's
-config schema and the provenance written into outputs) reads the defaults and help texts from
-:data:`PARAMETERS` here, so a default is written exactly once.
+:class:`HarmonyParams` *is* the table: every field carries its default, a one-line help text and a
+*kind* (for example "a number > 0" or "one of these words, or null"). The kind is the only place
+where a parameter's allowed values are written; from it come
+
+* the checks of :meth:`HarmonyParams.create` and :meth:`HarmonyParams.resolve` (Python API, command
+  line, workflow: values are validated once, here);
+* the ``harmony-step run`` flags (:meth:`Kind.flag_options`);
+* the Harmony part of ``workflow/schemas/config.schema.yaml`` (:meth:`Kind.schema`, assembled by
+  :mod:`harmony_step._schema`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
 FLAVORS = ("harmony1", "harmony2")
 CORRECTION_METHODS = ("original", "fast", "batched")
-COLSUM_ALGOS = ("columns", "atomics", "gemm", "benchmark")
 DEVICES = ("auto", "gpu", "cpu")
 DTYPES = ("float32", "float64")
-
-
-@dataclasses.dataclass(frozen=True)
-class ParameterSpec:
-    """Default and help text of one parameter (the single source for API, CLI and schema)."""
-
-    name: str
-    default: Any
-    help: str
-
-
-# Order and defaults follow the public signature of ``harmony_integrate``.
-PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("basis", "X_pca", "obsm key of the embedding to correct, shape (n_cells, n_pcs)"),
-    ParameterSpec(
-        "adjusted_basis", "X_pca_harmony", "obsm key the corrected embedding is written to"
-    ),
-    ParameterSpec(
-        "dtype", "float64", "working precision: float64 or float32 (faster, half the memory)"
-    ),
-    ParameterSpec(
-        "flavor",
-        "harmony2",
-        "harmony2 (stabilized penalty, ridge alpha*E, pruning) or harmony1 (original penalty, fixed ridge)",
-    ),
-    ParameterSpec(
-        "n_clusters", None, "number of clusters K; default min(100, N/30), at least 2, at most N"
-    ),
-    ParameterSpec("max_iter_harmony", 10, "maximum outer rounds of clustering plus correction"),
-    ParameterSpec("max_iter_clustering", 200, "maximum inner clustering iterations per round"),
-    ParameterSpec(
-        "tol_harmony", 1e-4, "relative objective decrease below which the outer loop stops"
-    ),
-    ParameterSpec(
-        "tol_clustering", 1e-5, "relative windowed objective decrease below which clustering stops"
-    ),
-    ParameterSpec("sigma", 0.1, "soft k-means temperature; larger values give softer assignments"),
-    ParameterSpec(
-        "theta",
-        2.0,
-        "diversity penalty weight: one number, one per key, or one per batch level; larger mixes more",
-    ),
-    ParameterSpec(
-        "tau", 0, "discount of theta for small batches (expected cells per cluster); 0 = off"
-    ),
-    ParameterSpec(
-        "ridge_lambda", 1.0, "ridge penalty of the correction (harmony1 only); larger corrects less"
-    ),
-    ParameterSpec("alpha", 0.2, "dynamic ridge lambda = alpha * expected counts (harmony2 only)"),
-    ParameterSpec(
-        "batch_prune_threshold",
-        1e-5,
-        "harmony2: drop a batch from a cluster's correction when its share of the batch is below this; null = off",
-    ),
-    ParameterSpec(
-        "correction_method",
-        None,
-        "original, fast, batched or null (automatic by memory); all give the same result up to rounding",
-    ),
-    ParameterSpec(
-        "colsum_algo",
-        None,
-        "accepted for compatibility (columns, atomics, gemm, benchmark); sums here are always fixed-order",
-    ),
-    ParameterSpec(
-        "block_proportion", 0.05, "fraction of cells updated per block in the clustering step"
-    ),
-    ParameterSpec(
-        "random_state",
-        0,
-        "integer seed; the same seed gives bitwise-identical output; null = random",
-    ),
-    ParameterSpec("verbose", False, "print one line per round and the convergence outcome"),
-    ParameterSpec("device", "auto", "auto (GPU when usable, else CPU), gpu or cpu"),
-)
-
-DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
 
 
 class HarmonyConvergenceWarning(UserWarning):
     """Harmony stopped at ``max_iter_harmony`` rounds before the objective settled."""
 
 
-@dataclasses.dataclass(frozen=True)
-class HarmonyParams:
-    """Validated Harmony parameters. Build with :meth:`create`, which checks every value."""
-
-    basis: str = DEFAULTS["basis"]
-    adjusted_basis: str = DEFAULTS["adjusted_basis"]
-    dtype: str = DEFAULTS["dtype"]
-    flavor: str = DEFAULTS["flavor"]
-    n_clusters: int | None = DEFAULTS["n_clusters"]
-    max_iter_harmony: int = DEFAULTS["max_iter_harmony"]
-    max_iter_clustering: int = DEFAULTS["max_iter_clustering"]
-    tol_harmony: float = DEFAULTS["tol_harmony"]
-    tol_clustering: float = DEFAULTS["tol_clustering"]
-    sigma: float = DEFAULTS["sigma"]
-    theta: float | tuple[float, ...] = DEFAULTS["theta"]
-    tau: float = DEFAULTS["tau"]
-    ridge_lambda: float = DEFAULTS["ridge_lambda"]
-    alpha: float = DEFAULTS["alpha"]
-    batch_prune_threshold: float | None = DEFAULTS["batch_prune_threshold"]
-    correction_method: str | None = DEFAULTS["correction_method"]
-    colsum_algo: str | None = DEFAULTS["colsum_algo"]
-    block_proportion: float = DEFAULTS["block_proportion"]
-    random_state: int | None = DEFAULTS["random_state"]
-    verbose: bool = DEFAULTS["verbose"]
-    device: str = DEFAULTS["device"]
-
-    @classmethod
-    def create(cls, **values: Any) -> HarmonyParams:
-        """Validate ``values`` (any subset of :data:`PARAMETERS`) and return the parameters object.
-
-        Raises
-        ------
-        TypeError
-            An unknown parameter name, or a value of the wrong type.
-        ValueError
-            A value outside its allowed range.
-        """
-        unknown = sorted(set(values) - set(DEFAULTS))
-        if unknown:
-            raise TypeError(
-                f"Unknown Harmony parameter(s) {unknown}. Known parameters: {sorted(DEFAULTS)}."
-            )
-        merged = {**DEFAULTS, **values}
-        checked = {name: _CHECKS[name](name, merged[name]) for name in DEFAULTS}
-        params = cls(**checked)
-        params._check_flavor_specific()
-        return params
-
-    def _check_flavor_specific(self) -> None:
-        if self.flavor == "harmony2":
-            if self.ridge_lambda != DEFAULTS["ridge_lambda"]:
-                warnings.warn(
-                    "'ridge_lambda' is ignored by flavor='harmony2' (its ridge is alpha * E); "
-                    "use flavor='harmony1' for a fixed ridge.",
-                    UserWarning,
-                    stacklevel=4,
-                )
-        else:
-            if (
-                self.alpha != DEFAULTS["alpha"]
-                or self.batch_prune_threshold != DEFAULTS["batch_prune_threshold"]
-            ):
-                warnings.warn(
-                    "'alpha' and 'batch_prune_threshold' are ignored by flavor='harmony1'; "
-                    "use flavor='harmony2' for the dynamic ridge and pruning.",
-                    UserWarning,
-                    stacklevel=4,
-                )
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, serialisable values (theta as a list)."""
-        out = dataclasses.asdict(self)
-        if isinstance(self.theta, tuple):
-            out["theta"] = list(self.theta)
-        return out
+class HarmonyParameterWarning(UserWarning):
+    """A parameter was set that has no effect with the other settings (for example the flavor)."""
 
 
-# --- per-parameter checks: each returns the normalised value or raises ---------------------------
+# --- kinds: what a parameter accepts, as a check, a flag and a schema -----------------------------
 
 
 def _describe(value: Any) -> str:
@@ -200,151 +52,531 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _real(
-    name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool
-) -> float:
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    allowed = f"a float in the range {lo}{low}, {high}{hi}"
-    if not _is_real(value):
-        raise TypeError(
-            f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
-        )
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
-        raise ValueError(f"The {name!r} parameter must be {allowed}. Got {value!r} instead.")
-    return value
+def integer_flag(text: str) -> int:
+    """An integer flag value; argparse reports anything else as a usage error."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
-def _positive(name: str, value: Any) -> float:
-    return _real(name, value, 0, math.inf, low_open=True, high_open=True)
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _non_negative(name: str, value: Any) -> float:
-    return _real(name, value, 0, math.inf, low_open=False, high_open=True)
+def _or_none(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Accept 'none' (or 'null') on the command line for parameters whose None means auto or off."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else convert(text)
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
-def _int_at_least(name: str, value: Any, low: int = 1) -> int:
-    if not _is_int(value):
-        raise TypeError(
-            f"The {name!r} parameter must be an int >= {low}. Got {_describe(value)} instead."
-        )
-    if value < low:
-        raise ValueError(f"The {name!r} parameter must be an int >= {low}. Got {value!r} instead.")
-    return int(value)
+def _words(options: Sequence[str], last: str = "or") -> str:
+    return ", ".join(options[:-1]) + f" {last} {options[-1]}" if len(options) > 1 else options[0]
 
 
-def _choice(options: Sequence[str], *, allow_none: bool = False):
-    def check(name: str, value: Any) -> str | None:
-        if value is None and allow_none:
+class Kind:
+    """What a parameter accepts. Subclasses check values and describe them to argparse and JSON Schema."""
+
+    none_allowed: bool = False
+
+    def check(self, name: str, value: Any) -> Any:
+        """The normalised value; raises TypeError or ValueError naming the parameter."""
+        raise NotImplementedError
+
+    def flag_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``argparse.ArgumentParser.add_argument`` for the flag."""
+        raise NotImplementedError
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of the values a config file may give."""
+        raise NotImplementedError
+
+    def allowed(self) -> str:
+        """What is allowed, in words, as shown in the config schema ("a number > 0")."""
+        raise NotImplementedError
+
+    def _nullable(self, schema: dict[str, Any]) -> dict[str, Any]:
+        if self.none_allowed and "type" in schema:
+            schema["type"] = [schema["type"], "null"]
+        return schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Text(Kind):
+    """A non-empty string, such as an ``obsm`` key."""
+
+    metavar: str = "KEY"
+
+    def check(self, name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise TypeError(
+                f"The {name!r} parameter must be a non-empty str. Got {_describe(value)} instead."
+            )
+        return value
+
+    def flag_options(self) -> dict[str, Any]:
+        return {"metavar": self.metavar}
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "minLength": 1}
+
+    def allowed(self) -> str:
+        return "a non-empty string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice(Kind):
+    """One word of a fixed list, or None when ``none_allowed``."""
+
+    options: tuple[str, ...]
+    none_allowed: bool = False
+
+    def check(self, name: str, value: Any) -> str | None:
+        if value is None and self.none_allowed:
             return None
-        if not isinstance(value, str) or value not in options:
-            allowed = ", ".join(repr(o) for o in options) + (" or None" if allow_none else "")
+        if not isinstance(value, str) or value not in self.options:
+            allowed = ", ".join(repr(o) for o in self.options)
+            allowed += " or None" if self.none_allowed else ""
             raise ValueError(
                 f"The {name!r} parameter must be one of {allowed}. Got {value!r} instead."
             )
         return value
 
-    return check
+    def flag_options(self) -> dict[str, Any]:
+        if not self.none_allowed:
+            return {"choices": self.options}
+        options = self.options
+
+        def parse(text: str) -> str | None:
+            if text.lower() in ("none", "null"):
+                return None
+            if text not in options:
+                raise argparse.ArgumentTypeError(
+                    f"expected one of {', '.join([*options, 'none'])}, got {text!r}"
+                )
+            return text
+
+        return {"type": parse, "metavar": "{" + ",".join([*options, "none"]) + "}"}
+
+    def schema(self) -> dict[str, Any]:
+        return {"enum": [*self.options, *([None] if self.none_allowed else [])]}
+
+    def allowed(self) -> str:
+        return _words([*self.options, *(["null"] if self.none_allowed else [])])
 
 
-def _check_dtype(name: str, value: Any) -> str:
-    try:
-        dtype = np.dtype(value)
-    except TypeError:
-        dtype = None
-    if dtype is None or dtype.name not in DTYPES:
-        raise ValueError(
-            f"The {name!r} parameter must be numpy.float32 or numpy.float64. Got {value!r} instead."
+@dataclasses.dataclass(frozen=True)
+class Dtype(Choice):
+    """A floating-point dtype, given as a NumPy dtype, a type or its name."""
+
+    options: tuple[str, ...] = DTYPES
+
+    def check(self, name: str, value: Any) -> str:
+        try:
+            dtype = np.dtype(value)
+        except TypeError:
+            dtype = None
+        if dtype is None or dtype.name not in self.options:
+            raise ValueError(
+                f"The {name!r} parameter must be numpy.float32 or numpy.float64. "
+                f"Got {value!r} instead."
+            )
+        return dtype.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer(Kind):
+    """An int >= ``low``, or None when ``none_allowed``."""
+
+    low: int = 1
+    none_allowed: bool = False
+    metavar: str = "N"
+
+    def check(self, name: str, value: Any) -> int | None:
+        if value is None and self.none_allowed:
+            return None
+        if not _is_int(value):
+            raise TypeError(
+                f"The {name!r} parameter must be an int >= {self.low}. "
+                f"Got {_describe(value)} instead."
+            )
+        if value < self.low:
+            raise ValueError(
+                f"The {name!r} parameter must be an int >= {self.low}. Got {value!r} instead."
+            )
+        return int(value)
+
+    def flag_options(self) -> dict[str, Any]:
+        if self.none_allowed:
+            return {"type": _or_none(integer_flag), "metavar": f"{self.metavar}|none"}
+        return {"type": integer_flag, "metavar": self.metavar}
+
+    def schema(self) -> dict[str, Any]:
+        return self._nullable({"type": "integer", "minimum": self.low})
+
+    def allowed(self) -> str:
+        return f"an integer >= {self.low}" + (", or null" if self.none_allowed else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seed(Integer):
+    """A non-negative integer seed, or None for a seed drawn at random."""
+
+    low: int = 0
+    none_allowed: bool = True
+    metavar: str = "SEED"
+
+    def check(self, name: str, value: Any) -> int | None:
+        if value is None:
+            return None
+        if not _is_int(value) or value < 0:
+            raise TypeError(
+                f"The {name!r} parameter must be a non-negative int or None. "
+                f"Got {_describe(value)} instead."
+            )
+        return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Real(Kind):
+    """A float in an interval, each end open or closed; None as well when ``none_allowed``."""
+
+    low: float = 0.0
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+    none_allowed: bool = False
+
+    def check(self, name: str, value: Any) -> float | None:
+        if value is None and self.none_allowed:
+            return None
+        lo, hi = ("(" if self.low_open else "["), (")" if self.high_open else "]")
+        allowed = f"a float in the range {lo}{_show(self.low)}, {_show(self.high)}{hi}"
+        if not _is_real(value):
+            raise TypeError(
+                f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
+            )
+        value = float(value)
+        below = value <= self.low if self.low_open else value < self.low
+        above = value >= self.high if self.high_open else value > self.high
+        if math.isnan(value) or below or above:
+            raise ValueError(f"The {name!r} parameter must be {allowed}. Got {value!r} instead.")
+        return value
+
+    def flag_options(self) -> dict[str, Any]:
+        if self.none_allowed:
+            return {"type": _or_none(_number), "metavar": "X|none"}
+        return {"type": _number, "metavar": "X"}
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "number"}
+        schema["exclusiveMinimum" if self.low_open else "minimum"] = _show(self.low)
+        if math.isfinite(self.high):
+            schema["exclusiveMaximum" if self.high_open else "maximum"] = _show(self.high)
+        return self._nullable(schema)
+
+    def allowed(self) -> str:
+        if math.isinf(self.high):
+            text = f"a number {'>' if self.low_open else '>='} {_show(self.low)}"
+        elif not self.low_open and not self.high_open:
+            text = f"a number from {_show(self.low)} to {_show(self.high)}"
+        else:
+            lo, hi = ("(" if self.low_open else "["), (")" if self.high_open else "]")
+            text = f"a number in {lo}{_show(self.low)}, {_show(self.high)}{hi}"
+        return text + (", or null" if self.none_allowed else "")
+
+
+def _show(bound: float) -> int | float:
+    """A bound as written by people: 0 rather than 0.0, inf kept as a float."""
+    return int(bound) if math.isfinite(bound) and float(bound).is_integer() else bound
+
+
+@dataclasses.dataclass(frozen=True)
+class Weights(Kind):
+    """One non-negative number or a non-empty 1-D sequence of them (theta)."""
+
+    def check(self, name: str, value: Any) -> float | tuple[float, ...]:
+        if isinstance(value, str | bytes) or not (
+            _is_real(value) or isinstance(value, Sequence | np.ndarray)
+        ):
+            raise TypeError(
+                f"The {name!r} parameter must be a non-negative float or a sequence of them. "
+                f"Got {_describe(value)} instead."
+            )
+        values = np.atleast_1d(np.asarray(value))
+        numeric = np.issubdtype(values.dtype, np.integer) or np.issubdtype(
+            values.dtype, np.floating
         )
-    return dtype.name
+        if values.ndim != 1 or values.size == 0 or not numeric or values.dtype == np.bool_:
+            raise TypeError(
+                f"The {name!r} parameter must be a non-negative float or a 1-D sequence of them. "
+                f"Got {value!r} instead."
+            )
+        values = values.astype(np.float64)
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ValueError(
+                f"The {name!r} parameter must be finite and >= 0. Got {value!r} instead."
+            )
+        return float(values[0]) if _is_real(value) else tuple(float(v) for v in values)
+
+    def flag_options(self) -> dict[str, Any]:
+        return {"type": _number, "nargs": "+", "metavar": "X"}
+
+    def schema(self) -> dict[str, Any]:
+        number = {"type": "number", "minimum": 0}
+        return {"oneOf": [number, {"type": "array", "minItems": 1, "items": number}]}
+
+    def allowed(self) -> str:
+        return "a number >= 0, or a non-empty list of numbers >= 0"
 
 
-def _check_str(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(
-            f"The {name!r} parameter must be a non-empty str. Got {_describe(value)} instead."
-        )
-    return value
+@dataclasses.dataclass(frozen=True)
+class Switch(Kind):
+    """True or False."""
+
+    def check(self, name: str, value: Any) -> bool:
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(
+                f"The {name!r} parameter must be a bool. Got {_describe(value)} instead."
+            )
+        return bool(value)
+
+    def flag_options(self) -> dict[str, Any]:
+        return {"action": argparse.BooleanOptionalAction}
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+    def allowed(self) -> str:
+        return "true or false"
 
 
-def _check_theta(name: str, value: Any) -> float | tuple[float, ...]:
-    if isinstance(value, str | bytes) or not (
-        _is_real(value) or isinstance(value, Sequence | np.ndarray)
-    ):
-        raise TypeError(
-            f"The {name!r} parameter must be a non-negative float or a sequence of them. "
-            f"Got {_describe(value)} instead."
-        )
-    values = np.atleast_1d(np.asarray(value))
-    if (
-        values.ndim != 1
-        or values.size == 0
-        or not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating))
-        or values.dtype == np.bool_
-    ):
-        raise TypeError(
-            f"The {name!r} parameter must be a non-negative float or a 1-D sequence of them. "
-            f"Got {value!r} instead."
-        )
-    values = values.astype(np.float64)
-    if not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError(f"The {name!r} parameter must be finite and >= 0. Got {value!r} instead.")
-    return float(values[0]) if _is_real(value) else tuple(float(v) for v in values)
+# --- the table ------------------------------------------------------------------------------------
 
 
-def _check_n_clusters(name: str, value: Any) -> int | None:
-    return None if value is None else _int_at_least(name, value, 1)
+@dataclasses.dataclass(frozen=True)
+class ParameterSpec:
+    """One row of the table: name, default, help text and kind."""
+
+    name: str
+    default: Any
+    help: str
+    kind: Kind
 
 
-def _check_threshold(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    return _real(name, value, 0, 1, low_open=False, high_open=False)
+def _parameter(default: Any, kind: Kind, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help})
 
 
-def _check_seed(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if not _is_int(value) or value < 0:
-        raise TypeError(
-            f"The {name!r} parameter must be a non-negative int or None. Got {_describe(value)} instead."
-        )
-    return int(value)
+@dataclasses.dataclass(frozen=True)
+class HarmonyParams:
+    """Validated Harmony parameters: build with :meth:`create` or :meth:`resolve`, which check them.
+
+    Each field is one parameter: its default, what it accepts and its help text. The order and
+    the defaults are those of :func:`harmony_step.harmony_integrate`.
+    """
+
+    basis: str = _parameter(
+        "X_pca", Text(), "obsm key of the embedding to correct, shape (n_cells, n_pcs)"
+    )
+    adjusted_basis: str = _parameter(
+        "X_pca_harmony", Text(), "obsm key the corrected embedding is written to"
+    )
+    dtype: str = _parameter(
+        "float64", Dtype(), "working precision: float64, or float32 (faster, half the memory)"
+    )
+    flavor: str = _parameter(
+        "harmony2",
+        Choice(FLAVORS),
+        "harmony2 (stabilized diversity penalty, dynamic ridge alpha*E, batch pruning) or "
+        "harmony1 (original penalty, fixed ridge ridge_lambda)",
+    )
+    n_clusters: int | None = _parameter(
+        None,
+        Integer(1, none_allowed=True, metavar="K"),
+        "number of clusters K; null = min(100, n_cells / 30), at least 2, at most n_cells",
+    )
+    max_iter_harmony: int = _parameter(
+        10, Integer(1), "maximum outer rounds of clustering plus correction"
+    )
+    max_iter_clustering: int = _parameter(
+        200, Integer(1), "maximum inner clustering iterations per round"
+    )
+    tol_harmony: float = _parameter(
+        1e-4, Real(0), "relative objective decrease below which the outer loop stops"
+    )
+    tol_clustering: float = _parameter(
+        1e-5, Real(0), "relative windowed objective decrease below which clustering stops"
+    )
+    sigma: float = _parameter(
+        0.1,
+        Real(0, low_open=True),
+        "soft k-means temperature; larger values give softer cluster assignments",
+    )
+    theta: float | tuple[float, ...] = _parameter(
+        2.0,
+        Weights(),
+        "diversity penalty weight: one number, one per key, or one per batch level; larger "
+        "values mix batches more strongly",
+    )
+    tau: float = _parameter(
+        0, Real(0), "discount of theta for small batches (expected cells per cluster); 0 = off"
+    )
+    ridge_lambda: float = _parameter(
+        1.0,
+        Real(0, low_open=True),
+        "ridge penalty of the correction (harmony1 only); larger values correct less",
+    )
+    alpha: float = _parameter(
+        0.2, Real(0, low_open=True), "dynamic ridge = alpha * expected counts (harmony2 only)"
+    )
+    batch_prune_threshold: float | None = _parameter(
+        1e-5,
+        Real(0, 1, high_open=False, none_allowed=True),
+        "harmony2: leave a batch out of a cluster's correction when the cluster holds less than "
+        "this share of the batch; null = off",
+    )
+    correction_method: str | None = _parameter(
+        None,
+        Choice(CORRECTION_METHODS, none_allowed=True),
+        "original, fast, batched or null (chosen by memory); all give the same result up to "
+        "rounding",
+    )
+    block_proportion: float = _parameter(
+        0.05,
+        Real(0, 1, low_open=True, high_open=False),
+        "fraction of cells updated per block in the clustering step",
+    )
+    random_state: int | None = _parameter(
+        0, Seed(), "integer seed; the same seed gives bitwise-identical output; null = random"
+    )
+    verbose: bool = _parameter(
+        False, Switch(), "print one line per round and the convergence outcome"
+    )
+    device: str = _parameter(
+        "auto",
+        Choice(DEVICES),
+        "where Harmony runs: auto (the GPU when CuPy can use one, else the CPU), gpu (an error "
+        "when no GPU is usable) or cpu",
+    )
+
+    # Settings that a flavor ignores: (flavor, the parameters it ignores, the advice).
+    _IGNORED: ClassVar[tuple[tuple[str, tuple[str, ...], str], ...]] = (
+        (
+            "harmony2",
+            ("ridge_lambda",),
+            "'ridge_lambda' is ignored by flavor='harmony2' (its ridge is alpha * E); "
+            "use flavor='harmony1' for a fixed ridge.",
+        ),
+        (
+            "harmony1",
+            ("alpha", "batch_prune_threshold"),
+            "'alpha' and 'batch_prune_threshold' are ignored by flavor='harmony1'; "
+            "use flavor='harmony2' for the dynamic ridge and pruning.",
+        ),
+    )
+
+    @classmethod
+    def create(cls, **values: Any) -> HarmonyParams:
+        """Check ``values`` (any subset of the parameters) and return the parameters object.
+
+        Raises
+        ------
+        TypeError
+            An unknown parameter name, or a value of the wrong type.
+        ValueError
+            A value outside its allowed range.
+
+        Warns
+        -----
+        HarmonyParameterWarning
+            A parameter is set that the chosen flavor ignores.
+        """
+        return cls.resolve([("", values)], stacklevel=2)
+
+    @classmethod
+    def resolve(
+        cls, layers: Iterable[tuple[str, Mapping[str, Any]]], *, stacklevel: int = 1
+    ) -> HarmonyParams:
+        """Check every given value once, where it is given, and merge the layers (later ones win
+        over earlier ones and over the defaults) into the parameters object.
+
+        A value that a later layer replaces is still checked, so a bad entry in a parameter file
+        is an error even when a flag overrides it.
+
+        Parameters
+        ----------
+        layers
+            ``(origin, values)`` pairs, for example ``("--params 'p.yaml'", {...})``; an error
+            about a value is prefixed with the origin of the layer that gave it ("" for none).
+        stacklevel
+            Which frame the flavour warnings point at: 1 is the caller of this method, 2 its caller.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`create`, prefixed with the origin of the offending value.
+        """
+        checked = dict(DEFAULTS)
+        for where, values in layers:
+            unknown = sorted(set(values) - set(DEFAULTS), key=str)
+            if unknown:
+                raise TypeError(
+                    _prefixed(
+                        where,
+                        f"Unknown Harmony parameter(s) {unknown}. "
+                        f"Known parameters: {sorted(DEFAULTS)}.",
+                    )
+                )
+            for name, value in values.items():
+                try:
+                    checked[name] = KINDS[name].check(name, value)
+                except (TypeError, ValueError) as err:
+                    if not where:
+                        raise
+                    raise type(err)(_prefixed(where, str(err))) from err
+        params = cls(**checked)
+        for message in params._ignored_settings():
+            warnings.warn(message, HarmonyParameterWarning, stacklevel=stacklevel + 1)
+        return params
+
+    def _ignored_settings(self) -> list[str]:
+        """One message per group of parameters set away from its default but ignored by the flavor."""
+        return [
+            message
+            for flavor, names, message in self._IGNORED
+            if self.flavor == flavor and any(getattr(self, n) != DEFAULTS[n] for n in names)
+        ]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The working dtype as a NumPy dtype."""
+        return np.dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values by name (theta as a list), as written into outputs."""
+        out = dataclasses.asdict(self)
+        if isinstance(self.theta, tuple):
+            out["theta"] = list(self.theta)
+        return out
 
 
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"The {name!r} parameter must be a bool. Got {_describe(value)} instead.")
-    return bool(value)
+def _prefixed(where: str, message: str) -> str:
+    return f"{where}: {message}" if where else message
 
 
-_CHECKS = {
-    "basis": _check_str,
-    "adjusted_basis": _check_str,
-    "dtype": _check_dtype,
-    "flavor": _choice(FLAVORS),
-    "n_clusters": _check_n_clusters,
-    "max_iter_harmony": _int_at_least,
-    "max_iter_clustering": _int_at_least,
-    "tol_harmony": _non_negative,
-    "tol_clustering": _non_negative,
-    "sigma": _positive,
-    "theta": _check_theta,
-    "tau": _non_negative,
-    "ridge_lambda": _positive,
-    "alpha": _positive,
-    "batch_prune_threshold": _check_threshold,
-    "correction_method": _choice(CORRECTION_METHODS, allow_none=True),
-    "colsum_algo": _choice(COLSUM_ALGOS, allow_none=True),
-    "block_proportion": lambda n, v: _real(n, v, 0, 1, low_open=True, high_open=False),
-    "random_state": _check_seed,
-    "verbose": _check_bool,
-    "device": _choice(DEVICES),
-}
+PARAMETERS: tuple[ParameterSpec, ...] = tuple(
+    ParameterSpec(f.name, f.default, f.metadata["help"], f.metadata["kind"])
+    for f in dataclasses.fields(HarmonyParams)
+)
+"""The table, in the order of the public signature of ``harmony_integrate``."""
 
-
-def params_from_mapping(values: Mapping[str, Any]) -> HarmonyParams:
-    """Parameters from a config mapping (YAML), rejecting unknown keys by name."""
-    return HarmonyParams.create(**dict(values))
+DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
+KINDS: dict[str, Kind] = {p.name: p.kind for p in PARAMETERS}

@@ -1,8 +1,8 @@
 """What a run records in ``adata.uns['harmony']``: parameters used, convergence, timings, versions.
 
-Layout (every value is writable to h5ad; ``None`` is stored as the string ``"none"``)::
+Layout (every value is writable to h5ad; ``None`` is stored as such, which needs anndata >= 0.12)::
 
-    params       the parameters as given (theta as a list)
+    params       the checked parameters (theta as a list)
     keys         the batch keys, in order
     resolved     n_clusters, block_size, correction_method, random_state, device, device_name,
                  dtype, n_cells, n_pcs, n_levels (per key)
@@ -12,7 +12,8 @@ Layout (every value is writable to h5ad; ``None`` is stored as the string ``"non
     rounds       columns, one row per round (round 0 = initialisation):
                  round, inner_iterations, inner_converged, objective, kmeans, entropy, diversity
     timings      seconds per phase: setup, init, clustering, correction, total
-    versions     harmony_step, numpy, anndata, and cupy / CUDA on the GPU
+    versions     :func:`software_versions`: harmony_step, Python, the libraries that shape the
+                 result, and cupy / CUDA on the GPU
     peak_gpu_memory_bytes   high-water mark of CuPy's memory pool (0 on the CPU)
 """
 
@@ -26,29 +27,50 @@ from harmony_step._backend import Backend
 from harmony_step._batches import BatchDesign
 from harmony_step._core.result import HarmonyResult
 from harmony_step._params import HarmonyParams
+from harmony_step._version import __version__
+
+_LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "h5py", "scikit-learn")
 
 
-def _storable(value: Any) -> Any:
-    if value is None:
-        return "none"
-    if isinstance(value, dict):
-        return {k: _storable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable(v) for v in value]
-    return value
+def software_versions(backend: Backend) -> dict[str, str]:
+    """Versions of harmony-step, Python and the libraries that shape a result, by name.
+
+    The libraries are read from installed metadata (``"none"`` when one is not installed); on the
+    GPU, ``backend`` adds CuPy and the CUDA runtime and driver versions.
+    """
+    import platform
+    from importlib import metadata
+
+    versions = {"harmony_step": __version__, "python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "none"
+    versions.update(backend.versions())
+    return versions
 
 
 def build_provenance(
     result: HarmonyResult, design: BatchDesign, params: HarmonyParams, backend: Backend
 ) -> dict[str, Any]:
-    import importlib.metadata
+    """The ``uns['harmony']`` record of a run (layout in the module documentation).
 
-    from harmony_step import __version__
-
+    Parameters
+    ----------
+    result
+        What :func:`harmony_step._core.run_harmony` returned.
+    design
+        The batch design the run used (keys and level counts).
+    params
+        The checked parameters of the run.
+    backend
+        The backend the run used (device kind, name and versions).
+    """
     iterations = result.iterations
     rounds = result.rounds
     return {
-        "params": _storable(params.to_dict()),
+        "params": params.to_dict(),
         "keys": list(design.keys),
         "resolved": {
             "n_clusters": result.n_clusters,
@@ -83,10 +105,6 @@ def build_provenance(
             "diversity": np.array([r.objective.diversity for r in rounds]),
         },
         "timings": dict(result.timings),
-        "versions": {
-            "harmony_step": __version__,
-            "anndata": importlib.metadata.version("anndata"),
-            **backend.versions(),
-        },
+        "versions": software_versions(backend),
         "peak_gpu_memory_bytes": int(result.peak_pool_bytes),
     }

@@ -1,17 +1,14 @@
-"""``harmony_integrate``: AnnData in and out. Validation and data movement only, no arithmetic."""
+"""``harmony_integrate``: the public Python entry point. AnnData in and out, no arithmetic."""
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harmony_step._backend import select_backend
-from harmony_step._batches import BatchDesign, encode_batches, normalize_keys
-from harmony_step._core import run_harmony
-from harmony_step._core.setup import expand_theta
-from harmony_step._params import HarmonyParams
-from harmony_step._provenance import build_provenance
+from harmony_step._integrate import integrate
+from harmony_step._params import HarmonyParameterWarning, HarmonyParams
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -43,128 +40,172 @@ def harmony_integrate(
     verbose: bool = False,
     device: str = "auto",
 ) -> None:
-    """Remove batch effects from an embedding with Harmony (Korsunsky et al. 2019).
+    """Remove batch effects from an embedding with Harmony, on a GPU (CuPy) or the CPU (NumPy).
+
+    Harmony alternates two steps for up to ``max_iter_harmony`` rounds: a soft k-means
+    clustering of the cells that favours clusters mixing all batches, and a correction that
+    removes from each cell the batch offsets estimated within its clusters (a mixture of ridge
+    regressions). The default flavor, harmony2, bounds the diversity penalty, scales the ridge
+    with the expected counts and prunes rare batch-cluster pairs, which keeps distinct cell types
+    apart; ``flavor='harmony1'`` is the original algorithm. docs/algorithm.md in the source
+    repository describes every step and the numerical choices.
 
     Parameters
     ----------
     adata
-        Annotated data with the embedding in ``adata.obsm[basis]``, shape (n_cells, n_pcs).
+        Annotated data with the embedding in ``adata.obsm[basis]``, shape (n_cells, n_pcs),
+        usually a PCA. Only ``obs``, ``obsm[basis]`` and, on output, ``obsm[adjusted_basis]``
+        and ``uns['harmony']`` are touched; ``X`` is never read.
     key
-        One ``obs`` column or a list of them; each column is its own batch variable.
+        One ``obs`` column or a list of them, each a batch variable (for example donor and
+        chemistry); missing values are an error. Categories of a categorical column that no cell
+        uses are kept as empty levels.
     basis
         ``obsm`` key of the embedding to correct (never modified).
     adjusted_basis
-        ``obsm`` key the corrected embedding is written to.
+        ``obsm`` key the corrected embedding is written to (replaced when it exists).
     dtype
-        Working precision, ``numpy.float64`` or ``numpy.float32`` (half the memory, faster on GPUs).
+        Working precision, ``numpy.float64`` or ``numpy.float32`` (half the memory, faster on
+        GPUs; sums over cells are accumulated in float64 either way).
     flavor
         ``'harmony2'``: stabilized diversity penalty, ridge ``alpha * E`` and pruning of rare
-        batch-cluster pairs. ``'harmony1'``: the original penalty with a fixed ridge.
+        batch-cluster pairs (Patikas et al. 2026). ``'harmony1'``: the original penalty with a
+        fixed ridge ``ridge_lambda`` (Korsunsky et al. 2019).
     n_clusters
-        Number of soft clusters K. Default ``min(100, N / 30)``, at least 2, at most N.
+        Number of soft clusters K. ``None``: ``min(100, n_cells / 30)``, at least 2, at most
+        n_cells. More clusters correct more locally.
     max_iter_harmony
         Maximum outer rounds (clustering, then correction).
     max_iter_clustering
         Maximum clustering iterations per round.
     tol_harmony
-        Outer loop stops when the objective falls by less than this fraction between rounds.
+        The rounds stop when the objective falls by less than this fraction of its value between
+        two rounds. Smaller runs more rounds.
     tol_clustering
-        Clustering stops when the windowed objective falls by less than this fraction.
+        Clustering in a round stops when the objective, summed over the last three iterations,
+        falls by less than this fraction. Smaller runs more iterations.
     sigma
-        Soft k-means temperature; larger values give softer assignments.
+        Soft k-means temperature (on squared cosine distances, so unitless). Larger values give
+        softer assignments, spreading each cell over more clusters.
     theta
-        Diversity penalty weight: one number, one per key, or one per batch level. Larger values
-        mix batches more strongly; 0 switches the penalty off for those levels.
+        Diversity penalty weight (unitless): one number, one per key, or one per batch level.
+        Larger values mix batches more strongly; 0 switches the penalty off for those levels.
     tau
-        Discount of ``theta`` for batches with few cells (expected cells per cluster); 0 = off.
+        Discounts ``theta`` for batches with few cells: a batch with about ``K * tau`` cells
+        keeps 63 % of its weight, a much smaller one almost none. 0 switches the discount off.
     ridge_lambda
         Ridge penalty of the correction, harmony1 only; larger values correct less.
     alpha
-        harmony2's ridge is ``alpha`` times the expected batch-cluster counts.
+        harmony2's ridge is ``alpha`` times the expected batch-cluster counts; larger values
+        correct less.
     batch_prune_threshold
-        harmony2: a batch takes no part in a cluster's correction when less than this fraction of
-        its cells is in the cluster. ``None`` switches pruning off.
+        harmony2: a batch takes no part in a cluster's correction when less than this fraction
+        of its cells is in the cluster. ``None`` switches pruning off.
     correction_method
         ``'original'``, ``'fast'``, ``'batched'``, or ``None`` to choose by memory. All give the
         same result up to rounding.
     colsum_algo
-        Accepted for compatibility with rapids-singlecell; every sum here is computed in a fixed
-        order, so it does not change results.
+        Accepted so that calls written for rapids-singlecell keep working; it has no effect here
+        (every sum is computed in a fixed order), and a warning says so when it is set.
     block_proportion
-        Fraction of cells updated together in each block of the clustering step.
+        Fraction of cells updated together in each block of the clustering step, in (0, 1].
     random_state
-        Integer seed: the same input, parameters and seed on the same device give bitwise-identical
-        output. ``None`` draws a seed (recorded in ``uns['harmony']``).
+        Integer seed: the same input, parameters and seed on the same device give
+        bitwise-identical output. ``None`` draws a seed, recorded in ``uns['harmony']``.
     verbose
         Print one line per round and the convergence outcome.
     device
-        ``'auto'`` (GPU when CuPy can use one, else CPU), ``'gpu'`` or ``'cpu'``.
+        ``'auto'`` (the GPU when CuPy can use one, else the CPU), ``'gpu'`` or ``'cpu'``.
 
     Returns
     -------
-    None. Writes ``adata.obsm[adjusted_basis]`` (NumPy array of ``dtype``, same shape as the basis)
-    and ``adata.uns['harmony']`` (parameters used, convergence history, timings, versions).
+    None
+        Writes ``adata.obsm[adjusted_basis]``, a NumPy array of ``dtype`` with the shape of the
+        basis, and ``adata.uns['harmony']``: the parameters used, the resolved settings, the
+        objective of every iteration, timings in seconds, software versions and the device.
+        On any error ``adata`` is left as it was.
+
+    Raises
+    ------
+    KeyError
+        ``basis`` is not in ``adata.obsm``, or a ``key`` is not a column of ``adata.obs``; the
+        message lists what exists.
+    TypeError
+        A parameter of the wrong type, or a sparse or non-numeric embedding.
+    ValueError
+        A parameter out of range (for example ``sigma <= 0``, ``n_clusters`` above n_cells,
+        ``theta`` of a length that is neither 1, the number of keys nor the number of levels),
+        an embedding that is not 2-D, has fewer than 2 cells or holds NaN or infinite values,
+        a key column with missing values, or an unknown ``colsum_algo``.
+    harmony_step._backend.GPUUnavailableError
+        ``device='gpu'`` and CuPy cannot use a GPU here.
 
     Warns
     -----
     HarmonyConvergenceWarning
         The outer loop reached ``max_iter_harmony`` rounds without converging.
+    HarmonyParameterWarning
+        A parameter is set that the flavor ignores (``ridge_lambda`` with harmony2, ``alpha`` or
+        ``batch_prune_threshold`` with harmony1), or ``colsum_algo`` is set.
+
+    References
+    ----------
+    Korsunsky I, Millard N, Fan J, Slowikowski K, Zhang F, Wei K, Baglaenko Y, Brenner M, Loh P,
+    Raychaudhuri S. Fast, sensitive and accurate integration of single-cell data with Harmony.
+    Nat Methods 16, 1289-1296 (2019). doi:10.1038/s41592-019-0619-0
+
+    Patikas N, et al. Harmony2 (2026), the stabilized penalty, dynamic ridge and pruning of the
+    default flavor. bioRxiv preprint, doi:10.64898/2026.03.16.711825
+
+    Examples
+    --------
+    >>> import anndata as ad
+    >>> import numpy as np
+    >>> import pandas as pd
+    >>> from harmony_step import harmony_integrate
+    >>> rng = np.random.default_rng(0)
+    >>> obs = pd.DataFrame(
+    ...     {"donor": rng.choice(["a", "b", "c"], 600), "chemistry": rng.choice(["v2", "v3"], 600)},
+    ...     index=[f"cell{i}" for i in range(600)],
+    ... )
+    >>> adata = ad.AnnData(obs=obs, obsm={"X_pca": rng.normal(size=(600, 20))})
+    >>> harmony_integrate(adata, "donor", device="cpu")
+    >>> adata.obsm["X_pca_harmony"].shape
+    (600, 20)
+    >>> adata.uns["harmony"]["resolved"]["n_clusters"]
+    20
+
+    Two batch variables, one penalty weight each, in single precision:
+
+    >>> harmony_integrate(adata, ["donor", "chemistry"], theta=[2.0, 1.0], dtype=np.float32)
+    >>> adata.obsm["X_pca_harmony"].dtype
+    dtype('float32')
     """
-    params = HarmonyParams.create(
-        basis=basis, adjusted_basis=adjusted_basis, dtype=dtype, flavor=flavor,
-        n_clusters=n_clusters, max_iter_harmony=max_iter_harmony,
-        max_iter_clustering=max_iter_clustering, tol_harmony=tol_harmony,
-        tol_clustering=tol_clustering, sigma=sigma, theta=theta, tau=tau,
-        ridge_lambda=ridge_lambda, alpha=alpha, batch_prune_threshold=batch_prune_threshold,
-        correction_method=correction_method, colsum_algo=colsum_algo,
-        block_proportion=block_proportion, random_state=random_state, verbose=verbose,
-        device=device,
-    )  # fmt: skip
-    embedding, design = _checked_inputs(adata, key, params)
-    backend = select_backend(params.device)
-    result = run_harmony(embedding, design, params, backend)
-    adata.obsm[params.adjusted_basis] = result.embedding
-    adata.uns["harmony"] = build_provenance(result, design, params, backend)
-
-
-def _checked_inputs(
-    adata: AnnData, key: Any, params: HarmonyParams
-) -> tuple[np.ndarray, BatchDesign]:
-    """The embedding as a C-contiguous array of the working dtype, and the batch design; raises on bad input."""
-    keys = normalize_keys(key)
-    if params.basis not in adata.obsm:
-        raise KeyError(
-            f"Basis {params.basis!r} is not in adata.obsm. Available keys: {list(adata.obsm.keys())}. "
-            "Run PCA first or pass basis=<key>."
+    if colsum_algo is not None:
+        if colsum_algo not in _COLSUM_ALGOS:
+            allowed = ", ".join(repr(a) for a in _COLSUM_ALGOS)
+            raise ValueError(
+                f"The 'colsum_algo' parameter must be one of {allowed} or None. "
+                f"Got {colsum_algo!r} instead."
+            )
+        warnings.warn(
+            f"colsum_algo={colsum_algo!r} has no effect in harmony-step: every sum is computed in "
+            "a fixed order. Leave it out.",
+            HarmonyParameterWarning,
+            stacklevel=2,
         )
-    embedding = _embedding_array(adata.obsm[params.basis], params)
-    design = encode_batches(adata.obs, keys)
-    expand_theta(params.theta, design)  # raises on a wrong length
-    if params.n_clusters is not None and params.n_clusters > embedding.shape[0]:
-        raise ValueError(
-            f"The 'n_clusters' parameter must be in [1, n_cells={embedding.shape[0]}]. "
-            f"Got {params.n_clusters} instead."
-        )
-    return embedding, design
+    values = {
+        "basis": basis, "adjusted_basis": adjusted_basis, "dtype": dtype, "flavor": flavor,
+        "n_clusters": n_clusters, "max_iter_harmony": max_iter_harmony,
+        "max_iter_clustering": max_iter_clustering, "tol_harmony": tol_harmony,
+        "tol_clustering": tol_clustering, "sigma": sigma, "theta": theta, "tau": tau,
+        "ridge_lambda": ridge_lambda, "alpha": alpha,
+        "batch_prune_threshold": batch_prune_threshold, "correction_method": correction_method,
+        "block_proportion": block_proportion, "random_state": random_state, "verbose": verbose,
+        "device": device,
+    }  # fmt: skip
+    integrate(adata, key, HarmonyParams.resolve([("", values)], stacklevel=2))
 
 
-def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
-    """The embedding as stored (shape and kind checked); finiteness and the dtype cast are checked
-    on the device by the core, where they are cheap for large inputs."""
-    if hasattr(raw, "toarray") or hasattr(raw, "tocsr"):
-        raise TypeError(f"adata.obsm[{params.basis!r}] is sparse; Harmony needs a dense embedding.")
-    if hasattr(raw, "to_numpy"):
-        raw = raw.to_numpy()
-    if hasattr(raw, "get") and not isinstance(raw, np.ndarray):
-        raw = raw.get()  # a CuPy array
-    array = np.asarray(raw)
-    name = f"adata.obsm[{params.basis!r}]"
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_cells, n_pcs). Got shape {array.shape}.")
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name} must be numeric. Got dtype {array.dtype}.")
-    if array.shape[0] < 2:
-        raise ValueError(f"{name} has {array.shape[0]} cell(s); Harmony needs at least 2.")
-    if array.shape[1] < 1:
-        raise ValueError(f"{name} has no columns; Harmony needs at least one dimension.")
-    return np.ascontiguousarray(array)
+# rapids-singlecell's names for its column-sum kernels; accepted and ignored.
+_COLSUM_ALGOS = ("columns", "atomics", "gemm", "benchmark")

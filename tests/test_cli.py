@@ -423,7 +423,7 @@ def test_full_run_output_is_the_input_plus_the_result(full_run, pbmc):
     assert int(harmony["n_rounds"]) == 2
     metrics = harmony["metrics"]
     assert metrics["after"]["ilisi_median"] > metrics["before"]["ilisi_median"]
-    assert metrics["settings"]["label_key"] == "none"
+    assert metrics["settings"]["label_key"] is None
 
 
 def test_full_run_convergence_table(full_run):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from anndata.io import write_elem
 
-from harmony_step._io import (
+from harmony_step._step.files import (
     H5adError,
     StagedOutputs,
     check_output_path,

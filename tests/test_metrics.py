@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harmony_step._metrics import (
+from harmony_step._step.metrics import (
     SAMPLE_SIZE,
     lisi,
     metrics_before_after,

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from harmony_step import HarmonyConvergenceWarning, harmony_integrate
-from harmony_step._report import (
+from harmony_step._step.reports import (
     CONVERGENCE_COLUMNS,
     build_summary,
     container_kind,

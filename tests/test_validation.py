@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harmony_step import harmony_integrate
+from harmony_step import HarmonyParameterWarning, HarmonyParams, harmony_integrate
 from harmony_step._backend import GPUUnavailableError, gpu_available
 
 
@@ -154,8 +154,7 @@ def test_basis_must_be_two_dimensional():
 
 def test_one_dimensional_basis_from_a_file_is_rejected():
     # AnnData reshapes 1-D obsm values to one column; an array read straight from a file is not.
-    from harmony_step._params import HarmonyParams
-    from harmony_step.api import _embedding_array
+    from harmony_step._integrate import _embedding_array
 
     with pytest.raises(ValueError, match=r"must be 2-D \(n_cells, n_pcs\). Got shape \(60,\)"):
         _embedding_array(np.zeros(60), HarmonyParams.create())
@@ -200,3 +199,23 @@ def test_prefaulted_host_buffer_has_the_requested_layout():
         assert out.shape == shape
         assert out.dtype == dtype
         assert out.flags.c_contiguous
+
+
+def test_colsum_algo_is_accepted_with_a_warning_and_not_recorded():
+    adata = small_adata()
+    with pytest.warns(HarmonyParameterWarning, match="colsum_algo='gemm' has no effect"):
+        harmony_integrate(adata, "batch", colsum_algo="gemm", max_iter_harmony=1, device="cpu")
+    assert "colsum_algo" not in adata.uns["harmony"]["params"]
+
+
+def test_layers_are_merged_and_checked_once_naming_where_a_bad_value_came_from():
+    layers = [("--params 'p.yaml'", {"sigma": 0.2, "tau": 1, "ridge_lambda": 2.0}),
+              ("", {"sigma": 0.3, "ridge_lambda": 3.0})]  # fmt: skip
+    with pytest.warns(HarmonyParameterWarning) as shown:
+        params = HarmonyParams.resolve(layers)
+    assert len(shown) == 1
+    assert (params.sigma, params.tau, params.ridge_lambda) == (0.3, 1.0, 3.0)
+    with pytest.raises(ValueError, match=r"^--params 'p.yaml': The 'tau' parameter must be"):
+        HarmonyParams.resolve([("--params 'p.yaml'", {"tau": -1})])
+    with pytest.raises(TypeError, match=r"^--params 'p.yaml': Unknown Harmony parameter"):
+        HarmonyParams.resolve([("--params 'p.yaml'", {"colsum_algo": None})])

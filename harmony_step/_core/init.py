@@ -1,4 +1,4 @@
-"""Initialisation (spec section 4): stratified sample, k-means++ and Lloyd, then soft assignments.
+"""Initialisation (docs/algorithm.md §4): stratified sample, k-means++ and Lloyd, then soft assignments.
 
 The k-means runs in float64 on the sampled rows whatever the working dtype; it is a small share of
 the work and makes the starting centroids independent of the dtype.

@@ -1,4 +1,4 @@
-"""The Harmony objective and the diversity penalty (spec sections 5 and 6), per flavor."""
+"""The Harmony objective and the diversity penalty (docs/algorithm.md §5 and §6), per flavor."""
 
 from __future__ import annotations
 

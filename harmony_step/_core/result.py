@@ -9,7 +9,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveParts:
-    """The objective J = kmeans + entropy + diversity (spec section 6), in float64."""
+    """The objective J = kmeans + entropy + diversity (docs/algorithm.md §6), in float64."""
 
     kmeans: float
     entropy: float

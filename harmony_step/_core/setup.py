@@ -1,4 +1,4 @@
-"""Set-up quantities derived once from the input (spec section 3): K, block size, theta, Pr."""
+"""Set-up quantities derived once from the input (docs/algorithm.md §3): K, block size, theta, Pr."""
 
 from __future__ import annotations
 

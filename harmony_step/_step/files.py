@@ -1,4 +1,4 @@
-"""h5ad input and output for the command line: read only what Harmony needs, write atomically.
+"""The step's files: read only what Harmony needs from an h5ad file, check and write outputs atomically.
 
 Reading opens the file with h5py and decodes just ``obsm/<basis>``, the requested ``obs`` columns
 and the ``obs`` index with anndata's element reader, so ``X``, layers and everything else are never
@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,20 +27,9 @@ if TYPE_CHECKING:
     import h5py
     from anndata import AnnData
 
-_HASH_CHUNK_BYTES = 8 << 20  # large reads keep hashing I/O-bound without holding the file in memory
-
 
 class H5adError(ValueError):
     """The input is not a readable h5ad file (not HDF5, truncated, or not in the AnnData layout)."""
-
-
-def _elem_io() -> tuple[Any, Any]:
-    """anndata's element reader and writer (``anndata.io`` since 0.11, ``anndata.experimental`` before)."""
-    try:
-        from anndata.io import read_elem, write_elem
-    except ImportError:  # anndata 0.10
-        from anndata.experimental import read_elem, write_elem
-    return read_elem, write_elem
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -131,8 +120,8 @@ def _group(handle: h5py.File, name: str, path: Any) -> h5py.Group:
 
 def _read_obs(handle: h5py.File, columns: list[str], path: Any) -> Any:
     import pandas as pd
+    from anndata.io import read_elem
 
-    read_elem, _ = _elem_io()
     obs = _group(handle, "obs", path)
     index_name = obs.attrs.get("_index", "_index")
     available = [name for name in obs if name != index_name and name != "__categories"]
@@ -151,7 +140,8 @@ def _read_obs(handle: h5py.File, columns: list[str], path: Any) -> Any:
 
 
 def _read_embedding(handle: h5py.File, basis: str, n_obs: int, path: Any) -> Any:
-    read_elem, _ = _elem_io()
+    from anndata.io import read_elem
+
     obsm = _group(handle, "obsm", path)
     if basis not in obsm:
         raise KeyError(
@@ -172,12 +162,9 @@ def _read_embedding(handle: h5py.File, basis: str, n_obs: int, path: Any) -> Any
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks so memory stays flat for any file size."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file, read in blocks so memory stays flat for any file size."""
     with open(path, "rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 # --- checking destinations before any work ------------------------------------------------------
@@ -220,6 +207,41 @@ def check_output_path(path: str | os.PathLike[str], what: str) -> None:
         ) from err
     os.close(descriptor)
     os.unlink(probe)
+
+
+def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
+    """Fail before any work when the input is missing or an output cannot be written.
+
+    Parameters
+    ----------
+    input_path
+        The file the run reads.
+    outputs
+        The files the run writes, by role ("output", "summary", ...), as named in messages.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+        See :func:`check_output_path`.
+    ValueError
+        An output is the input file, or two outputs share a path.
+    """
+    if not input_path.exists():
+        raise FileNotFoundError(f"Input file {str(input_path)!r} does not exist.")
+    seen: dict[Path, str] = {}
+    for role, path in outputs.items():
+        resolved = path.resolve()
+        if resolved == input_path.resolve():
+            raise ValueError(
+                f"The {role} {str(path)!r} is the input file; the input is never modified, "
+                "choose another file name."
+            )
+        if resolved in seen:
+            raise ValueError(
+                f"The {seen[resolved]} and the {role} are the same file {str(path)!r}."
+            )
+        seen[resolved] = role
+        check_output_path(path, role)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -316,8 +338,8 @@ def write_into_copy(
     being decoded, so memory use does not depend on the size of ``X``.
     """
     import h5py
+    from anndata.io import write_elem
 
-    _, write_elem = _elem_io()
     shutil.copyfile(source, target)
     with h5py.File(target, "r+") as handle:
         for group in ("obsm", "uns"):

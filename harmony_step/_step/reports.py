@@ -1,7 +1,7 @@
 """Run reports: the convergence table (TSV), the run summary (JSON) and the convergence plot (PNG).
 
-Everything here reads the ``uns['harmony']`` block written by :func:`harmony_step.harmony_integrate`
-(layout in :mod:`harmony_step._provenance`) and returns text or draws into a file; the command line
+Everything here reads the ``uns['harmony']`` block of a run (layout in
+:mod:`harmony_step._provenance`) and returns text or draws into a file; :mod:`harmony_step._step.run`
 decides where the files go and writes them atomically.
 """
 
@@ -76,20 +76,6 @@ def environment() -> dict[str, str]:
     }
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the Python libraries that shape the result, read from installed metadata."""
-    import platform
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for name in ("numpy", "scipy", "pandas", "anndata", "h5py", "scikit-learn"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "none"
-    return versions
-
-
 def build_summary(
     harmony_uns: Mapping[str, Any],
     *,
@@ -119,7 +105,6 @@ def build_summary(
     resolved = harmony_uns["resolved"]
     rounds = harmony_uns["rounds"]
     objective = np.asarray(harmony_uns["iterations"]["objective"])
-    versions = {**library_versions(), **_plain(harmony_uns["versions"], from_uns=True)}
     summary = {
         "converged": bool(harmony_uns["converged"]),
         "n_rounds": int(harmony_uns["n_rounds"]),
@@ -131,36 +116,31 @@ def build_summary(
         ],
         "final_objective": float(objective[-1]) if objective.size else None,
         "parameters": _plain(parameters),
-        "resolved": _plain(resolved, from_uns=True),
+        "resolved": _plain(resolved),
         "device": {"kind": str(resolved["device"]), "name": str(resolved["device_name"])},
-        "versions": versions,
+        "versions": _plain(harmony_uns["versions"]),
         "input_sha256": input_sha256,
         "seconds": {name: round(float(value), 6) for name, value in seconds.items()},
-        "harmony_seconds": _plain(harmony_uns["timings"], from_uns=True),
+        "harmony_seconds": _plain(harmony_uns["timings"]),
         "peak_gpu_memory_bytes": int(harmony_uns["peak_gpu_memory_bytes"]),
-        "metrics": _plain(metrics, from_uns=True),
+        "metrics": _plain(metrics),
         "environment": environment(),
     }
     summary.update(_plain(extra or {}))
     return summary
 
 
-def _plain(value: Any, *, from_uns: bool = False) -> Any:
-    """JSON-ready copy: NumPy scalars and arrays become Python values, NaN becomes null.
-
-    With ``from_uns``, the string ``"none"`` (how ``uns`` stores None) also becomes null.
-    """
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: NumPy scalars and arrays become Python values, NaN becomes null."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v, from_uns=from_uns) for k, v in value.items()}
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, np.ndarray):
-        return [_plain(v, from_uns=from_uns) for v in value.tolist()]
+        return [_plain(v) for v in value.tolist()]
     if isinstance(value, list | tuple):
-        return [_plain(v, from_uns=from_uns) for v in value]
+        return [_plain(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if from_uns and isinstance(value, str) and value == "none":
         return None
     return value
 

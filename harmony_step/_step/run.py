@@ -1,0 +1,199 @@
+"""One run of the step: check the paths, read, integrate, measure, hash, write atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from harmony_step._integrate import integrate
+from harmony_step._params import HarmonyParams
+from harmony_step._step.files import (
+    StagedOutputs,
+    check_paths,
+    read_harmony_inputs,
+    sha256_file,
+    write_into_copy,
+    write_small_h5ad,
+    write_text,
+)
+from harmony_step._step.progress import PROGRESS_LOGGER
+from harmony_step._step.request import StepRequest
+from harmony_step._version import __version__
+
+progress_log = logging.getLogger(PROGRESS_LOGGER)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutcome:
+    """How a run ended: convergence, rounds, and wall time per phase in seconds."""
+
+    converged: bool
+    n_rounds: int
+    seconds: dict[str, float]
+
+
+@contextmanager
+def _phase(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def run_step(
+    request: StepRequest, params: HarmonyParams, *, started: float | None = None
+) -> StepOutcome:
+    """Carry out one run; every output appears together at the end, or none does.
+
+    Parameters
+    ----------
+    request
+        The files and options.
+    params
+        The checked Harmony parameters (:meth:`HarmonyParams.resolve`); not checked again.
+    started
+        ``time.perf_counter()`` when the run was asked for, so that the total time in the summary
+        includes the start-up (default: now).
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+        The input is missing or an output cannot be written (before any work).
+    KeyError
+        The basis or a column is not in the input.
+    ValueError
+        A malformed input (:class:`~harmony_step._step.files.H5adError`), missing labels, or what
+        :func:`harmony_step.harmony_integrate` rejects.
+    """
+    started = time.perf_counter() if started is None else started
+    seconds: dict[str, float] = {}
+    check_paths(request.input, request.outputs())
+    with _phase(seconds, "read"):
+        adata = read_harmony_inputs(request.input, params.basis, request.columns)
+    _check_labels(adata, request.label_key)
+    before = adata.obsm[params.basis]
+    with _phase(seconds, "compute"):
+        integrate(adata, request.keys, params)
+    harmony = adata.uns["harmony"]
+    with _phase(seconds, "metrics"):
+        harmony["metrics"] = _integration_metrics(request, adata, before, params, harmony)
+    with _phase(seconds, "hash"):
+        input_sha256 = sha256_file(request.input)
+    with StagedOutputs() as staged:
+        with _phase(seconds, "write"):
+            _write_h5ad(staged, request, adata, params)
+            _write_reports(staged, request, harmony)
+        seconds["total"] = time.perf_counter() - started
+        if request.summary:
+            _write_summary(staged, request, adata, params, input_sha256, seconds)
+        staged.commit()
+    outcome = StepOutcome(bool(harmony["converged"]), int(harmony["n_rounds"]), seconds)
+    state = "converged" if outcome.converged else "did not converge"
+    progress_log.info(
+        f"done: {state} after {outcome.n_rounds} round(s) in {seconds['total']:.1f} s; "
+        f"wrote {request.output}"
+    )
+    return outcome
+
+
+def _check_labels(adata: Any, label_key: str | None) -> None:
+    if label_key is None:
+        return
+    missing = int(adata.obs[label_key].isna().sum())
+    if missing:
+        raise ValueError(
+            f"Label key {label_key!r} has {missing} missing value(s); fill them or drop those cells, "
+            "or leave out --label-key."
+        )
+
+
+def _integration_metrics(
+    request: StepRequest,
+    adata: Any,
+    before: Any,
+    params: HarmonyParams,
+    harmony: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Metrics before and after correction; empty before/after when metrics_cells is 0."""
+    from harmony_step._step.metrics import metrics_before_after
+
+    if request.metrics_cells == 0:
+        return {"before": {}, "after": {}, "settings": {"skipped": "--metrics-cells 0"}}
+    batch_key = request.keys[0]
+    return metrics_before_after(
+        before,
+        adata.obsm[params.adjusted_basis],
+        adata.obs[batch_key],
+        adata.obs[request.label_key] if request.label_key else None,
+        batch_key=batch_key,
+        label_key=request.label_key,
+        seed=int(harmony["resolved"]["random_state"]),
+        sample_size=request.metrics_cells,
+    )
+
+
+def _write_h5ad(
+    staged: StagedOutputs, request: StepRequest, adata: Any, params: HarmonyParams
+) -> None:
+    target = staged.temporary(request.output)
+    if request.embedding_only:
+        write_small_h5ad(target, adata)
+    else:
+        adjusted = params.adjusted_basis
+        write_into_copy(
+            request.input,
+            target,
+            {adjusted: adata.obsm[adjusted]},
+            {"harmony": adata.uns["harmony"]},
+        )
+
+
+def _write_reports(staged: StagedOutputs, request: StepRequest, harmony: Mapping[str, Any]) -> None:
+    from harmony_step._step.reports import convergence_tsv, plot_convergence
+
+    if request.convergence:
+        write_text(staged.temporary(request.convergence), convergence_tsv(harmony))
+    if request.plot:
+        plot_convergence(harmony, staged.temporary(request.plot))
+
+
+def _write_summary(
+    staged: StagedOutputs,
+    request: StepRequest,
+    adata: Any,
+    params: HarmonyParams,
+    input_sha256: str,
+    seconds: Mapping[str, float],
+) -> None:
+    from harmony_step._step.reports import build_summary, summary_json
+
+    assert request.summary is not None
+    harmony = adata.uns["harmony"]
+    # ru_maxrss is in KiB on Linux
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = build_summary(
+        harmony,
+        parameters=params.to_dict(),
+        metrics=harmony["metrics"],
+        input_sha256=input_sha256,
+        seconds=seconds,
+        extra={
+            "harmony_step_version": __version__,
+            "command": list(request.command),
+            "input": str(request.input),
+            "output": str(request.output),
+            "embedding_only": bool(request.embedding_only),
+            "keys": list(request.keys),
+            "label_key": request.label_key,
+            "n_cells": int(adata.n_obs),
+            "n_pcs": int(adata.obsm[params.basis].shape[1]),
+            "peak_host_memory_bytes": int(peak_host),
+        },
+    )
+    write_text(staged.temporary(request.summary), summary_json(summary))
