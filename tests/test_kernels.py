@@ -200,3 +200,29 @@ def test_gpu_one_hot_matches_reference(n, levels):
     ref = kernels.one_hot(np, codes, sum(levels))
     np.testing.assert_array_equal(gpu.get(), ref)
     assert np.all(ref.sum(1) == len(levels))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "k", "levels"), [(1, 1, (1,)), (5000, 100, (8,)), (777, 30, (3, 2))])
+def test_gpu_correct_rows_matches_reference(n, k, levels, dtype):
+    import cupy
+
+    rng = np.random.default_rng(6)
+    offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
+    codes = np.stack(
+        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+    ).astype(np.int32)
+    x = rng.normal(size=(n, 20)).astype(dtype)
+    r = rng.dirichlet(np.ones(k), n).astype(dtype)
+    weights = rng.normal(size=(sum(levels), k, 20)).astype(dtype)
+    cells = [np.flatnonzero((codes == b).any(axis=1)) for b in range(sum(levels))]
+    ref = np.empty_like(x)
+    kernels.correct_rows(np, x, r, weights, codes, cells, ref)
+    gpu = cupy.empty_like(cupy.asarray(x))
+    kernels.correct_rows(
+        cupy, cupy.asarray(x), cupy.asarray(r), cupy.asarray(weights), cupy.asarray(codes),
+        None, gpu,
+    )  # fmt: skip
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(gpu.get(), ref, rtol=tol, atol=tol)

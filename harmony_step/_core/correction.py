@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from harmony_step._batches import BatchDesign
+from harmony_step._core import kernels
 from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums
 
 # A cluster whose total mass is below this fraction of N gets no correction (docs/algorithm.md §8.2).
@@ -226,13 +227,11 @@ def cross_counts(
 
 
 def apply_correction(
-    xp: Any, x: Any, assignments: Any, weights: np.ndarray, index: LevelIndex, out: Any
+    xp: Any, x: Any, assignments: Any, weights: np.ndarray, codes: Any, index: LevelIndex, out: Any
 ) -> None:
-    """out = x - sum_k R_ik sum_c W_k[b_c(i)], level by level (each cell once per key)."""
-    out[...] = x
-    step = chunk_rows(x.shape[0])
-    for b, cells in enumerate(index.cells):
-        w_b = xp.asarray(weights[:, b, :], dtype=x.dtype)  # (K, d)
-        for start in range(0, cells.shape[0], step):
-            chunk = cells[start : start + step]
-            out[chunk] -= assignments[chunk] @ w_b
+    """out = x - sum_c sum_k R_ik W_k[b_c(i)]: each cell's predicted batch effect removed, per key.
+
+    ``weights`` (K, B, d) host float64; ``codes`` (N, C) int32 on the device.
+    """
+    per_level = xp.asarray(np.ascontiguousarray(weights.transpose(1, 0, 2)), dtype=x.dtype)
+    kernels.correct_rows(xp, x, assignments, per_level, codes, index.cells, out)

@@ -398,6 +398,50 @@ def _log_penalty_reference(observed, level_share, theta, first_key_levels, flavo
 
 
 @functools.cache
+def _correct_rows_kernel() -> Any:
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "raw T x, raw T assignments, raw T weights, raw int32 codes, int32 n_clusters, "
+        "int32 n_pcs, int32 n_keys",
+        "T out",
+        """
+        const long long row = i / n_pcs;
+        const int j = i % n_pcs;
+        const T* r = &assignments[row * n_clusters];
+        T effect = 0;
+        for (int c = 0; c < n_keys; ++c) {
+            const T* w = &weights[(long long)codes[row * n_keys + c] * n_clusters * n_pcs + j];
+            for (int k = 0; k < n_clusters; ++k) effect += r[k] * w[(long long)k * n_pcs];
+        }
+        out = x[i] - effect;
+        """,
+        "harmony_correct_rows",
+    )
+
+
+def correct_rows(
+    xp: Any, x: Any, assignments: Any, weights: Any, codes: Any, level_cells: Any, out: Any
+) -> None:
+    """out_i = x_i - sum_c R_i W[b_c(i)] for every cell, in one pass (docs/algorithm.md §8).
+
+    ``x`` and ``out`` (N, d), ``assignments`` (N, K), ``weights`` (B, K, d), all in the working
+    dtype; ``codes`` (N, C) int32; ``level_cells`` the cells of each level (used on the CPU, where
+    one GEMM per level is the fast way).
+    """
+    if xp is np:
+        out[...] = x
+        for b, cells in enumerate(level_cells):
+            out[cells] -= assignments[cells] @ weights[b]
+        return
+    n_pcs = x.shape[1]
+    _correct_rows_kernel()(
+        x, assignments, weights, codes, np.int32(assignments.shape[1]), np.int32(n_pcs),
+        np.int32(codes.shape[1]), out,
+    )  # fmt: skip
+
+
+@functools.cache
 def _one_hot_kernel() -> Any:
     import cupy
 

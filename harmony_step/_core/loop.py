@@ -170,7 +170,7 @@ def _correct(
         intercept=moments[: problem.first_key_levels].sum(axis=0), cluster_sizes=sizes, cross=cross,
     )  # fmt: skip
     weights = coefficients(method, stats, problem.n_cells)
-    apply_correction(xp, x, state.assignments, weights, index, out=state.z_hat)
+    apply_correction(xp, x, state.assignments, weights, state.codes, index, out=state.z_hat)
 
 
 def _report_round(params: HarmonyParams, record: RoundRecord) -> None:

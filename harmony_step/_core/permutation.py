@@ -40,8 +40,12 @@ def group_blocks_by_level(xp: Any, order: Any, levels: Any, n_levels: int, block
 
     The cells of one block are updated together, so their order within the block changes
     nothing in the algorithm; grouped by their key-0 level, a block's mass adds up in registers
-    (``kernels.block_update``). The sort keys are unique, so any sort gives this order.
+    (``kernels.block_update``). The sort is stable (CuPy's always is), so the order is defined.
     """
-    position = xp.arange(order.shape[0], dtype=xp.int64)
-    keys = ((position // block_size) * n_levels + levels[order]) * order.shape[0] + position
+    n_blocks = -(-order.shape[0] // block_size)
+    key_dtype = xp.int32 if n_blocks * n_levels < 2**31 else xp.int64
+    block = xp.arange(order.shape[0], dtype=key_dtype) // block_size
+    keys = block * n_levels + levels[order].astype(key_dtype)
+    if xp is np:
+        return order[np.argsort(keys, kind="stable")]
     return order[xp.argsort(keys)]
