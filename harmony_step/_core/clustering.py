@@ -35,10 +35,6 @@ class ClusteringState:
     centroid_sums: Any  # (K, d) float64
     row_entropy: Any  # (N,) float64, sum_k R log(R + eps) of each cell
 
-    @property
-    def first_levels(self) -> Any:
-        return self.codes[:, 0]
-
 
 @dataclasses.dataclass(frozen=True)
 class ClusteringConstants:
@@ -77,7 +73,7 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
     centroids_t = xp.ascontiguousarray(centroids64.astype(state.z_hat.dtype).T)
     size, scale = consts.block_size, 2.0 / consts.sigma
     order = group_blocks_by_level(
-        xp, cell_order(xp, state.z_hat.shape[0], seed), state.first_levels,
+        xp, cell_order(xp, state.z_hat.shape[0], seed), state.codes,
         consts.first_key_levels, size,
     )  # fmt: skip
     # The first block's old mass leaves O here; each launch below removes the next block's.

@@ -43,13 +43,15 @@ __device__ __forceinline__ long long fixed_point(const double r) {
     return __double2ll_rn(r * FIXED_POINT_SCALE);
 }
 
-__device__ __forceinline__ double warp_sum(double v) {
+template <typename M>
+__device__ __forceinline__ M warp_sum(M v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;  // butterfly: every lane ends with the same, fixed-order sum
 }
 
-__device__ __forceinline__ double warp_max(double v) {
+template <typename M>
+__device__ __forceinline__ M warp_max(M v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
@@ -97,48 +99,49 @@ __device__ double softmax_row(
 {
     double entropy = 0.0;
     if (cached) {
-        double v[VALUES_PER_LANE];
-        double row_max = -1.7976931348623157e308;
+        // The softmax runs in the working dtype T (float math for float32 runs: R is stored
+        // in T anyway); the logits' penalty sum and the entropy total stay in float64.
+        T v[VALUES_PER_LANE];
+        T row_max = -3.0e38;
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             const int k = lane + LANES * j;
-            v[j] = 0.0;
+            v[j] = 0;
             if (k < n_clusters) {
-                v[j] = logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale);
+                v[j] = (T)logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale);
                 row_max = fmax(row_max, v[j]);
             }
         }
-        row_max = warp_max(row_max);
-        double total = 0.0;
+        row_max = warp_max<T>(row_max);
+        T total = 0;
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             if (lane + LANES * j < n_clusters) { v[j] = exp(v[j] - row_max); total += v[j]; }
         }
-        total = warp_sum(total);
+        total = warp_sum<T>(total);
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             const int k = lane + LANES * j;
             if (k < n_clusters) {
-                const T stored = (T)(v[j] / total);
-                const double r64 = (double)stored;
+                const T stored = v[j] / total;
                 r[k] = stored;
-                entropy += r64 * log(r64 + ENTROPY_EPS);
-                const long long q = fixed_point(r64);
+                entropy += (double)(stored * log(stored + (T)ENTROPY_EPS));
+                const long long q = fixed_point((double)stored);
                 mass[j] += q;
                 add_mass(observed, code + 1, n_keys - 1, n_clusters, k, q);
             }
         }
-        return warp_sum(entropy);
+        return warp_sum<double>(entropy);
     }
     // Many clusters: recompute the logits in each pass rather than keep them.
     double row_max = -1.7976931348623157e308;
     for (int k = lane; k < n_clusters; k += LANES)
         row_max = fmax(row_max, logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale));
-    row_max = warp_max(row_max);
+    row_max = warp_max<double>(row_max);
     double total = 0.0;
     for (int k = lane; k < n_clusters; k += LANES)
         total += exp(logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale) - row_max);
-    total = warp_sum(total);
+    total = warp_sum<double>(total);
     for (int k = lane; k < n_clusters; k += LANES) {
         const double e = exp(logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale) - row_max);
         const T stored = (T)(e / total);
@@ -147,7 +150,7 @@ __device__ double softmax_row(
         entropy += r64 * log(r64 + ENTROPY_EPS);
         add_mass(observed, code, n_keys, n_clusters, k, fixed_point(r64));
     }
-    return warp_sum(entropy);
+    return warp_sum<double>(entropy);
 }
 
 // Rows [0, n_update) of ``cells`` get new assignments; rows [n_update, n_rows) add
