@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from harmony_step._errors import WrongTypeError
+
 FLAVORS = ("harmony1", "harmony2")
 CORRECTION_METHODS = ("original", "fast", "batched")
 COLSUM_ALGOS = ("columns", "atomics", "gemm", "benchmark")
@@ -104,6 +106,16 @@ class HarmonyConvergenceWarning(UserWarning):
     """Harmony stopped at ``max_iter_harmony`` rounds before the objective settled."""
 
 
+class ObjectiveRoseWarning(HarmonyConvergenceWarning):
+    """The outer loop stopped because the objective rose in the last round, not because it settled."""
+
+
+# Seeds are stored in uns['harmony'] and must be the same for every generator that reads them.
+SEED_LIMIT = 2**32
+# Every integer parameter is written into the h5ad file as int64.
+INT_LIMIT = 2**63
+
+
 @dataclasses.dataclass(frozen=True)
 class HarmonyParams:
     """Validated Harmony parameters. Build with :meth:`create`, which checks every value."""
@@ -136,21 +148,32 @@ class HarmonyParams:
 
         Raises
         ------
-        TypeError
-            An unknown parameter name, or a value of the wrong type.
+        WrongTypeError
+            An unknown parameter name, or a value of the wrong type (a ``TypeError`` and a
+            ``ValueError``).
         ValueError
-            A value outside its allowed range.
+            A value outside its allowed range, an ``adjusted_basis`` h5ad cannot store as a name,
+            or an ``adjusted_basis`` equal to ``basis``.
         """
         unknown = sorted(set(values) - set(DEFAULTS))
         if unknown:
-            raise TypeError(
+            raise WrongTypeError(
                 f"Unknown Harmony parameter(s) {unknown}. Known parameters: {sorted(DEFAULTS)}."
             )
         merged = {**DEFAULTS, **values}
         checked = {name: _CHECKS[name](name, merged[name]) for name in DEFAULTS}
         params = cls(**checked)
+        params._check_output_name()
         params._check_flavor_specific()
         return params
+
+    def _check_output_name(self) -> None:
+        if self.adjusted_basis == self.basis:
+            raise ValueError(
+                f"The 'adjusted_basis' parameter must differ from 'basis' ({self.basis!r}): the "
+                "corrected embedding would overwrite the original. Choose another name, such as "
+                f"{self.basis + '_harmony'!r}."
+            )
 
     def _check_flavor_specific(self) -> None:
         if self.flavor == "harmony2":
@@ -206,7 +229,7 @@ def _real(
     lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
     allowed = f"a float in the range {lo}{low}, {high}{hi}"
     if not _is_real(value):
-        raise TypeError(
+        raise WrongTypeError(
             f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
         )
     value = float(value)
@@ -225,14 +248,22 @@ def _non_negative(name: str, value: Any) -> float:
     return _real(name, value, 0, math.inf, low_open=False, high_open=True)
 
 
-def _int_at_least(name: str, value: Any, low: int = 1) -> int:
+def _int_in_range(
+    name: str, value: Any, low: int, limit: int, limit_text: str, *, or_none: bool = False
+) -> int:
+    """An int with ``low <= value < limit``."""
+    allowed = f"an int in the range [{low}, {limit_text})" + (" or None" if or_none else "")
     if not _is_int(value):
-        raise TypeError(
-            f"The {name!r} parameter must be an int >= {low}. Got {_describe(value)} instead."
+        raise WrongTypeError(
+            f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
         )
-    if value < low:
-        raise ValueError(f"The {name!r} parameter must be an int >= {low}. Got {value!r} instead.")
+    if not low <= value < limit:
+        raise ValueError(f"The {name!r} parameter must be {allowed}. Got {value!r} instead.")
     return int(value)
+
+
+def _int_at_least(name: str, value: Any, low: int = 1) -> int:
+    return _int_in_range(name, value, low, INT_LIMIT, "2**63")
 
 
 def _choice(options: Sequence[str], *, allow_none: bool = False):
@@ -262,9 +293,23 @@ def _check_dtype(name: str, value: Any) -> str:
 
 
 def _check_str(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise TypeError(
+    if not isinstance(value, str):
+        raise WrongTypeError(
             f"The {name!r} parameter must be a non-empty str. Got {_describe(value)} instead."
+        )
+    if not value:
+        raise ValueError(f"The {name!r} parameter must be a non-empty str. Got '' instead.")
+    return value
+
+
+def _check_element_name(name: str, value: Any) -> str:
+    """A name that h5ad can store as one element: no '/', not '.' or '..', no NUL character."""
+    value = _check_str(name, value)
+    if "/" in value or "\x00" in value or value in (".", ".."):
+        raise ValueError(
+            f"The {name!r} parameter must be a name h5ad files can store: no '/' (it would make "
+            f"a nested group that anndata cannot read back), no NUL, not '.' or '..'. "
+            f"Got {value!r} instead; use for example {value.replace('/', '_')!r}."
         )
     return value
 
@@ -273,7 +318,7 @@ def _check_theta(name: str, value: Any) -> float | tuple[float, ...]:
     if isinstance(value, str | bytes) or not (
         _is_real(value) or isinstance(value, Sequence | np.ndarray)
     ):
-        raise TypeError(
+        raise WrongTypeError(
             f"The {name!r} parameter must be a non-negative float or a sequence of them. "
             f"Got {_describe(value)} instead."
         )
@@ -284,7 +329,7 @@ def _check_theta(name: str, value: Any) -> float | tuple[float, ...]:
         or not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating))
         or values.dtype == np.bool_
     ):
-        raise TypeError(
+        raise WrongTypeError(
             f"The {name!r} parameter must be a non-negative float or a 1-D sequence of them. "
             f"Got {value!r} instead."
         )
@@ -307,22 +352,20 @@ def _check_threshold(name: str, value: Any) -> float | None:
 def _check_seed(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if not _is_int(value) or value < 0:
-        raise TypeError(
-            f"The {name!r} parameter must be a non-negative int or None. Got {_describe(value)} instead."
-        )
-    return int(value)
+    return _int_in_range(name, value, 0, SEED_LIMIT, "2**32", or_none=True)
 
 
 def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"The {name!r} parameter must be a bool. Got {_describe(value)} instead.")
+        raise WrongTypeError(
+            f"The {name!r} parameter must be a bool. Got {_describe(value)} instead."
+        )
     return bool(value)
 
 
 _CHECKS = {
     "basis": _check_str,
-    "adjusted_basis": _check_str,
+    "adjusted_basis": _check_element_name,
     "dtype": _check_dtype,
     "flavor": _choice(FLAVORS),
     "n_clusters": _check_n_clusters,

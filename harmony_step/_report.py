@@ -122,6 +122,7 @@ def build_summary(
     versions = {**library_versions(), **_plain(harmony_uns["versions"], from_uns=True)}
     summary = {
         "converged": bool(harmony_uns["converged"]),
+        "objective_rose_last_round": bool(harmony_uns.get("objective_rose_last_round", False)),
         "n_rounds": int(harmony_uns["n_rounds"]),
         # per outer round, without the initialisation record (round 0)
         "inner_iterations": [
@@ -132,7 +133,11 @@ def build_summary(
         "final_objective": float(objective[-1]) if objective.size else None,
         "parameters": _plain(parameters),
         "resolved": _plain(resolved, from_uns=True),
-        "device": {"kind": str(resolved["device"]), "name": str(resolved["device_name"])},
+        "device": {
+            "kind": str(resolved["device"]),
+            "name": str(resolved["device_name"]),
+            "reason": str(resolved.get("device_reason", "none")),
+        },
         "versions": versions,
         "input_sha256": input_sha256,
         "seconds": {name: round(float(value), 6) for name, value in seconds.items()},
@@ -217,4 +222,6 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
 
 def _title(harmony_uns: Mapping[str, Any]) -> str:
     converged = "converged" if bool(harmony_uns["converged"]) else "not converged"
+    if bool(harmony_uns.get("objective_rose_last_round", False)):
+        converged += " (objective rose in the last round)"
     return f"Harmony: {int(harmony_uns['n_rounds'])} rounds, {converged}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -10,8 +11,9 @@ from harmony_step._backend import select_backend
 from harmony_step._batches import BatchDesign, encode_batches, normalize_keys
 from harmony_step._core import run_harmony
 from harmony_step._core.setup import expand_theta
-from harmony_step._params import HarmonyParams
-from harmony_step._provenance import build_provenance
+from harmony_step._errors import MissingBasisError, WrongTypeError
+from harmony_step._params import HarmonyParams, ObjectiveRoseWarning
+from harmony_step._provenance import build_provenance, objective_rose_last_round
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -48,13 +50,16 @@ def harmony_integrate(
     Parameters
     ----------
     adata
-        Annotated data with the embedding in ``adata.obsm[basis]``, shape (n_cells, n_pcs).
+        Annotated data with the embedding in ``adata.obsm[basis]``, shape (n_cells, n_pcs): a
+        NumPy array (any memory order, float or integer), a DataFrame, a CuPy array or a Dask
+        array; a view of an AnnData works too (it becomes an actual AnnData, as in anndata).
     key
         One ``obs`` column or a list of them; each column is its own batch variable.
     basis
         ``obsm`` key of the embedding to correct (never modified).
     adjusted_basis
-        ``obsm`` key the corrected embedding is written to.
+        ``obsm`` key the corrected embedding is written to; must differ from ``basis`` and be a
+        valid h5ad name (no ``/``).
     dtype
         Working precision, ``numpy.float64`` or ``numpy.float32`` (half the memory, faster on GPUs).
     flavor
@@ -93,22 +98,40 @@ def harmony_integrate(
     block_proportion
         Fraction of cells updated together in each block of the clustering step.
     random_state
-        Integer seed: the same input, parameters and seed on the same device give bitwise-identical
-        output. ``None`` draws a seed (recorded in ``uns['harmony']``).
+        Integer seed in ``[0, 2**32)``: the same input, parameters and seed on the same device give
+        bitwise-identical output. ``None`` draws a seed (recorded in ``uns['harmony']``).
     verbose
         Print one line per round and the convergence outcome.
     device
-        ``'auto'`` (GPU when CuPy can use one, else CPU), ``'gpu'`` or ``'cpu'``.
+        ``'auto'`` (GPU when CuPy can use one, else CPU, saying why in the log and in
+        ``uns['harmony']['resolved']['device_reason']``), ``'gpu'`` or ``'cpu'``.
 
     Returns
     -------
-    None. Writes ``adata.obsm[adjusted_basis]`` (NumPy array of ``dtype``, same shape as the basis)
-    and ``adata.uns['harmony']`` (parameters used, convergence history, timings, versions).
+    None. Writes ``adata.obsm[adjusted_basis]`` (an array of ``dtype``, same shape as the basis, in
+    the basis's container: NumPy, DataFrame, CuPy or Dask) and ``adata.uns['harmony']``
+    (parameters used, convergence history, timings, versions).
+
+    Raises
+    ------
+    MissingBasisError
+        ``basis`` is not in ``adata.obsm`` (a ``KeyError`` and a ``ValueError``).
+    MissingColumnError
+        A key is not in ``adata.obs`` (a ``KeyError`` and a ``ValueError``).
+    WrongTypeError
+        A parameter or the embedding has the wrong type (a ``TypeError`` and a ``ValueError``).
+    ValueError
+        Any other bad value, named in the message.
 
     Warns
     -----
     HarmonyConvergenceWarning
         The outer loop reached ``max_iter_harmony`` rounds without converging.
+    ObjectiveRoseWarning
+        The loop stopped as converged because the objective rose in the last round
+        (``uns['harmony']['objective_rose_last_round']``).
+    BatchKeyWarning
+        A key has about one cell per level.
     """
     params = HarmonyParams.create(
         basis=basis, adjusted_basis=adjusted_basis, dtype=dtype, flavor=flavor,
@@ -123,7 +146,10 @@ def harmony_integrate(
     embedding, design = _checked_inputs(adata, key, params)
     backend = select_backend(params.device)
     result = run_harmony(embedding, design, params, backend)
-    adata.obsm[params.adjusted_basis] = result.embedding
+    if result.converged and objective_rose_last_round(result.rounds):
+        _warn_objective_rose(result.rounds)
+    raw = adata.obsm[params.basis]
+    adata.obsm[params.adjusted_basis] = _in_container_of(raw, result.embedding)
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
 
 
@@ -133,7 +159,7 @@ def _checked_inputs(
     """The embedding as a C-contiguous array of the working dtype, and the batch design; raises on bad input."""
     keys = normalize_keys(key)
     if params.basis not in adata.obsm:
-        raise KeyError(
+        raise MissingBasisError(
             f"Basis {params.basis!r} is not in adata.obsm. Available keys: {list(adata.obsm.keys())}. "
             "Run PCA first or pass basis=<key>."
         )
@@ -149,22 +175,88 @@ def _checked_inputs(
 
 
 def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
-    """The embedding as stored (shape and kind checked); finiteness and the dtype cast are checked
-    on the device by the core, where they are cheap for large inputs."""
-    if hasattr(raw, "toarray") or hasattr(raw, "tocsr"):
-        raise TypeError(f"adata.obsm[{params.basis!r}] is sparse; Harmony needs a dense embedding.")
-    if hasattr(raw, "to_numpy"):
-        raw = raw.to_numpy()
-    if hasattr(raw, "get") and not isinstance(raw, np.ndarray):
-        raw = raw.get()  # a CuPy array
-    array = np.asarray(raw)
+    """The embedding as a C-contiguous host array (shape and kind checked); finiteness, range and
+    the dtype cast are checked on the device by the core, where they are cheap for large inputs.
+
+    Accepts NumPy arrays of any memory order (anndata's ArrayView of a view included), DataFrames,
+    CuPy arrays, Dask arrays and anything else NumPy can read; sparse matrices are refused.
+    """
     name = f"adata.obsm[{params.basis!r}]"
+    if _is_sparse(raw):
+        raise WrongTypeError(
+            f"{name} is a sparse matrix ({type(raw).__name__}); Harmony needs a dense embedding. "
+            f"Convert it with adata.obsm[{params.basis!r}] = adata.obsm[{params.basis!r}].toarray()."
+        )
+    if _module_of(raw) == "dask":
+        raw = raw.compute()
+    if hasattr(raw, "to_numpy"):  # DataFrame
+        raw = raw.to_numpy()
+    if _module_of(raw) == "cupy":
+        raw = raw.get()
+    try:
+        array = np.asarray(raw)
+    except (TypeError, ValueError) as err:
+        raise WrongTypeError(
+            f"{name} of type {type(raw).__name__} cannot be read as an array ({err})."
+        ) from err
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n_cells, n_pcs). Got shape {array.shape}.")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name} must be numeric. Got dtype {array.dtype}.")
+        raise WrongTypeError(f"{name} must be numeric. Got dtype {array.dtype}.")
     if array.shape[0] < 2:
         raise ValueError(f"{name} has {array.shape[0]} cell(s); Harmony needs at least 2.")
     if array.shape[1] < 1:
         raise ValueError(f"{name} has no columns; Harmony needs at least one dimension.")
     return np.ascontiguousarray(array)
+
+
+def _module_of(value: Any) -> str:
+    """The top-level package of ``value``'s type: 'numpy', 'cupy', 'dask', 'pandas', ..."""
+    return type(value).__module__.partition(".")[0]
+
+
+def _is_sparse(value: Any) -> bool:
+    """SciPy and CuPy sparse matrices and arrays, and anndata's backed sparse datasets.
+
+    anndata's ArrayView (the obsm entry of a view) is a dense ndarray even though it has a
+    ``toarray`` method, so that method alone says nothing.
+    """
+    if isinstance(value, np.ndarray):
+        return False
+    import scipy.sparse
+
+    if scipy.sparse.issparse(value):
+        return True
+    module = type(value).__module__
+    return ("sparse" in module) or type(value).__name__ in ("CSRDataset", "CSCDataset")
+
+
+def _in_container_of(raw: Any, corrected: np.ndarray) -> Any:
+    """The corrected embedding in the container kind of the input: CuPy, Dask, DataFrame, NumPy."""
+    module = _module_of(raw)
+    if module == "cupy":
+        import cupy
+
+        return cupy.asarray(corrected)
+    if module == "dask":
+        import dask.array
+
+        return dask.array.from_array(corrected, chunks=(raw.chunks[0], corrected.shape[1]))
+    import pandas as pd
+
+    if isinstance(raw, pd.DataFrame):  # anndata's DataFrameView included
+        return pd.DataFrame(corrected, index=raw.index, columns=raw.columns)
+    return corrected
+
+
+def _warn_objective_rose(rounds: Any) -> None:
+    before, last = rounds[-2].objective.total, rounds[-1].objective.total
+    warnings.warn(
+        f"Harmony stopped as converged after {len(rounds) - 1} round(s) because the objective "
+        f"rose in the last round ({before:.6g} -> {last:.6g}), not because it settled (the "
+        "stopping rule of R harmony and rapids-singlecell). The result may not be settled: "
+        "check uns['harmony']['rounds'], or try another random_state or more "
+        "max_iter_clustering.",
+        ObjectiveRoseWarning,
+        stacklevel=3,
+    )

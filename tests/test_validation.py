@@ -43,7 +43,13 @@ def assert_unchanged(adata: ad.AnnData, before: tuple) -> None:
 
 
 BAD_PARAMETERS = [
-    ({"max_iter_harmony": 0}, ValueError, "'max_iter_harmony' parameter must be an int >= 1"),
+    (
+        {"max_iter_harmony": 0},
+        ValueError,
+        r"'max_iter_harmony' parameter must be an int in the range \[1, 2\*\*63\)",
+    ),
+    ({"max_iter_harmony": 2**70}, ValueError, r"'max_iter_harmony'.*Got 1180591620717411303424"),
+    ({"max_iter_clustering": 2**63}, ValueError, "'max_iter_clustering'"),
     ({"max_iter_clustering": 0}, ValueError, "'max_iter_clustering'"),
     ({"max_iter_harmony": 2.5}, TypeError, "'max_iter_harmony'"),
     (
@@ -73,7 +79,27 @@ BAD_PARAMETERS = [
     ({"correction_method": "magic"}, ValueError, "'correction_method'"),
     ({"colsum_algo": "magic"}, ValueError, "'colsum_algo'"),
     ({"dtype": np.int32}, ValueError, "'dtype' parameter must be numpy.float32 or numpy.float64"),
-    ({"random_state": -1}, TypeError, "'random_state'"),
+    (
+        {"random_state": -1},
+        ValueError,
+        r"'random_state' parameter must be an int in the range \[0, 2\*\*32\) or None",
+    ),
+    ({"random_state": 2**32}, ValueError, r"'random_state'.*Got 4294967296 instead"),
+    ({"random_state": 2**64}, ValueError, "'random_state'"),
+    ({"random_state": 1.5}, TypeError, "'random_state'"),
+    (
+        {"adjusted_basis": "X_pca"},
+        ValueError,
+        r"'adjusted_basis' parameter must differ from 'basis' \('X_pca'\)",
+    ),
+    (
+        {"adjusted_basis": "harmony/X_pca"},
+        ValueError,
+        r"'adjusted_basis' parameter must be a name h5ad files can store: no '/'.*'harmony_X_pca'",
+    ),
+    ({"adjusted_basis": "."}, ValueError, "'adjusted_basis'"),
+    ({"adjusted_basis": ""}, ValueError, "'adjusted_basis' parameter must be a non-empty str"),
+    ({"adjusted_basis": 3}, TypeError, "'adjusted_basis' parameter must be a non-empty str"),
     ({"device": "tpu"}, ValueError, "'device'"),
     ({"verbose": "yes"}, TypeError, "'verbose'"),
 ]
