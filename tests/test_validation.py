@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 
-from harmony_step import harmony_integrate
+from harmony_step import ObjectiveRoseWarning, harmony_integrate
 from harmony_step._backend import GPUUnavailableError, gpu_available
 
 
@@ -226,3 +227,63 @@ def test_prefaulted_host_buffer_has_the_requested_layout():
         assert out.shape == shape
         assert out.dtype == dtype
         assert out.flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "limit"),
+    [(np.float64, 1e200, "6e\\+153"), (np.float32, 1e19, "8.25e\\+18")],
+    ids=["float64", "float32"],
+)
+def test_values_whose_squares_overflow_are_refused_naming_the_basis_and_the_limit(
+    dtype, value, limit
+):
+    adata = small_adata()
+    adata.obsm["X_pca"][4, 1] = value
+    before = snapshot(adata)
+    with pytest.raises(
+        ValueError,
+        match=rf"adata.obsm\['X_pca'\] has values up to 1e\+{int(np.log10(value))}, above {limit}, "
+        rf"the largest magnitude whose squares {np.dtype(dtype).name} can sum over 5 columns",
+    ):
+        harmony_integrate(adata, "batch", dtype=dtype, device="cpu")
+    assert_unchanged(adata, before)
+
+
+def test_values_just_below_the_overflow_limit_run():
+    from harmony_step._core.setup import largest_safe_value
+
+    adata = small_adata()
+    adata.obsm["X_pca"] *= (
+        0.5 * largest_safe_value(np.dtype(np.float64), 5) / np.abs(adata.obsm["X_pca"]).max()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        harmony_integrate(adata, "batch", device="cpu", max_iter_harmony=2)
+    out = adata.obsm["X_pca_harmony"]
+    assert np.isfinite(out).all()
+    assert (np.abs(out).sum(axis=1) > 0).all()
+
+
+def test_an_objective_that_rose_in_the_last_round_is_recorded_and_warned():
+    adata = small_adata(n=120, d=4)
+    adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(120, 4))
+    with pytest.warns(ObjectiveRoseWarning, match=r"because the objective rose in the last round"):
+        harmony_integrate(adata, "batch", device="cpu", max_iter_clustering=3)
+    record = adata.uns["harmony"]
+    objective = record["rounds"]["objective"]
+    assert record["converged"]
+    assert objective[-1] > objective[-2]
+    assert record["objective_rose_last_round"] is True
+
+
+def test_a_falling_objective_is_not_flagged():
+    from harmony_step._core.result import ObjectiveParts, RoundRecord
+    from harmony_step._provenance import objective_rose_last_round
+
+    def rounds(*totals):
+        return [RoundRecord(i, 1, False, ObjectiveParts(t, 0.0, 0.0)) for i, t in enumerate(totals)]
+
+    assert not objective_rose_last_round(rounds(3.0, 2.0, 1.0))
+    assert not objective_rose_last_round(rounds(3.0, 2.0, 2.0))
+    assert objective_rose_last_round(rounds(3.0, 2.0, 2.5))
+    assert not objective_rose_last_round(rounds(3.0))
