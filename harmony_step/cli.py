@@ -489,7 +489,7 @@ def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
     ValueError
         An output is the input file, or two outputs share a path.
     """
-    from harmony_step._io import check_output_path
+    from harmony_step._io import check_output_path, remove_stale_temporaries
 
     if not input_path.exists():
         raise FileNotFoundError(f"Input file {str(input_path)!r} does not exist.")
@@ -507,6 +507,7 @@ def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
             )
         seen[resolved] = role
         check_output_path(path, role)
+        remove_stale_temporaries(path)
 
 
 def _check_labels(adata: Any, label_key: str | None) -> None:
@@ -518,6 +519,21 @@ def _check_labels(adata: Any, label_key: str | None) -> None:
             f"Label key {label_key!r} has {missing} missing value(s); fill them or drop those cells, "
             "or leave out --label-key."
         )
+
+
+def _check_free_space(
+    args: argparse.Namespace, adata: Any, params: HarmonyParams, outputs: Mapping[str, Path]
+) -> None:
+    """Refuse to start when the outputs will not fit (see :func:`harmony_step._io.check_free_space`)."""
+    from harmony_step._io import REPORT_BYTES_ESTIMATE, check_free_space, estimated_h5ad_bytes
+
+    n_cells, n_pcs = adata.obsm[params.basis].shape
+    needs = {path: REPORT_BYTES_ESTIMATE for path in outputs.values()}
+    needs[Path(args.output)] = estimated_h5ad_bytes(
+        args.input, n_cells, n_pcs, params.numpy_dtype.itemsize,
+        embedding_only=args.embedding_only, basis_itemsize=adata.obsm[params.basis].dtype.itemsize,
+    )  # fmt: skip
+    check_free_space(needs)
 
 
 def _metrics_for_uns(value: Any) -> Any:
@@ -543,6 +559,7 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
     with _phase(seconds, "read"):
         adata = read_harmony_inputs(input_path, params.basis, columns)
     _check_labels(adata, args.label_key)
+    _check_free_space(args, adata, params, outputs)
     before = adata.obsm[params.basis]
     with _phase(seconds, "compute"):
         harmony_integrate(adata, list(args.key), **params.to_dict())
