@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harmony_step._errors import MissingBasisError, MissingColumnError
+
 if TYPE_CHECKING:
     import h5py
     from anndata import AnnData
@@ -107,8 +109,9 @@ def read_harmony_inputs(
 
     Raises
     ------
-    KeyError
-        The basis or a column is missing; the message lists what the file has.
+    MissingBasisError, MissingColumnError
+        The basis or a column is missing (each a ``KeyError`` and a ``ValueError``); the message
+        lists what the file has.
     ValueError
         The embedding is not 2-D or its row count differs from ``obs`` (:class:`H5adError` for a
         file that is not a readable h5ad).
@@ -148,7 +151,7 @@ def _read_obs(handle: h5py.File, columns: list[str], path: Any) -> Any:
     available = [name for name in obs if name != index_name and name != "__categories"]
     missing = [c for c in columns if c not in available]
     if missing:
-        raise KeyError(
+        raise MissingColumnError(
             f"Column(s) {missing} are not in obs of {str(path)!r}. Available columns: {available}. "
             "Pass existing columns with --key / --label-key."
         )
@@ -164,7 +167,7 @@ def _read_embedding(handle: h5py.File, basis: str, n_obs: int, path: Any) -> Any
     read_elem, _ = _elem_io()
     obsm = _group(handle, "obsm", path)
     if basis not in obsm:
-        raise KeyError(
+        raise MissingBasisError(
             f"Basis {basis!r} is not in obsm of {str(path)!r}. Available keys: {list(obsm)}. "
             "Run PCA first or pass --basis <key>."
         )
@@ -251,8 +254,9 @@ def refuse_non_regular(path: Path, what: str) -> None:
         return
     kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
     raise FileExistsError(
+        errno.EEXIST,
         f"{what.capitalize()} {str(path)!r} exists and is {kind}; outputs replace the path by "
-        "renaming, which would replace it. Pass the path of a regular file."
+        "renaming, which would replace it. Pass the path of a regular file.",
     )
 
 
@@ -451,7 +455,7 @@ class StagedOutputs:
         self.discard()
         if destination is not None:
             assert isinstance(error, OSError)
-            detail = error.strerror or str(error)
+            detail = (error.strerror or str(error)).rstrip(".")
             raise OutputWriteError(
                 error.errno or errno.EIO,
                 f"Cannot write {str(destination)!r}: {detail}. Check the space and permissions "
