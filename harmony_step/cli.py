@@ -578,6 +578,8 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
             _write_summary(staged, args, adata, params, metrics, input_sha256, seconds)
         staged.commit()
     state = "converged" if harmony["converged"] else "did not converge"
+    if harmony["objective_rose_last_round"]:
+        state += " (the objective rose in the last round)"
     display.show(
         f"done: {state} after {int(harmony['n_rounds'])} round(s) in {seconds['total']:.1f} s; "
         f"wrote {args.output}"
