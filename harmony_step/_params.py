@@ -38,7 +38,9 @@ class ParameterSpec:
 PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("basis", "X_pca", "obsm key of the embedding to correct, shape (n_cells, n_pcs)"),
     ParameterSpec(
-        "adjusted_basis", "X_pca_harmony", "obsm key the corrected embedding is written to"
+        "adjusted_basis",
+        "X_pca_harmony",
+        "obsm key the corrected embedding is written to; not the basis, no '/'",
     ),
     ParameterSpec(
         "dtype", "float64", "working precision: float64 or float32 (faster, half the memory)"
@@ -93,7 +95,7 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         "random_state",
         0,
-        "integer seed; the same seed gives bitwise-identical output; null = random",
+        "integer seed in [0, 2**32); the same seed gives bitwise-identical output; null = random",
     ),
     ParameterSpec("verbose", False, "print one line per round and the convergence outcome"),
     ParameterSpec("device", "auto", "auto (GPU when usable, else CPU), gpu or cpu"),
