@@ -146,11 +146,12 @@ def harmony_integrate(
     embedding, design = _checked_inputs(adata, key, params)
     backend = select_backend(params.device)
     result = run_harmony(embedding, design, params, backend)
-    if result.converged and objective_rose_last_round(result.rounds):
-        _warn_objective_rose(result.rounds)
     raw = adata.obsm[params.basis]
     adata.obsm[params.adjusted_basis] = _in_container_of(raw, result.embedding)
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
+    if result.converged and objective_rose_last_round(result.rounds):
+        # after the result is stored, so that warnings turned into errors do not discard it
+        _warn_objective_rose(result.rounds)
 
 
 def _checked_inputs(

@@ -287,3 +287,14 @@ def test_a_falling_objective_is_not_flagged():
     assert not objective_rose_last_round(rounds(3.0, 2.0, 2.0))
     assert objective_rose_last_round(rounds(3.0, 2.0, 2.5))
     assert not objective_rose_last_round(rounds(3.0))
+
+
+def test_the_result_is_kept_when_the_objective_rise_warning_is_an_error():
+    adata = small_adata(n=120, d=4)
+    adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(120, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ObjectiveRoseWarning)
+        with pytest.raises(ObjectiveRoseWarning):
+            harmony_integrate(adata, "batch", device="cpu", max_iter_clustering=3)
+    assert adata.obsm["X_pca_harmony"].shape == (120, 4)
+    assert adata.uns["harmony"]["objective_rose_last_round"]
