@@ -6,18 +6,30 @@ and the ``harmony-step`` command (:mod:`harmony_step.cli`). The step on files
 on arrays (:mod:`harmony_step._core`), which never sees a file or an AnnData.
 """
 
+from harmony_step._errors import (
+    BatchKeyWarning,
+    MissingBasisError,
+    MissingColumnError,
+    WrongTypeError,
+)
 from harmony_step._params import (
     HarmonyConvergenceWarning,
     HarmonyParameterWarning,
     HarmonyParams,
+    ObjectiveRoseWarning,
 )
 from harmony_step._version import __version__
 from harmony_step.api import harmony_integrate
 
 __all__ = [
+    "BatchKeyWarning",
     "HarmonyConvergenceWarning",
     "HarmonyParameterWarning",
     "HarmonyParams",
+    "MissingBasisError",
+    "MissingColumnError",
+    "ObjectiveRoseWarning",
+    "WrongTypeError",
     "__version__",
     "harmony_integrate",
 ]

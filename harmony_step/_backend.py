@@ -7,9 +7,13 @@ and runs on machines without CUDA.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import functools
+import glob
+import logging
 import platform
+from collections.abc import Callable
 from concurrent.futures import Future
 from types import ModuleType
 from typing import Any
@@ -18,6 +22,7 @@ import numpy as np
 
 _PAGE_BYTES = 4096
 _TOUCH_WORKERS = 8
+progress_log = logging.getLogger("harmony_step.progress")
 _HOST_THREADS = concurrent.futures.ThreadPoolExecutor(
     max_workers=1, thread_name_prefix="harmony-host"
 )
@@ -51,6 +56,7 @@ class Backend:
     xp: ModuleType
     kind: str  # "gpu" or "cpu"
     name: str
+    reason: str = ""  # why this device was chosen (recorded in uns['harmony'] and the summary)
 
     @property
     def is_gpu(self) -> bool:
@@ -95,18 +101,53 @@ class Backend:
         return out
 
 
+# What a container started without Apptainer's --nv or Docker's --gpus lacks: the driver's
+# library (Apptainer binds the host's /dev by default, but not the library) or its device files.
+_NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia[0-9]*")
+_NVIDIA_DRIVER_LIBRARY = "libcuda.so.1"
+HIDDEN_GPU_ADVICE = (
+    "no NVIDIA driver or GPU device is visible here; in a container, make the GPU visible with "
+    "--nv (Apptainer, e.g. snakemake --apptainer-args '--nv') or --gpus all (Docker)"
+)
+
+
+def nvidia_driver_visible() -> bool:
+    """True when the NVIDIA driver's library loads and its device files exist."""
+    if not any(glob.glob(pattern) for pattern in _NVIDIA_DEVICE_NODES):
+        return False
+    try:
+        ctypes.CDLL(_NVIDIA_DRIVER_LIBRARY)
+    except OSError:
+        return False
+    return True
+
+
 @functools.cache
 def _cupy_or_reason() -> tuple[ModuleType | None, str]:
-    """CuPy if it imports and sees a working GPU, else None and the reason."""
+    """CuPy if it imports and sees a working GPU, else None and the reason (computed once)."""
     try:
         import cupy
     except ImportError as err:
         return None, f"CuPy is not installed ({err}); install harmony-step[cuda12] or [cuda13]"
+    return probe_cupy(cupy, nvidia_driver_visible)
+
+
+def probe_cupy(
+    cupy: ModuleType, driver_visible: Callable[[], bool]
+) -> tuple[ModuleType | None, str]:
+    """``cupy`` if it can run work on a GPU, else None and the reason, with the fix when known.
+
+    CuPy installed without a visible driver (``driver_visible()`` is false) is what a container
+    started without Apptainer's ``--nv`` or Docker's ``--gpus`` looks like; CUDA then reports an
+    "insufficient driver", which would wrongly suggest upgrading the driver.
+    """
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None, "CuPy found no CUDA device"
+            raise RuntimeError("CuPy found no CUDA device")
         cupy.zeros(1).sum().item()  # the first real operation fails on a missing or old driver
     except Exception as err:  # CUDARuntimeError, CompileException, driver errors
+        if not driver_visible():
+            return None, f"CuPy is installed but {HIDDEN_GPU_ADVICE} (CUDA said: {err})"
         return None, f"CuPy cannot use the GPU: {err}"
     return cupy, ""
 
@@ -119,13 +160,16 @@ def gpu_available() -> bool:
 def select_backend(device: str = "auto") -> Backend:
     """The backend for ``device`` ('auto', 'gpu' or 'cpu').
 
+    A fallback from 'auto' to the CPU is logged in one line, and its reason is kept in
+    :attr:`Backend.reason`.
+
     Raises
     ------
     GPUUnavailableError
         ``device='gpu'`` and CuPy cannot use a GPU here.
     """
     if device == "cpu":
-        return _cpu_backend()
+        return _cpu_backend("device='cpu' was requested")
     cupy, reason = _cupy_or_reason()
     if cupy is None:
         if device == "gpu":
@@ -133,11 +177,19 @@ def select_backend(device: str = "auto") -> Backend:
                 f"device='gpu' was requested but no GPU can be used: {reason}. "
                 "Use device='cpu' (or 'auto') to run on the CPU."
             )
-        return _cpu_backend()
+        fallback = f"device='auto' is running on the CPU: {reason}"
+        # CuPy installed but unusable usually means a GPU was meant to be used: say it louder.
+        level = logging.INFO if reason.startswith("CuPy is not installed") else logging.WARNING
+        progress_log.log(level, fallback)
+        return _cpu_backend(fallback)
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return Backend(xp=cupy, kind="gpu", name=name)
+    return Backend(
+        xp=cupy, kind="gpu", name=name, reason=f"device={device!r}: CuPy can use the GPU"
+    )
 
 
-def _cpu_backend() -> Backend:
-    return Backend(xp=np, kind="cpu", name=platform.processor() or platform.machine() or "cpu")
+def _cpu_backend(reason: str) -> Backend:
+    return Backend(
+        xp=np, kind="cpu", name=platform.processor() or platform.machine() or "cpu", reason=reason
+    )

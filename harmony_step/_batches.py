@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections import Counter
 
 import numpy as np
 import pandas as pd
+
+from harmony_step._errors import BatchKeyWarning, MissingColumnError, WrongTypeError
+
+# A key with fewer cells per used level than this, and at least MANY_LEVELS levels, is flagged:
+# Harmony would treat almost every cell as a batch of its own.
+FEW_CELLS_PER_LEVEL = 2
+MANY_LEVELS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +53,7 @@ class BatchDesign:
 
 
 def normalize_keys(key: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """The batch keys as a tuple of column names; an empty list is an error."""
+    """The batch keys as a tuple of column names; an empty list or a repeated name is an error."""
     keys = (key,) if isinstance(key, str) else tuple(key)
     if not keys:
         raise ValueError(
@@ -52,7 +61,14 @@ def normalize_keys(key: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
         )
     for k in keys:
         if not isinstance(k, str):
-            raise TypeError(f"The 'key' parameter must be a str or a list of str. Got {k!r}.")
+            raise WrongTypeError(f"The 'key' parameter must be a str or a list of str. Got {k!r}.")
+    repeated = [k for k, n in Counter(keys).items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"Batch key(s) {repeated} are listed more than once; each listing adds its own penalty "
+            "and correction, which changes the result rather than strengthening it. List each key "
+            "once; to weight a key more, raise its theta."
+        )
     return keys
 
 
@@ -61,16 +77,21 @@ def encode_batches(obs: pd.DataFrame, keys: tuple[str, ...]) -> BatchDesign:
 
     Raises
     ------
-    KeyError
-        A key is not a column of ``obs``.
+    MissingColumnError
+        A key is not a column of ``obs`` (a ``KeyError`` and a ``ValueError``).
     ValueError
-        A key column has missing values.
+        A key column has missing values, or is a float column with fractional values.
+
+    Warns
+    -----
+    BatchKeyWarning
+        A key has fewer than two cells per level on average (and at least ten levels).
     """
     codes, n_levels, names = [], [], []
     offset = 0
     for key in keys:
         if key not in obs.columns:
-            raise KeyError(
+            raise MissingColumnError(
                 f"Batch key {key!r} is not a column of adata.obs. Available columns: {list(obs.columns)}."
             )
         column = obs[key]
@@ -79,6 +100,7 @@ def encode_batches(obs: pd.DataFrame, keys: tuple[str, ...]) -> BatchDesign:
                 f"Batch key {key!r} has {int(column.isna().sum())} missing value(s). "
                 "Fill or drop those cells before running Harmony."
             )
+        _refuse_continuous(key, column)
         categorical = (
             column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
         )
@@ -87,9 +109,44 @@ def encode_batches(obs: pd.DataFrame, keys: tuple[str, ...]) -> BatchDesign:
         n_levels.append(len(cats))
         names.append(tuple(str(c) for c in cats))
         offset += len(cats)
+        _warn_one_cell_per_level(key, codes[-1], len(obs))
     return BatchDesign(
         keys=keys,
         codes=np.ascontiguousarray(np.stack(codes, axis=1)),
         n_levels=tuple(n_levels),
         level_names=tuple(names),
+    )
+
+
+def _refuse_continuous(key: str, column: pd.Series) -> None:
+    """A float column with fractional values (a QC metric, a score) is not a batch label."""
+    if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype.kind != "f":
+        return
+    values = column.to_numpy(dtype=np.float64)
+    if np.all(values == np.round(values)):
+        return  # batch numbers stored as floats, e.g. 1.0, 2.0
+    n_values = len(np.unique(values))
+    raise ValueError(
+        f"Batch key {key!r} is a continuous float column ({n_values} distinct values in "
+        f"{len(values)} cells), not a batch label. Harmony would make each value a batch of its "
+        "own, with its own correction in every cluster: many times the time and memory, and "
+        "per-cell variation removed instead of batch effects. Pass the batch column; if this "
+        "column really holds batch labels, convert it to categorical first "
+        f"(adata.obs[{key!r}] = adata.obs[{key!r}].astype('category'))."
+    )
+
+
+def _warn_one_cell_per_level(key: str, codes: np.ndarray, n_cells: int) -> None:
+    """Warn when almost every cell is a batch of its own (cell names, well IDs, rounded QC values)."""
+    used = len(np.unique(codes))
+    if used < MANY_LEVELS or n_cells >= FEW_CELLS_PER_LEVEL * used:
+        return
+    warnings.warn(
+        f"Batch key {key!r} has {used} levels for {n_cells} cells (about "
+        f"{n_cells / used:.1f} cells per level), so nearly every cell is a batch of its own. "
+        "Each level gets its own correction in every cluster: the run takes many times longer "
+        "and more memory, and removes per-cell variation instead of batch effects. Check that "
+        f"{key!r} is the batch column (sample, donor, library).",
+        BatchKeyWarning,
+        stacklevel=6,  # the caller of harmony_integrate
     )

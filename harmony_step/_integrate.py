@@ -7,6 +7,7 @@ back. It moves data and does no arithmetic.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,8 +15,10 @@ import numpy as np
 from harmony_step._backend import select_backend
 from harmony_step._batches import BatchDesign, encode_batches, normalize_keys
 from harmony_step._core import run_harmony
-from harmony_step._params import HarmonyParams
-from harmony_step._provenance import build_provenance
+from harmony_step._core.result import RoundRecord
+from harmony_step._errors import MissingBasisError, WrongTypeError
+from harmony_step._params import HarmonyParams, ObjectiveRoseWarning
+from harmony_step._provenance import build_provenance, objective_rose_last_round
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -27,14 +30,19 @@ def integrate(
     """Correct ``adata.obsm[params.basis]`` for the batches in ``key``; the body of
     :func:`harmony_step.harmony_integrate`, with the parameters already checked.
 
-    Writes ``adata.obsm[params.adjusted_basis]`` and ``adata.uns['harmony']``; on any error,
-    ``adata`` is left as it was. Raises what :func:`harmony_step.harmony_integrate` documents.
+    Writes ``adata.obsm[params.adjusted_basis]``, in the container kind of the basis, and
+    ``adata.uns['harmony']``; on any error, ``adata`` is left as it was. Raises and warns as
+    :func:`harmony_step.harmony_integrate` documents.
     """
     embedding, design = _checked_inputs(adata, key, params)
     backend = select_backend(params.device)
     result = run_harmony(embedding, design, params, backend)
-    adata.obsm[params.adjusted_basis] = result.embedding
+    raw = adata.obsm[params.basis]
+    adata.obsm[params.adjusted_basis] = _in_container_of(raw, result.embedding)
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
+    if result.converged and objective_rose_last_round(result.rounds):
+        # after the result is stored, so that warnings turned into errors do not discard it
+        _warn_objective_rose(result.rounds)
 
 
 def _checked_inputs(
@@ -46,7 +54,7 @@ def _checked_inputs(
     """
     keys = normalize_keys(key)
     if params.basis not in adata.obsm:
-        raise KeyError(
+        raise MissingBasisError(
             f"Basis {params.basis!r} is not in adata.obsm. Available keys: {list(adata.obsm.keys())}. "
             "Run PCA first or pass basis=<key>."
         )
@@ -61,22 +69,88 @@ def _checked_inputs(
 
 
 def _embedding_array(raw: Any, params: HarmonyParams) -> np.ndarray:
-    """The embedding as stored (shape and kind checked); finiteness and the dtype cast are checked
-    on the device by the core, where they are cheap for large inputs."""
-    if hasattr(raw, "toarray") or hasattr(raw, "tocsr"):
-        raise TypeError(f"adata.obsm[{params.basis!r}] is sparse; Harmony needs a dense embedding.")
-    if hasattr(raw, "to_numpy"):
-        raw = raw.to_numpy()
-    if hasattr(raw, "get") and not isinstance(raw, np.ndarray):
-        raw = raw.get()  # a CuPy array
-    array = np.asarray(raw)
+    """The embedding as a C-contiguous host array (shape and kind checked); finiteness, range and
+    the dtype cast are checked on the device by the core, where they are cheap for large inputs.
+
+    Accepts NumPy arrays of any memory order (anndata's ArrayView of a view included), DataFrames,
+    CuPy arrays, Dask arrays and anything else NumPy can read; sparse matrices are refused.
+    """
     name = f"adata.obsm[{params.basis!r}]"
+    if _is_sparse(raw):
+        raise WrongTypeError(
+            f"{name} is a sparse matrix ({type(raw).__name__}); Harmony needs a dense embedding. "
+            f"Convert it with adata.obsm[{params.basis!r}] = adata.obsm[{params.basis!r}].toarray()."
+        )
+    if _module_of(raw) == "dask":
+        raw = raw.compute()
+    if hasattr(raw, "to_numpy"):  # DataFrame
+        raw = raw.to_numpy()
+    if _module_of(raw) == "cupy":
+        raw = raw.get()
+    try:
+        array = np.asarray(raw)
+    except (TypeError, ValueError) as err:
+        raise WrongTypeError(
+            f"{name} of type {type(raw).__name__} cannot be read as an array ({err})."
+        ) from err
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n_cells, n_pcs). Got shape {array.shape}.")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name} must be numeric. Got dtype {array.dtype}.")
+        raise WrongTypeError(f"{name} must be numeric. Got dtype {array.dtype}.")
     if array.shape[0] < 2:
         raise ValueError(f"{name} has {array.shape[0]} cell(s); Harmony needs at least 2.")
     if array.shape[1] < 1:
         raise ValueError(f"{name} has no columns; Harmony needs at least one dimension.")
     return np.ascontiguousarray(array)
+
+
+def _module_of(value: Any) -> str:
+    """The top-level package of ``value``'s type: 'numpy', 'cupy', 'dask', 'pandas', ..."""
+    return type(value).__module__.partition(".")[0]
+
+
+def _is_sparse(value: Any) -> bool:
+    """SciPy and CuPy sparse matrices and arrays, and anndata's backed sparse datasets.
+
+    anndata's ArrayView (the obsm entry of a view) is a dense ndarray even though it has a
+    ``toarray`` method, so that method alone says nothing.
+    """
+    if isinstance(value, np.ndarray):
+        return False
+    import scipy.sparse
+
+    if scipy.sparse.issparse(value):
+        return True
+    module = type(value).__module__
+    return ("sparse" in module) or type(value).__name__ in ("CSRDataset", "CSCDataset")
+
+
+def _in_container_of(raw: Any, corrected: np.ndarray) -> Any:
+    """The corrected embedding in the container kind of the input: CuPy, Dask, DataFrame, NumPy."""
+    module = _module_of(raw)
+    if module == "cupy":
+        import cupy
+
+        return cupy.asarray(corrected)
+    if module == "dask":
+        import dask.array
+
+        return dask.array.from_array(corrected, chunks=(raw.chunks[0], corrected.shape[1]))
+    import pandas as pd
+
+    if isinstance(raw, pd.DataFrame):  # anndata's DataFrameView included
+        return pd.DataFrame(corrected, index=raw.index, columns=raw.columns)
+    return corrected
+
+
+def _warn_objective_rose(rounds: list[RoundRecord]) -> None:
+    before, last = rounds[-2].objective.total, rounds[-1].objective.total
+    warnings.warn(
+        f"Harmony stopped as converged after {len(rounds) - 1} round(s) because the objective "
+        f"rose in the last round ({before:.6g} -> {last:.6g}), not because it settled (the "
+        "stopping rule of R harmony and rapids-singlecell). The result may not be settled: "
+        "check uns['harmony']['rounds'], or try another random_state or more "
+        "max_iter_clustering.",
+        ObjectiveRoseWarning,
+        stacklevel=4,  # the caller of harmony_integrate
+    )

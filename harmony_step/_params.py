@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from harmony_step._errors import WrongTypeError
+
 FLAVORS = ("harmony1", "harmony2")
 CORRECTION_METHODS = ("original", "fast", "batched")
 DEVICES = ("auto", "gpu", "cpu")
@@ -33,8 +35,18 @@ class HarmonyConvergenceWarning(UserWarning):
     """Harmony stopped at ``max_iter_harmony`` rounds before the objective settled."""
 
 
+class ObjectiveRoseWarning(HarmonyConvergenceWarning):
+    """The outer loop stopped because the objective rose in the last round, not because it settled."""
+
+
 class HarmonyParameterWarning(UserWarning):
     """A parameter was set that has no effect with the other settings (for example the flavor)."""
+
+
+# Seeds are stored in uns['harmony'] and must be the same for every generator that reads them.
+SEED_LIMIT = 2**32
+# Every integer parameter is written into the h5ad file as int64.
+INT_LIMIT = 2**63
 
 
 # --- kinds: what a parameter accepts, as a check, a flag and a schema -----------------------------
@@ -87,7 +99,7 @@ class Kind:
     none_allowed: bool = False
 
     def check(self, name: str, value: Any) -> Any:
-        """The normalised value; raises TypeError or ValueError naming the parameter."""
+        """The normalised value; raises WrongTypeError or ValueError naming the parameter."""
         raise NotImplementedError
 
     def flag_options(self) -> dict[str, Any]:
@@ -115,10 +127,12 @@ class Text(Kind):
     metavar: str = "KEY"
 
     def check(self, name: str, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise TypeError(
+        if not isinstance(value, str):
+            raise WrongTypeError(
                 f"The {name!r} parameter must be a non-empty str. Got {_describe(value)} instead."
             )
+        if not value:
+            raise ValueError(f"The {name!r} parameter must be a non-empty str. Got '' instead.")
         return value
 
     def flag_options(self) -> dict[str, Any]:
@@ -129,6 +143,28 @@ class Text(Kind):
 
     def allowed(self) -> str:
         return "a non-empty string"
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementName(Text):
+    """A non-empty string h5ad files can store as the name of one element: no '/', no NUL
+    character, not '.' or '..' (a '/' would make a nested group that anndata cannot read back)."""
+
+    def check(self, name: str, value: Any) -> str:
+        value = super().check(name, value)
+        if "/" in value or "\x00" in value or value in (".", ".."):
+            raise ValueError(
+                f"The {name!r} parameter must be a name h5ad files can store: no '/' (it would "
+                "make a nested group that anndata cannot read back), no NUL, not '.' or '..'. "
+                f"Got {value!r} instead; use for example {value.replace('/', '_')!r}."
+            )
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {**super().schema(), "pattern": "^[^/]+$", "not": {"enum": [".", ".."]}}
+
+    def allowed(self) -> str:
+        return "a non-empty string without '/', other than '.' and '..'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,24 +229,29 @@ class Dtype(Choice):
 
 @dataclasses.dataclass(frozen=True)
 class Integer(Kind):
-    """An int >= ``low``, or None when ``none_allowed``."""
+    """An int with ``low <= value < limit``, or None when ``none_allowed``.
+
+    The default limit is that of int64, the type every integer parameter is stored as in the
+    h5ad file; it is left out of the words of :meth:`allowed`.
+    """
 
     low: int = 1
     none_allowed: bool = False
     metavar: str = "N"
+    limit: int = INT_LIMIT
+    limit_text: str = "2**63"
 
     def check(self, name: str, value: Any) -> int | None:
         if value is None and self.none_allowed:
             return None
+        allowed = f"an int in the range [{self.low}, {self.limit_text})"
+        allowed += " or None" if self.none_allowed else ""
         if not _is_int(value):
-            raise TypeError(
-                f"The {name!r} parameter must be an int >= {self.low}. "
-                f"Got {_describe(value)} instead."
+            raise WrongTypeError(
+                f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
             )
-        if value < self.low:
-            raise ValueError(
-                f"The {name!r} parameter must be an int >= {self.low}. Got {value!r} instead."
-            )
+        if not self.low <= value < self.limit:
+            raise ValueError(f"The {name!r} parameter must be {allowed}. Got {value!r} instead.")
         return int(value)
 
     def flag_options(self) -> dict[str, Any]:
@@ -219,29 +260,26 @@ class Integer(Kind):
         return {"type": integer_flag, "metavar": self.metavar}
 
     def schema(self) -> dict[str, Any]:
-        return self._nullable({"type": "integer", "minimum": self.low})
+        return self._nullable(
+            {"type": "integer", "minimum": self.low, "exclusiveMaximum": self.limit}
+        )
 
     def allowed(self) -> str:
-        return f"an integer >= {self.low}" + (", or null" if self.none_allowed else "")
+        text = f"an integer >= {self.low}"
+        if self.limit != INT_LIMIT:
+            text += f" and < {self.limit_text}"
+        return text + (", or null" if self.none_allowed else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class Seed(Integer):
-    """A non-negative integer seed, or None for a seed drawn at random."""
+    """An integer seed in ``[0, 2**32)``, or None for a seed drawn at random."""
 
     low: int = 0
     none_allowed: bool = True
     metavar: str = "SEED"
-
-    def check(self, name: str, value: Any) -> int | None:
-        if value is None:
-            return None
-        if not _is_int(value) or value < 0:
-            raise TypeError(
-                f"The {name!r} parameter must be a non-negative int or None. "
-                f"Got {_describe(value)} instead."
-            )
-        return int(value)
+    limit: int = SEED_LIMIT
+    limit_text: str = "2**32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +298,7 @@ class Real(Kind):
         lo, hi = ("(" if self.low_open else "["), (")" if self.high_open else "]")
         allowed = f"a float in the range {lo}{_show(self.low)}, {_show(self.high)}{hi}"
         if not _is_real(value):
-            raise TypeError(
+            raise WrongTypeError(
                 f"The {name!r} parameter must be {allowed}. Got {_describe(value)} instead."
             )
         value = float(value)
@@ -306,7 +344,7 @@ class Weights(Kind):
         if isinstance(value, str | bytes) or not (
             _is_real(value) or isinstance(value, Sequence | np.ndarray)
         ):
-            raise TypeError(
+            raise WrongTypeError(
                 f"The {name!r} parameter must be a non-negative float or a sequence of them. "
                 f"Got {_describe(value)} instead."
             )
@@ -315,7 +353,7 @@ class Weights(Kind):
             values.dtype, np.floating
         )
         if values.ndim != 1 or values.size == 0 or not numeric or values.dtype == np.bool_:
-            raise TypeError(
+            raise WrongTypeError(
                 f"The {name!r} parameter must be a non-negative float or a 1-D sequence of them. "
                 f"Got {value!r} instead."
             )
@@ -343,7 +381,7 @@ class Switch(Kind):
 
     def check(self, name: str, value: Any) -> bool:
         if not isinstance(value, bool | np.bool_):
-            raise TypeError(
+            raise WrongTypeError(
                 f"The {name!r} parameter must be a bool. Got {_describe(value)} instead."
             )
         return bool(value)
@@ -387,7 +425,9 @@ class HarmonyParams:
         "X_pca", Text(), "obsm key of the embedding to correct, shape (n_cells, n_pcs)"
     )
     adjusted_basis: str = _parameter(
-        "X_pca_harmony", Text(), "obsm key the corrected embedding is written to"
+        "X_pca_harmony",
+        ElementName(),
+        "obsm key the corrected embedding is written to; must differ from basis and contain no '/'",
     )
     dtype: str = _parameter(
         "float64", Dtype(), "working precision: float64, or float32 (faster, half the memory)"
@@ -455,7 +495,9 @@ class HarmonyParams:
         "fraction of cells updated per block in the clustering step",
     )
     random_state: int | None = _parameter(
-        0, Seed(), "integer seed; the same seed gives bitwise-identical output; null = random"
+        0,
+        Seed(),
+        "integer seed in [0, 2**32); the same seed gives bitwise-identical output; null = random",
     )
     verbose: bool = _parameter(
         False, Switch(), "print one line per round and the convergence outcome"
@@ -489,10 +531,12 @@ class HarmonyParams:
 
         Raises
         ------
-        TypeError
-            An unknown parameter name, or a value of the wrong type.
+        WrongTypeError
+            An unknown parameter name, or a value of the wrong type (a ``TypeError`` and a
+            ``ValueError``).
         ValueError
-            A value outside its allowed range.
+            A value outside its allowed range, an ``adjusted_basis`` h5ad files cannot store as a
+            name, or an ``adjusted_basis`` equal to ``basis``.
 
         Warns
         -----
@@ -521,14 +565,15 @@ class HarmonyParams:
 
         Raises
         ------
-        TypeError, ValueError
+        WrongTypeError, ValueError
             As :meth:`create`, prefixed with the origin of the offending value.
         """
         checked = dict(DEFAULTS)
+        origins = dict.fromkeys(DEFAULTS, "")
         for where, values in layers:
             unknown = sorted(set(values) - set(DEFAULTS), key=str)
             if unknown:
-                raise TypeError(
+                raise WrongTypeError(
                     _prefixed(
                         where,
                         f"Unknown Harmony parameter(s) {unknown}. "
@@ -542,10 +587,24 @@ class HarmonyParams:
                     if not where:
                         raise
                     raise type(err)(_prefixed(where, str(err))) from err
+                origins[name] = where
         params = cls(**checked)
+        params._check_output_name(origins["adjusted_basis"] or origins["basis"])
         for message in params._ignored_settings():
             warnings.warn(message, HarmonyParameterWarning, stacklevel=stacklevel + 1)
         return params
+
+    def _check_output_name(self, where: str) -> None:
+        """The corrected embedding must not overwrite the original one."""
+        if self.adjusted_basis == self.basis:
+            raise ValueError(
+                _prefixed(
+                    where,
+                    f"The 'adjusted_basis' parameter must differ from 'basis' ({self.basis!r}): "
+                    "the corrected embedding would overwrite the original. Choose another name, "
+                    f"such as {self.basis + '_harmony'!r}.",
+                )
+            )
 
     def _ignored_settings(self) -> list[str]:
         """One message per group of parameters set away from its default but ignored by the flavor."""

@@ -5,8 +5,12 @@ Layout (every value is writable to h5ad; ``None`` is stored as such, which needs
     params       the checked parameters (theta as a list)
     keys         the batch keys, in order
     resolved     n_clusters, block_size, correction_method, random_state, device, device_name,
-                 dtype, n_cells, n_pcs, n_levels (per key)
+                 device_reason (why that device, e.g. why 'auto' fell back to the CPU), dtype,
+                 n_cells, n_pcs, n_levels (per key)
     converged    bool; n_rounds: int
+    objective_rose_last_round
+                 bool: the last round raised the objective; with converged true, the loop stopped
+                 on that rise (the stopping rule of R harmony) rather than on a settled objective
     iterations   columns, one row per clustering iteration (round 0 = initialisation):
                  round, iteration, objective, kmeans, entropy, diversity, seconds
     rounds       columns, one row per round (round 0 = initialisation):
@@ -25,7 +29,7 @@ import numpy as np
 
 from harmony_step._backend import Backend
 from harmony_step._batches import BatchDesign
-from harmony_step._core.result import HarmonyResult
+from harmony_step._core.result import HarmonyResult, RoundRecord
 from harmony_step._params import HarmonyParams
 from harmony_step._version import __version__
 
@@ -49,6 +53,15 @@ def software_versions(backend: Backend) -> dict[str, str]:
             versions[name] = "none"
     versions.update(backend.versions())
     return versions
+
+
+def objective_rose_last_round(rounds: list[RoundRecord]) -> bool:
+    """True when the objective after the last round is above the one before it.
+
+    The outer loop's stopping test is signed (as in R harmony and rapids-singlecell), so such a
+    rise also counts as convergence; this flag tells the two apart.
+    """
+    return len(rounds) >= 2 and rounds[-1].objective.total > rounds[-2].objective.total
 
 
 def build_provenance(
@@ -79,12 +92,14 @@ def build_provenance(
             "random_state": result.random_state,
             "device": backend.kind,
             "device_name": backend.name,
+            "device_reason": backend.reason or None,
             "dtype": params.dtype,
             "n_cells": int(result.embedding.shape[0]),
             "n_pcs": int(result.embedding.shape[1]),
             "n_levels": np.asarray(design.n_levels, dtype=np.int64),
         },
         "converged": bool(result.converged),
+        "objective_rose_last_round": objective_rose_last_round(rounds),
         "n_rounds": len(rounds) - 1,
         "iterations": {
             "round": np.array([r.round for r in iterations], dtype=np.int64),

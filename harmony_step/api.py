@@ -54,16 +54,20 @@ def harmony_integrate(
     ----------
     adata
         Annotated data with the embedding in ``adata.obsm[basis]``, shape (n_cells, n_pcs),
-        usually a PCA. Only ``obs``, ``obsm[basis]`` and, on output, ``obsm[adjusted_basis]``
-        and ``uns['harmony']`` are touched; ``X`` is never read.
+        usually a PCA: a NumPy array (any memory order, float or integer), a DataFrame, a CuPy
+        array or a Dask array. A view of an AnnData works too (it becomes an actual AnnData, as
+        in anndata). Only ``obs``, ``obsm[basis]`` and, on output, ``obsm[adjusted_basis]`` and
+        ``uns['harmony']`` are touched; ``X`` is never read.
     key
         One ``obs`` column or a list of them, each a batch variable (for example donor and
-        chemistry); missing values are an error. Categories of a categorical column that no cell
-        uses are kept as empty levels.
+        chemistry); missing values, a column listed twice and a float column with fractional
+        values are errors, and a warning says when a key has about one cell per level.
+        Categories of a categorical column that no cell uses are kept as empty levels.
     basis
         ``obsm`` key of the embedding to correct (never modified).
     adjusted_basis
-        ``obsm`` key the corrected embedding is written to (replaced when it exists).
+        ``obsm`` key the corrected embedding is written to (replaced when it exists); must
+        differ from ``basis`` and be a name h5ad files can store (no ``/``).
     dtype
         Working precision, ``numpy.float64`` or ``numpy.float32`` (half the memory, faster on
         GPUs; sums over cells are accumulated in float64 either way).
@@ -110,33 +114,40 @@ def harmony_integrate(
     block_proportion
         Fraction of cells updated together in each block of the clustering step, in (0, 1].
     random_state
-        Integer seed: the same input, parameters and seed on the same device give
-        bitwise-identical output. ``None`` draws a seed, recorded in ``uns['harmony']``.
+        Integer seed in ``[0, 2**32)``: the same input, parameters and seed on the same device
+        give bitwise-identical output. ``None`` draws a seed, recorded in ``uns['harmony']``.
     verbose
         Print one line per round and the convergence outcome.
     device
-        ``'auto'`` (the GPU when CuPy can use one, else the CPU), ``'gpu'`` or ``'cpu'``.
+        ``'auto'`` (the GPU when CuPy can use one, else the CPU, saying why in the log and in
+        ``uns['harmony']['resolved']['device_reason']``), ``'gpu'`` or ``'cpu'``.
 
     Returns
     -------
     None
-        Writes ``adata.obsm[adjusted_basis]``, a NumPy array of ``dtype`` with the shape of the
-        basis, and ``adata.uns['harmony']``: the parameters used, the resolved settings, the
-        objective of every iteration, timings in seconds, software versions and the device.
-        On any error ``adata`` is left as it was.
+        Writes ``adata.obsm[adjusted_basis]``, an array of ``dtype`` with the shape of the basis
+        in the basis's container (NumPy, DataFrame, CuPy or Dask), and ``adata.uns['harmony']``:
+        the parameters used, the resolved settings, the objective of every iteration, timings in
+        seconds, software versions and the device. On any error ``adata`` is left as it was.
 
     Raises
     ------
-    KeyError
-        ``basis`` is not in ``adata.obsm``, or a ``key`` is not a column of ``adata.obs``; the
-        message lists what exists.
-    TypeError
-        A parameter of the wrong type, or a sparse or non-numeric embedding.
+    harmony_step.MissingBasisError
+        ``basis`` is not in ``adata.obsm``; the message lists what exists. A ``KeyError`` and
+        a ``ValueError``, so code written for scanpy or rapids-singlecell catches it.
+    harmony_step.MissingColumnError
+        A ``key`` is not a column of ``adata.obs``; the message lists what exists. A
+        ``KeyError`` and a ``ValueError``.
+    harmony_step.WrongTypeError
+        A parameter of the wrong type, or a sparse, non-numeric or unreadable embedding. A
+        ``TypeError`` and a ``ValueError``.
     ValueError
         A parameter out of range (for example ``sigma <= 0``, ``n_clusters`` above n_cells,
-        ``theta`` of a length that is neither 1, the number of keys nor the number of levels),
-        an embedding that is not 2-D, has fewer than 2 cells or holds NaN or infinite values,
-        a key column with missing values, or an unknown ``colsum_algo``.
+        ``random_state`` outside ``[0, 2**32)``, ``theta`` of a length that is neither 1, the
+        number of keys nor the number of levels), ``adjusted_basis`` equal to ``basis`` or
+        containing ``/``, an embedding that is not 2-D, has fewer than 2 cells, holds NaN or
+        infinite values or values whose squares overflow ``dtype``, a key column with missing
+        values, a key listed twice or a continuous float key, or an unknown ``colsum_algo``.
     harmony_step._backend.GPUUnavailableError
         ``device='gpu'`` and CuPy cannot use a GPU here.
 
@@ -144,6 +155,11 @@ def harmony_integrate(
     -----
     HarmonyConvergenceWarning
         The outer loop reached ``max_iter_harmony`` rounds without converging.
+    ObjectiveRoseWarning
+        The loop stopped as converged because the objective rose in the last round
+        (``uns['harmony']['objective_rose_last_round']``); a ``HarmonyConvergenceWarning``.
+    BatchKeyWarning
+        A key has about one cell per level, so nearly every cell would be a batch of its own.
     HarmonyParameterWarning
         A parameter is set that the flavor ignores (``ridge_lambda`` with harmony2, ``alpha`` or
         ``batch_prune_threshold`` with harmony1), or ``colsum_algo`` is set.

@@ -18,8 +18,9 @@ def relative_frobenius(ours: np.ndarray, reference: np.ndarray) -> float:
 # The fields every summary JSON must carry (the command-line contract).
 SUMMARY_KEYS = frozenset(
     {
-        "converged", "n_rounds", "inner_iterations", "final_objective", "parameters", "device",
-        "versions", "input_sha256", "seconds", "peak_gpu_memory_bytes", "metrics", "environment",
+        "converged", "objective_rose_last_round", "n_rounds", "inner_iterations", "final_objective",
+        "parameters", "device", "versions", "input_sha256", "seconds", "peak_gpu_memory_bytes",
+        "metrics", "environment",
     }
 )  # fmt: skip
 

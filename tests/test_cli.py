@@ -7,11 +7,13 @@ Runs use few iterations: these tests are about the command, not about Harmony's 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pty
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from anndata.io import write_elem
 
 from harmony_step import __version__
 from harmony_step._params import PARAMETERS
+from harmony_step._step.files import _host_tag, _pid_namespace
 from harmony_step.cli import _show_default, exit_code, flag_name
 
 COMMAND = Path(sys.executable).with_name("harmony-step")
@@ -197,6 +200,54 @@ def _bad_case(name: str, small: ad.AnnData, folder: Path, out: Path) -> tuple[li
             "device='gpu' was requested",
             {"CUDA_VISIBLE_DEVICES": ""},
         )
+    return _user_case(name, small, folder, base, with_input)
+
+
+def _with_continuous_key(adata):
+    adata.obs["percent_mito"] = np.random.default_rng(0).uniform(0, 10, adata.n_obs)
+
+
+def _with_huge_value(adata):
+    adata.obsm["X_pca"][2, 1] = 1e200
+
+
+def _user_case(
+    name: str, small, folder: Path, base: list, with_input
+) -> tuple[list, int, str, dict]:
+    """Bad inputs rebuilt from what users hand over (issue 12): refused before any work."""
+    if name == "seed of 2**64":
+        return (
+            [*base, "--random-state", str(2**64)],
+            2,
+            r"'random_state' parameter must be an int in the range \[0, 2\*\*32\) or None",
+            {},
+        )
+    if name == "adjusted basis with a slash":
+        return [*base, "--adjusted-basis", "harmony/pca"], 2, r"no '/'.*'harmony_pca'", {}
+    if name == "adjusted basis is the basis":
+        return [*base, "--adjusted-basis", "X_pca"], 2, "must differ from 'basis'", {}
+    if name == "key listed twice":
+        return [*base, "--key", "donor"], 2, r"\['donor'\] are listed more than once", {}
+    if name == "continuous float key":
+        args = [*with_input(_variant(small, folder, _with_continuous_key)), "--key", "percent_mito"]
+        args.remove("donor")
+        args.remove("--key")
+        return args, 2, "'percent_mito' is a continuous float column", {}
+    if name == "values whose squares overflow":
+        path = _variant(small, folder, _with_huge_value)
+        return (
+            with_input(path),
+            2,
+            r"obsm\['X_pca'\] has values up to 1e\+200, above 2.45e\+153",
+            {},
+        )
+    if name == "output is a device":
+        return (
+            [*base[:2], "--output", os.devnull, *base[4:]],
+            2,
+            "exists and is a character device",
+            {},
+        )
     raise AssertionError(name)
 
 
@@ -226,15 +277,23 @@ BAD_CASES = [
     "missing output folder",
     "output is the input",
     "GPU requested but unavailable",
+    "seed of 2**64",
+    "adjusted basis with a slash",
+    "adjusted basis is the basis",
+    "key listed twice",
+    "continuous float key",
+    "values whose squares overflow",
+    "output is a device",
 ]
 
 
 def _assert_failed_cleanly(result, code, pattern, out: Path, inputs: dict[Path, str]) -> None:
     assert result.returncode == code, result.stderr
+    # one error line, last; before it at most the progress line of a fallback to the CPU
     lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(ERROR_PREFIX), lines[0]
-    assert re.search(pattern, lines[0]), lines[0]
+    assert [line for line in lines if line.startswith(ERROR_PREFIX)] == lines[-1:], result.stderr
+    assert all(line.startswith("harmony-step: device='auto'") for line in lines[:-1]), lines
+    assert re.search(pattern, lines[-1]), lines[-1]
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     for path, digest in inputs.items():
@@ -680,3 +739,70 @@ def test_a_killed_run_leaves_no_output(sig, big_input, tmp_path):
         assert list(tmp_path.iterdir()) == []  # temporary files removed too
     else:
         assert code == -signal.SIGKILL
+
+
+# --- outputs: space, write errors, leftovers of killed runs ----------------------------------------
+
+
+def _small_run_args(small, tmp_path) -> tuple[Path, list]:
+    source = tmp_path / "in.h5ad"
+    small.write_h5ad(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["run", "--input", source, "--output", out / "out.h5ad", "--key", "donor", *FAST]
+    return out, [str(a) for a in args]
+
+
+def test_too_little_free_space_fails_before_the_compute(small, tmp_path, monkeypatch, capsys):
+    from harmony_step import cli
+    from harmony_step._step import files
+
+    out, args = _small_run_args(small, tmp_path)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    computed = []
+    monkeypatch.setattr("harmony_step._step.run.integrate", lambda *a, **k: computed.append(1))
+    assert cli.main([*args, "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(
+        rf"{ERROR_PREFIX}Not enough free space for '.*out\.h5ad': about \d+\.\d\d GB needed, "
+        r"0\.00 GB free in '.*out'\. Free some space or write the outputs to another folder\.",
+        error,
+    ), error
+    assert computed == []
+    assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_names_the_output(small, tmp_path, monkeypatch, capsys):
+    from harmony_step import cli
+    from harmony_step._step import files
+
+    out, args = _small_run_args(small, tmp_path)
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source), str(target))
+
+    monkeypatch.setattr(files.shutil, "copyfile", full_disk)
+    assert cli.main([*args, "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"{ERROR_PREFIX}Cannot write '{out / 'out.h5ad'}': No space left")
+    assert "in.h5ad" not in error
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_removes_what_a_killed_run_left_for_its_output_and_says_so(small, tmp_path):
+    out, args = _small_run_args(small, tmp_path)
+    child = subprocess.Popen(["true"])
+    child.wait()
+    stale = (
+        out / f".out.h5ad.harmony-step.{child.pid}.{_pid_namespace()}@{_host_tag()}.x1y2z3w4.tmp"
+    )
+    stale.write_bytes(b"\0" * 4096)
+    other = out / ".notes.txt"
+    other.write_text("kept")
+    result = harmony_step(*args)
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert other.exists()
+    assert f"harmony-step: removed {stale} (0.00 GB), left by an earlier run for" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".notes.txt", "out.h5ad"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -13,11 +18,18 @@ import pandas as pd
 import pytest
 from anndata.io import write_elem
 
+from harmony_step._errors import MissingBasisError, MissingColumnError
+from harmony_step._step import files
 from harmony_step._step.files import (
+    FOREIGN_STALE_SECONDS,
     H5adError,
+    OutputWriteError,
     StagedOutputs,
+    check_free_space,
     check_output_path,
+    estimated_h5ad_bytes,
     read_harmony_inputs,
+    remove_stale_temporaries,
     sha256_file,
     write_into_copy,
     write_small_h5ad,
@@ -247,3 +259,202 @@ def test_write_small_h5ad_holds_no_x(tmp_path):
     result = ad.read_h5ad(tmp_path / "small.h5ad")
     assert set(result.obsm.keys()) == {"X_pca", "X_pca_harmony"}
     assert list(result.obs.columns) == ["batch"]
+
+
+# --- paths that are not regular files ------------------------------------------------------------
+
+
+def test_an_output_that_is_a_device_is_refused():
+    with pytest.raises(
+        FileExistsError, match=r"Output '/dev/null' exists and is a character device"
+    ):
+        check_output_path(Path(os.devnull), "output")
+
+
+def test_an_output_that_is_a_named_pipe_is_refused(tmp_path):
+    pipe = tmp_path / "out.h5ad"
+    os.mkfifo(pipe)
+    with pytest.raises(FileExistsError, match=r"Summary '.*out\.h5ad' exists and is a named pipe"):
+        check_output_path(pipe, "summary")
+
+
+def test_an_output_that_is_a_symbolic_link_is_refused(tmp_path):
+    target = tmp_path / "target.h5ad"
+    target.write_text("kept")
+    link = tmp_path / "out.h5ad"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError, match="is a symbolic link"):
+        check_output_path(link, "output")
+    assert target.read_text() == "kept"
+
+
+def test_an_existing_regular_file_may_be_replaced(tmp_path):
+    (tmp_path / "out.h5ad").write_text("old result")
+    check_output_path(tmp_path / "out.h5ad", "output")
+
+
+def test_commit_refuses_a_destination_that_became_a_pipe(tmp_path):
+    destination = tmp_path / "out.txt"
+
+    def pipe_appears_before_commit() -> None:
+        with StagedOutputs() as staged:
+            staged.temporary(destination).write_text("result")
+            os.mkfifo(destination)
+            staged.commit()
+
+    with pytest.raises(FileExistsError, match="is a named pipe"):
+        pipe_appears_before_commit()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    assert not destination.is_file()
+
+
+# --- free space ----------------------------------------------------------------------------------
+
+
+def test_free_space_is_checked_per_file_system(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: usage._replace(free=3_000_000_000))
+    check_free_space({tmp_path / "a.h5ad": 2_000_000_000, tmp_path / "b.tsv": 1 << 20})
+    with pytest.raises(
+        OSError,
+        match=r"Not enough free space for '.*a\.h5ad', '.*b\.tsv': about 4\.00 GB needed, "
+        r"3\.00 GB free in '.*'\. Free some space or write the outputs to another folder\.",
+    ) as caught:
+        check_free_space({tmp_path / "a.h5ad": 3_999_000_000, tmp_path / "b.tsv": 1_000_000})
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_output_size_estimates(tmp_path):
+    source = tmp_path / "in.h5ad"
+    source.write_bytes(b"x" * 10_000_000)
+    full = estimated_h5ad_bytes(source, 1000, 50, 8, embedding_only=False)
+    assert full >= 10_000_000 + 1000 * 50 * 8
+    small = estimated_h5ad_bytes(source, 1000, 50, 4, embedding_only=True)
+    assert 1000 * 50 * 12 <= small < full
+
+
+# --- write errors name the output ----------------------------------------------------------------
+
+
+def fail_while_writing(outputs: list[Path], error: OSError) -> None:
+    """Stage ``outputs`` and fail with ``error`` while the last one is being written."""
+    with StagedOutputs() as staged:
+        for output in outputs:
+            staged.temporary(output)
+        raise error
+
+
+def test_a_full_disk_while_copying_names_the_output_not_the_input(tmp_path):
+    source, destination = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    source.write_text("input")
+    # shutil.copyfile reports a full disk with the source as the file name
+    error = OSError(errno.ENOSPC, "No space left on device", str(source))
+    with pytest.raises(
+        OutputWriteError, match=r"Cannot write '.*out\.h5ad': No space left on device\. Check"
+    ) as caught:
+        fail_while_writing([destination], error)
+    assert caught.value.errno == errno.ENOSPC
+    assert str(source) not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+def test_an_hdf5_write_error_without_errno_names_the_output(tmp_path):
+    with pytest.raises(OutputWriteError, match=r"Cannot write '.*out\.h5ad': Can't write data"):
+        fail_while_writing(
+            [tmp_path / "first.tsv", tmp_path / "out.h5ad"],
+            OSError("Can't write data (file write failed)"),
+        )
+
+
+def test_other_errors_pass_through_unchanged(tmp_path):
+    elsewhere = str(tmp_path / "elsewhere.h5ad")
+    with pytest.raises(FileNotFoundError, match=r"elsewhere\.h5ad") as caught:
+        fail_while_writing(
+            [tmp_path / "out.h5ad"], FileNotFoundError(errno.ENOENT, "No such file", elsewhere)
+        )
+    assert not isinstance(caught.value, OutputWriteError)
+
+
+# --- temporary files of killed runs --------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def leftover(folder: Path, output: str, pid: int, host: str | None = None, suffix=".tmp") -> Path:
+    """A temporary file named as a run with ``pid`` on ``host`` names them."""
+    namespace = files._pid_namespace()
+    path = (
+        folder
+        / f".{output}.harmony-step.{pid}.{namespace}@{host or files._host_tag()}.ab_12xyz{suffix}"
+    )
+    path.write_bytes(b"\0" * 1000)
+    return path
+
+
+def test_temporary_files_are_named_for_their_output_and_process(tmp_path):
+    with StagedOutputs() as staged:
+        name = staged.temporary(tmp_path / "out.h5ad").name
+    assert name.startswith(f".out.h5ad.harmony-step.{os.getpid()}.")
+    assert name.endswith(".tmp")
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_and_logged(tmp_path, caplog):
+    dead = leftover(tmp_path, "out.h5ad", dead_pid())
+    probe = leftover(tmp_path, "out.h5ad", dead_pid(), suffix=".probe")
+    with caplog.at_level(logging.INFO, logger="harmony_step.progress"):
+        removed = remove_stale_temporaries(tmp_path / "out.h5ad")
+    assert sorted(removed) == sorted([dead, probe])
+    assert not dead.exists()
+    assert not probe.exists()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        str(dead) in m and "left by an earlier run for" in m and "that was killed" in m
+        for m in messages
+    ), messages
+
+
+def test_temporaries_of_live_processes_other_outputs_and_other_files_are_kept(tmp_path):
+    live = leftover(tmp_path, "out.h5ad", os.getpid())
+    parent = leftover(tmp_path, "out.h5ad", os.getppid())
+    other_output = leftover(tmp_path, "other.h5ad", dead_pid())
+    prefix_output = leftover(tmp_path, "out.h5ad.bak", dead_pid())
+    unrelated = tmp_path / ".out.h5ad.12345.tmp"
+    unrelated.write_text("not ours")
+    result = tmp_path / "out.h5ad"
+    result.write_text("previous result")
+    assert remove_stale_temporaries(result) == []
+    for path in (live, parent, other_output, prefix_output, unrelated, result):
+        assert path.exists(), path
+
+
+def test_temporaries_from_another_host_are_removed_only_when_old(tmp_path):
+    recent = leftover(tmp_path, "out.h5ad", 1234, host="node-17.cluster")
+    old = leftover(tmp_path, "out.h5ad", 4321, host="node-18.cluster")
+    long_ago = time.time() - FOREIGN_STALE_SECONDS - 60
+    os.utime(old, (long_ago, long_ago))
+    assert remove_stale_temporaries(tmp_path / "out.h5ad") == [old]
+    assert recent.exists()
+
+
+def test_a_missing_output_folder_has_nothing_to_remove(tmp_path):
+    assert remove_stale_temporaries(tmp_path / "absent" / "out.h5ad") == []
+
+
+# --- missing names are KeyError and ValueError ---------------------------------------------------
+
+
+def test_missing_basis_and_column_in_a_file_are_also_value_errors(tmp_path):
+    path = tmp_path / "in.h5ad"
+    ad.AnnData(
+        obs=pd.DataFrame({"b": ["x", "y"]}, index=["c1", "c2"]), obsm={"X_pca": np.zeros((2, 2))}
+    ).write_h5ad(path)
+    with pytest.raises(MissingBasisError) as caught:
+        read_harmony_inputs(path, "X_umap", ["b"])
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(MissingColumnError) as caught:
+        read_harmony_inputs(path, "X_pca", ["batch"])
+    assert isinstance(caught.value, ValueError)

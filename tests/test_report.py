@@ -66,7 +66,11 @@ def test_summary_has_the_contract_fields(harmony_uns, monkeypatch):
     assert summary["n_rounds"] == 2
     assert summary["inner_iterations"] == [5, 5]
     assert summary["final_objective"] == harmony_uns["iterations"]["objective"][-1]
-    assert summary["device"] == {"kind": "cpu", "name": harmony_uns["resolved"]["device_name"]}
+    assert summary["device"] == {
+        "kind": "cpu",
+        "name": harmony_uns["resolved"]["device_name"],
+        "reason": harmony_uns["resolved"]["device_reason"],
+    }
     assert summary["environment"]["image"] == "example/image:1.0"
     assert summary["environment"]["container"] in {"docker", "apptainer", "none"}
     assert {"numpy", "anndata", "h5py", "harmony_step"} <= set(summary["versions"])

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 
-from harmony_step import HarmonyParameterWarning, HarmonyParams, harmony_integrate
+from harmony_step import (
+    BatchKeyWarning,
+    HarmonyConvergenceWarning,
+    HarmonyParameterWarning,
+    HarmonyParams,
+    ObjectiveRoseWarning,
+    harmony_integrate,
+)
 from harmony_step._backend import GPUUnavailableError, gpu_available
 
 
@@ -43,7 +51,13 @@ def assert_unchanged(adata: ad.AnnData, before: tuple) -> None:
 
 
 BAD_PARAMETERS = [
-    ({"max_iter_harmony": 0}, ValueError, "'max_iter_harmony' parameter must be an int >= 1"),
+    (
+        {"max_iter_harmony": 0},
+        ValueError,
+        r"'max_iter_harmony' parameter must be an int in the range \[1, 2\*\*63\)",
+    ),
+    ({"max_iter_harmony": 2**70}, ValueError, r"'max_iter_harmony'.*Got 1180591620717411303424"),
+    ({"max_iter_clustering": 2**63}, ValueError, "'max_iter_clustering'"),
     ({"max_iter_clustering": 0}, ValueError, "'max_iter_clustering'"),
     ({"max_iter_harmony": 2.5}, TypeError, "'max_iter_harmony'"),
     (
@@ -73,7 +87,27 @@ BAD_PARAMETERS = [
     ({"correction_method": "magic"}, ValueError, "'correction_method'"),
     ({"colsum_algo": "magic"}, ValueError, "'colsum_algo'"),
     ({"dtype": np.int32}, ValueError, "'dtype' parameter must be numpy.float32 or numpy.float64"),
-    ({"random_state": -1}, TypeError, "'random_state'"),
+    (
+        {"random_state": -1},
+        ValueError,
+        r"'random_state' parameter must be an int in the range \[0, 2\*\*32\) or None",
+    ),
+    ({"random_state": 2**32}, ValueError, r"'random_state'.*Got 4294967296 instead"),
+    ({"random_state": 2**64}, ValueError, "'random_state'"),
+    ({"random_state": 1.5}, TypeError, "'random_state'"),
+    (
+        {"adjusted_basis": "X_pca"},
+        ValueError,
+        r"'adjusted_basis' parameter must differ from 'basis' \('X_pca'\)",
+    ),
+    (
+        {"adjusted_basis": "harmony/X_pca"},
+        ValueError,
+        r"'adjusted_basis' parameter must be a name h5ad files can store: no '/'.*'harmony_X_pca'",
+    ),
+    ({"adjusted_basis": "."}, ValueError, "'adjusted_basis'"),
+    ({"adjusted_basis": ""}, ValueError, "'adjusted_basis' parameter must be a non-empty str"),
+    ({"adjusted_basis": 3}, TypeError, "'adjusted_basis' parameter must be a non-empty str"),
     ({"device": "tpu"}, ValueError, "'device'"),
     ({"verbose": "yes"}, TypeError, "'verbose'"),
 ]
@@ -219,3 +253,105 @@ def test_layers_are_merged_and_checked_once_naming_where_a_bad_value_came_from()
         HarmonyParams.resolve([("--params 'p.yaml'", {"tau": -1})])
     with pytest.raises(TypeError, match=r"^--params 'p.yaml': Unknown Harmony parameter"):
         HarmonyParams.resolve([("--params 'p.yaml'", {"colsum_algo": None})])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "limit"),
+    [(np.float64, 1e200, "6e\\+153"), (np.float32, 1e19, "8.25e\\+18")],
+    ids=["float64", "float32"],
+)
+def test_values_whose_squares_overflow_are_refused_naming_the_basis_and_the_limit(
+    dtype, value, limit
+):
+    adata = small_adata()
+    adata.obsm["X_pca"][4, 1] = value
+    before = snapshot(adata)
+    with pytest.raises(
+        ValueError,
+        match=rf"adata.obsm\['X_pca'\] has values up to 1e\+{int(np.log10(value))}, above {limit}, "
+        rf"the largest magnitude whose squares {np.dtype(dtype).name} can sum over 5 columns",
+    ):
+        harmony_integrate(adata, "batch", dtype=dtype, device="cpu")
+    assert_unchanged(adata, before)
+
+
+def test_values_just_below_the_overflow_limit_run():
+    from harmony_step._core.setup import largest_safe_value
+
+    adata = small_adata()
+    adata.obsm["X_pca"] *= (
+        0.5 * largest_safe_value(np.dtype(np.float64), 5) / np.abs(adata.obsm["X_pca"]).max()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        harmony_integrate(adata, "batch", device="cpu", max_iter_harmony=2)
+    out = adata.obsm["X_pca_harmony"]
+    assert np.isfinite(out).all()
+    assert (np.abs(out).sum(axis=1) > 0).all()
+
+
+def test_an_objective_that_rose_in_the_last_round_is_recorded_and_warned():
+    adata = small_adata(n=120, d=4)
+    adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(120, 4))
+    with pytest.warns(ObjectiveRoseWarning, match=r"because the objective rose in the last round"):
+        harmony_integrate(adata, "batch", device="cpu", max_iter_clustering=3)
+    record = adata.uns["harmony"]
+    objective = record["rounds"]["objective"]
+    assert record["converged"]
+    assert objective[-1] > objective[-2]
+    assert record["objective_rose_last_round"] is True
+
+
+def test_a_falling_objective_is_not_flagged():
+    from harmony_step._core.result import ObjectiveParts, RoundRecord
+    from harmony_step._provenance import objective_rose_last_round
+
+    def rounds(*totals):
+        return [RoundRecord(i, 1, False, ObjectiveParts(t, 0.0, 0.0)) for i, t in enumerate(totals)]
+
+    assert not objective_rose_last_round(rounds(3.0, 2.0, 1.0))
+    assert not objective_rose_last_round(rounds(3.0, 2.0, 2.0))
+    assert objective_rose_last_round(rounds(3.0, 2.0, 2.5))
+    assert not objective_rose_last_round(rounds(3.0))
+
+
+def test_the_result_is_kept_when_the_objective_rise_warning_is_an_error():
+    adata = small_adata(n=120, d=4)
+    adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(120, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ObjectiveRoseWarning)
+        with pytest.raises(ObjectiveRoseWarning):
+            harmony_integrate(adata, "batch", device="cpu", max_iter_clustering=3)
+    assert adata.obsm["X_pca_harmony"].shape == (120, 4)
+    assert adata.uns["harmony"]["objective_rose_last_round"]
+
+
+def _cell_key_adata() -> ad.AnnData:
+    adata = small_adata(n=120, d=4)
+    adata.obs["cell"] = [f"w{i}" for i in range(120)]
+    return adata
+
+
+def _rising_adata() -> ad.AnnData:
+    adata = small_adata(n=120, d=4)
+    adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(120, 4))
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("category", "make", "kwargs"),
+    [
+        (HarmonyConvergenceWarning, small_adata, {"key": "batch", "max_iter_harmony": 1}),
+        (BatchKeyWarning, _cell_key_adata, {"key": "cell", "max_iter_harmony": 1}),
+        (ObjectiveRoseWarning, _rising_adata, {"key": "batch", "max_iter_clustering": 3}),
+    ],
+    ids=["not-converged", "batch-key", "objective-rose"],
+)
+def test_warnings_point_at_the_callers_line(category, make, kwargs):
+    adata = make()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        harmony_integrate(adata, device="cpu", **kwargs)
+    matching = [w for w in shown if w.category is category]
+    assert matching
+    assert {w.filename for w in matching} == {__file__}

@@ -198,5 +198,5 @@ def _report_outcome(params: HarmonyParams, converged: bool, n_rounds: int) -> No
         f"Harmony did not converge in max_iter_harmony={params.max_iter_harmony} rounds "
         f"(tol_harmony={params.tol_harmony}); raise max_iter_harmony for a settled result.",
         HarmonyConvergenceWarning,
-        stacklevel=4,
+        stacklevel=5,  # the caller of harmony_integrate
     )

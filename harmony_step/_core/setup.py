@@ -89,8 +89,18 @@ def make_problem(
 LOAD_ROWS = 1 << 18
 
 
+def largest_safe_value(dtype: np.dtype, n_pcs: int) -> float:
+    """The largest magnitude whose squares, summed over a row of ``n_pcs`` values, stay finite.
+
+    Row normalisation sums squares in the working dtype; beyond this a row's norm overflows to
+    Inf and the row silently becomes zero.
+    """
+    return float(np.sqrt(np.finfo(dtype).max / n_pcs))
+
+
 def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any:
-    """The embedding on the device in the working dtype; rejects NaN/Inf and values the dtype cannot hold.
+    """The embedding on the device in the working dtype; rejects NaN/Inf, values the dtype cannot
+    hold and values whose squares overflow it (:func:`largest_safe_value`).
 
     Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
     full-size staging array is needed, and the input is still checked before any work.
@@ -98,10 +108,12 @@ def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any
     x = xp.empty(host.shape, dtype=dtype)
     finite_input = xp.ones((), dtype=bool)
     finite_cast = xp.ones((), dtype=bool)
+    largest = xp.zeros((), dtype=dtype)
     for start in range(0, host.shape[0], LOAD_ROWS):
         part = xp.asarray(host[start : start + LOAD_ROWS])
         with np.errstate(over="ignore"):
             x[start : start + LOAD_ROWS] = part
+        largest = xp.maximum(largest, xp.abs(x[start : start + LOAD_ROWS]).max())
         if part.dtype.kind == "f":
             finite_input &= xp.isfinite(part).all()
             finite_cast &= xp.isfinite(x[start : start + LOAD_ROWS]).all()
@@ -115,5 +127,13 @@ def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any
     if not bool(finite_cast):
         raise ValueError(
             f"{name} has values beyond the range of {dtype.name}. Use dtype=numpy.float64 or rescale."
+        )
+    limit = largest_safe_value(dtype, host.shape[1])
+    if float(largest) > limit:
+        wider = " or use dtype=numpy.float64" if dtype.itemsize < 8 else ""
+        raise ValueError(
+            f"{name} has values up to {float(largest):.3g}, above {limit:.3g}, the largest "
+            f"magnitude whose squares {dtype.name} can sum over {host.shape[1]} columns; such "
+            f"rows would become zero. Rescale the embedding{wider}."
         )
     return x

@@ -6,26 +6,40 @@ loaded: a million-cell file with a many-gigabyte ``X`` costs only the size of it
 
 Every output is first written to a hidden temporary file next to its destination and renamed
 onto it only when all outputs of the run are complete (:class:`StagedOutputs`), so readers never
-see a partial file and a failed or interrupted run leaves no output behind.
+see a partial file and a failed or interrupted run leaves no output behind. A run killed outright
+(``kill -9``, the out-of-memory killer) cannot remove its temporary file; the file's name says
+which output, host and process it belongs to, and the next run for that output removes it
+(:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
+import stat
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harmony_step._errors import MissingBasisError, MissingColumnError
+from harmony_step._step.progress import PROGRESS_LOGGER
+
 if TYPE_CHECKING:
     import h5py
     from anndata import AnnData
+
+progress_log = logging.getLogger(PROGRESS_LOGGER)
 
 
 class H5adError(ValueError):
@@ -86,8 +100,9 @@ def read_harmony_inputs(
 
     Raises
     ------
-    KeyError
-        The basis or a column is missing; the message lists what the file has.
+    MissingBasisError, MissingColumnError
+        The basis or a column is missing (each a ``KeyError`` and a ``ValueError``); the message
+        lists what the file has.
     ValueError
         The embedding is not 2-D or its row count differs from ``obs`` (:class:`H5adError` for a
         file that is not a readable h5ad).
@@ -127,7 +142,7 @@ def _read_obs(handle: h5py.File, columns: list[str], path: Any) -> Any:
     available = [name for name in obs if name != index_name and name != "__categories"]
     missing = [c for c in columns if c not in available]
     if missing:
-        raise KeyError(
+        raise MissingColumnError(
             f"Column(s) {missing} are not in obs of {str(path)!r}. Available columns: {available}. "
             "Pass existing columns with --key / --label-key."
         )
@@ -144,7 +159,7 @@ def _read_embedding(handle: h5py.File, basis: str, n_obs: int, path: Any) -> Any
 
     obsm = _group(handle, "obsm", path)
     if basis not in obsm:
-        raise KeyError(
+        raise MissingBasisError(
             f"Basis {basis!r} is not in obsm of {str(path)!r}. Available keys: {list(obsm)}. "
             "Run PCA first or pass --basis <key>."
         )
@@ -184,6 +199,8 @@ def check_output_path(path: str | os.PathLike[str], what: str) -> None:
         The folder is a file.
     IsADirectoryError
         ``path`` itself is a folder.
+    FileExistsError
+        ``path`` exists and is not a regular file (a device, a pipe, a socket, a link).
     PermissionError, OSError
         The folder is not writable.
     """
@@ -199,8 +216,11 @@ def check_output_path(path: str | os.PathLike[str], what: str) -> None:
         )
     if path.is_dir():
         raise IsADirectoryError(f"{what.capitalize()} {str(path)!r} is a folder; pass a file name.")
+    refuse_non_regular(path, what)
     try:
-        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+        descriptor, probe = tempfile.mkstemp(
+            dir=folder, prefix=_temporary_prefix(path), suffix=".probe"
+        )
     except OSError as err:
         raise type(err)(
             err.errno, f"Cannot write {what} into folder {str(folder)!r}: {err.strerror}"
@@ -210,7 +230,9 @@ def check_output_path(path: str | os.PathLike[str], what: str) -> None:
 
 
 def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
-    """Fail before any work when the input is missing or an output cannot be written.
+    """Fail before any work when the input is missing or an output cannot be written; then remove
+    the temporary files that killed earlier runs left for each output
+    (:func:`remove_stale_temporaries`).
 
     Parameters
     ----------
@@ -221,7 +243,7 @@ def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
 
     Raises
     ------
-    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError
         See :func:`check_output_path`.
     ValueError
         An output is the input file, or two outputs share a path.
@@ -242,9 +264,199 @@ def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
             )
         seen[resolved] = role
         check_output_path(path, role)
+        remove_stale_temporaries(path)
+
+
+def refuse_non_regular(path: Path, what: str) -> None:
+    """Raise :class:`FileExistsError` when ``path`` exists and is not a regular file.
+
+    The final rename would replace whatever is there: a device such as ``/dev/null`` (when run as
+    root), a named pipe another program reads, or a symbolic link (the link, not its target).
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    raise FileExistsError(
+        errno.EEXIST,
+        f"{what.capitalize()} {str(path)!r} exists and is {kind}; outputs replace the path by "
+        "renaming, which would replace it. Pass the path of a regular file.",
+    )
+
+
+_FILE_KINDS = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link (the link itself would be replaced, not its target)",
+    stat.S_IFDIR: "a folder",
+}
+
+# Outputs that are not the h5ad file (convergence table, plot, summary) stay well below this.
+REPORT_BYTES_ESTIMATE = 1 << 20
+# Added to every estimate: HDF5 metadata, uns['harmony'], obs index of the copy, file-system slack.
+_SIZE_MARGIN_BYTES = 16 << 20
+_SIZE_MARGIN_FRACTION = 0.05
+
+
+def estimated_h5ad_bytes(
+    input_path: str | os.PathLike[str],
+    n_cells: int,
+    n_pcs: int,
+    itemsize: int,
+    *,
+    embedding_only: bool,
+    basis_itemsize: int = 8,
+) -> int:
+    """An upper estimate of the output h5ad's size.
+
+    A full output is a copy of the input plus the corrected embedding; an embedding-only output
+    holds the basis, the corrected embedding and ``obs`` (index and key columns).
+    """
+    embedding = n_cells * n_pcs * itemsize
+    if embedding_only:
+        size = n_cells * n_pcs * basis_itemsize + embedding + n_cells * 64
+    else:
+        size = Path(input_path).stat().st_size + embedding
+    return int(size * (1 + _SIZE_MARGIN_FRACTION)) + _SIZE_MARGIN_BYTES
+
+
+def check_free_space(needs: Mapping[Path, int]) -> None:
+    """Fail before any work when the file systems of the outputs lack the space they will take.
+
+    Parameters
+    ----------
+    needs
+        Estimated bytes per output path; outputs on the same file system are added up.
+
+    Raises
+    ------
+    OSError
+        ``ENOSPC``, naming the outputs, the space needed and the space free.
+    """
+    by_device: dict[int, tuple[Path, int, list[Path]]] = {}
+    for path, size in needs.items():
+        folder = Path(path).parent
+        device = folder.stat().st_dev
+        first, total, paths = by_device.get(device, (folder, 0, []))
+        by_device[device] = (first, total + size, [*paths, Path(path)])
+    for folder, total, paths in by_device.values():
+        free = shutil.disk_usage(folder).free
+        if free < total:
+            names = ", ".join(repr(str(p)) for p in paths)
+            raise OSError(
+                errno.ENOSPC,
+                f"Not enough free space for {names}: about {_gigabytes(total)} needed, "
+                f"{_gigabytes(free)} free in {str(folder)!r}. Free some space or write the "
+                "outputs to another folder.",
+            )
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+# --- temporary files of killed runs --------------------------------------------------------------
+
+# Temporary outputs are named ".<output name>.harmony-step.<pid>.<pid namespace>@<host>.<random>"
+# with the suffix ".tmp" (or ".probe" for the writability check), so a later run can tell its
+# own output's leftovers from everything else and check whether the process that made them lives.
+_TEMPORARY_TAG = "harmony-step"
+# A leftover from another host (or container) cannot be checked for a live process; it is removed
+# only when it has not been written to for this long (a live run writes its outputs in minutes).
+FOREIGN_STALE_SECONDS = 24 * 3600
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _pid_namespace() -> int:
+    """Processes are comparable only within one PID namespace (containers have their own)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _temporary_prefix(destination: Path) -> str:
+    return f".{destination.name}.{_TEMPORARY_TAG}.{os.getpid()}.{_pid_namespace()}@{_host_tag()}."
+
+
+def _temporary_pattern(destination: Path) -> re.Pattern[str]:
+    return re.compile(
+        rf"\.{re.escape(destination.name)}\.{_TEMPORARY_TAG}\.(\d+)\.(\d+)@(.+)\.[A-Za-z0-9_]+"
+        r"\.(?:tmp|probe)"
+    )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists but belongs to another user
+        return True
+    return True
+
+
+def _is_stale(match: re.Match[str], path: Path) -> bool:
+    pid, namespace, host = int(match[1]), int(match[2]), match[3]
+    if host == _host_tag() and namespace == _pid_namespace():
+        return pid != os.getpid() and not _process_alive(pid)
+    try:
+        return time.time() - path.lstat().st_mtime > FOREIGN_STALE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(destination: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files that killed earlier runs left for ``destination``; log each one.
+
+    Only files named as this program names the temporaries of this very output are considered,
+    and of those only the ones whose process is gone (same host and PID namespace) or, from
+    another host, that nobody has written to for :data:`FOREIGN_STALE_SECONDS`.
+
+    Returns
+    -------
+    The removed paths.
+    """
+    destination = Path(destination)
+    pattern = _temporary_pattern(destination)
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(destination.parent):
+            match = pattern.fullmatch(entry.name)
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            path = Path(entry.path)
+            if not _is_stale(match, path):
+                continue
+            size = entry.stat(follow_symlinks=False).st_size
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+                progress_log.info(
+                    "removed %s (%s), left by an earlier run for %s that was killed",
+                    path,
+                    _gigabytes(size),
+                    destination,
+                )
+    return removed
 
 
 # --- writing -------------------------------------------------------------------------------------
+
+# Errors that come from writing, whichever file name the library that raised them gives.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed; the message names the output, not a temporary or input file."""
 
 
 class StagedOutputs:
@@ -265,8 +477,31 @@ class StagedOutputs:
     def __enter__(self) -> StagedOutputs:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, error: BaseException | None, tb: object) -> None:
+        destination = self._destination_of(error)
         self.discard()
+        if destination is not None:
+            assert isinstance(error, OSError)
+            detail = (error.strerror or str(error)).rstrip(".")
+            raise OutputWriteError(
+                error.errno or errno.EIO,
+                f"Cannot write {str(destination)!r}: {detail}. Check the space and permissions "
+                f"of {str(destination.parent)!r}, or write the output elsewhere.",
+            ) from error
+
+    def _destination_of(self, error: BaseException | None) -> Path | None:
+        """The output that ``error`` stopped from being written, or None if it is no write error."""
+        if not isinstance(error, OSError) or isinstance(error, OutputWriteError):
+            return None
+        if not self._pending:
+            return None
+        named = {str(p) for p in (error.filename, error.filename2) if p is not None}
+        for temporary, destination in self._pending:
+            if {str(temporary), str(destination)} & named:
+                return destination
+        if error.errno is None or error.errno in _WRITE_ERRNOS:
+            return self._pending[-1][1]  # the one being written
+        return None
 
     def temporary(self, destination: str | os.PathLike[str]) -> Path:
         """A new empty temporary file in the destination's folder, renamed onto it at commit."""
@@ -275,7 +510,7 @@ class StagedOutputs:
         # still finds it and removes it.
         with _sigterm_deferred():
             descriptor, name = tempfile.mkstemp(
-                dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"
+                dir=destination.parent, prefix=_temporary_prefix(destination), suffix=".tmp"
             )
             self._pending.append((Path(name), destination))
         os.close(descriptor)
@@ -284,8 +519,9 @@ class StagedOutputs:
 
     def commit(self) -> None:
         """fsync every temporary file, rename each onto its destination, then fsync the folders."""
-        for temporary, _ in self._pending:
+        for temporary, destination in self._pending:
             _fsync_path(temporary)
+            refuse_non_regular(destination, "output")  # it may have appeared since the check
         for temporary, destination in self._pending:
             os.replace(temporary, destination)
         for folder in {destination.parent for _, destination in self._pending}:

@@ -107,6 +107,7 @@ def build_summary(
     objective = np.asarray(harmony_uns["iterations"]["objective"])
     summary = {
         "converged": bool(harmony_uns["converged"]),
+        "objective_rose_last_round": bool(harmony_uns.get("objective_rose_last_round", False)),
         "n_rounds": int(harmony_uns["n_rounds"]),
         # per outer round, without the initialisation record (round 0)
         "inner_iterations": [
@@ -117,7 +118,11 @@ def build_summary(
         "final_objective": float(objective[-1]) if objective.size else None,
         "parameters": _plain(parameters),
         "resolved": _plain(resolved),
-        "device": {"kind": str(resolved["device"]), "name": str(resolved["device_name"])},
+        "device": {
+            "kind": str(resolved["device"]),
+            "name": str(resolved["device_name"]),
+            "reason": resolved.get("device_reason"),
+        },
         "versions": _plain(harmony_uns["versions"]),
         "input_sha256": input_sha256,
         "seconds": {name: round(float(value), 6) for name, value in seconds.items()},
@@ -197,4 +202,6 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
 
 def _title(harmony_uns: Mapping[str, Any]) -> str:
     converged = "converged" if bool(harmony_uns["converged"]) else "not converged"
+    if bool(harmony_uns.get("objective_rose_last_round", False)):
+        converged += " (objective rose in the last round)"
     return f"Harmony: {int(harmony_uns['n_rounds'])} rounds, {converged}"

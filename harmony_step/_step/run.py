@@ -8,13 +8,17 @@ import resource
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from harmony_step._integrate import integrate
 from harmony_step._params import HarmonyParams
 from harmony_step._step.files import (
+    REPORT_BYTES_ESTIMATE,
     StagedOutputs,
+    check_free_space,
     check_paths,
+    estimated_h5ad_bytes,
     read_harmony_inputs,
     sha256_file,
     write_into_copy,
@@ -30,11 +34,16 @@ progress_log = logging.getLogger(PROGRESS_LOGGER)
 
 @dataclasses.dataclass(frozen=True)
 class StepOutcome:
-    """How a run ended: convergence, rounds, and wall time per phase in seconds."""
+    """How a run ended: convergence, rounds, and wall time per phase in seconds.
+
+    ``objective_rose_last_round``: the last round raised the objective; with ``converged``, the
+    loop stopped on that rise rather than on a settled objective.
+    """
 
     converged: bool
     n_rounds: int
     seconds: dict[str, float]
+    objective_rose_last_round: bool = False
 
 
 @contextmanager
@@ -63,10 +72,13 @@ def run_step(
 
     Raises
     ------
-    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError
         The input is missing or an output cannot be written (before any work).
-    KeyError
-        The basis or a column is not in the input.
+    OSError
+        ``ENOSPC`` when the outputs' file systems lack the estimated space (before the compute);
+        :class:`~harmony_step._step.files.OutputWriteError`, naming the output, when a write fails.
+    MissingBasisError, MissingColumnError
+        The basis or a column is not in the input (each a ``KeyError`` and a ``ValueError``).
     ValueError
         A malformed input (:class:`~harmony_step._step.files.H5adError`), missing labels, or what
         :func:`harmony_step.harmony_integrate` rejects.
@@ -77,6 +89,7 @@ def run_step(
     with _phase(seconds, "read"):
         adata = read_harmony_inputs(request.input, params.basis, request.columns)
     _check_labels(adata, request.label_key)
+    _check_free_space(request, adata, params)
     before = adata.obsm[params.basis]
     with _phase(seconds, "compute"):
         integrate(adata, request.keys, params)
@@ -93,8 +106,15 @@ def run_step(
         if request.summary:
             _write_summary(staged, request, adata, params, input_sha256, seconds)
         staged.commit()
-    outcome = StepOutcome(bool(harmony["converged"]), int(harmony["n_rounds"]), seconds)
+    outcome = StepOutcome(
+        bool(harmony["converged"]),
+        int(harmony["n_rounds"]),
+        seconds,
+        bool(harmony["objective_rose_last_round"]),
+    )
     state = "converged" if outcome.converged else "did not converge"
+    if outcome.objective_rose_last_round:
+        state += " (the objective rose in the last round)"
     progress_log.info(
         f"done: {state} after {outcome.n_rounds} round(s) in {seconds['total']:.1f} s; "
         f"wrote {request.output}"
@@ -111,6 +131,18 @@ def _check_labels(adata: Any, label_key: str | None) -> None:
             f"Label key {label_key!r} has {missing} missing value(s); fill them or drop those cells, "
             "or leave out --label-key."
         )
+
+
+def _check_free_space(request: StepRequest, adata: Any, params: HarmonyParams) -> None:
+    """Refuse to start when the outputs will not fit (see :func:`~harmony_step._step.files.check_free_space`)."""
+    basis = adata.obsm[params.basis]
+    n_cells, n_pcs = basis.shape
+    needs: dict[Path, int] = {path: REPORT_BYTES_ESTIMATE for path in request.outputs().values()}
+    needs[request.output] = estimated_h5ad_bytes(
+        request.input, n_cells, n_pcs, params.numpy_dtype.itemsize,
+        embedding_only=request.embedding_only, basis_itemsize=basis.dtype.itemsize,
+    )  # fmt: skip
+    check_free_space(needs)
 
 
 def _integration_metrics(
