@@ -1,4 +1,4 @@
-"""What a run records in ``adata.uns['harmony']``: parameters used, convergence, timings, versions.
+"""What a run records in ``adata.uns['harmony']``: parameters used, convergence, versions.
 
 Layout (every value is writable to h5ad; ``None`` is stored as the string ``"none"``)::
 
@@ -8,16 +8,21 @@ Layout (every value is writable to h5ad; ``None`` is stored as the string ``"non
                  dtype, n_cells, n_pcs, n_levels (per key)
     converged    bool; n_rounds: int
     iterations   columns, one row per clustering iteration (round 0 = initialisation):
-                 round, iteration, objective, kmeans, entropy, diversity, seconds
+                 round, iteration, objective, kmeans, entropy, diversity
     rounds       columns, one row per round (round 0 = initialisation):
                  round, inner_iterations, inner_converged, objective, kmeans, entropy, diversity
-    timings      seconds per phase: setup, init, clustering, correction, total
     versions     harmony_step, numpy, anndata, and cupy / CUDA on the GPU
     peak_gpu_memory_bytes   high-water mark of CuPy's memory pool (0 on the CPU)
+
+Nothing here depends on the clock: the same input, parameters and seed on the same machine give
+the same record, so files that carry it are byte-identical across reruns. Timings are logged
+instead (:func:`log_timings`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,6 +31,8 @@ from harmony_step._backend import Backend
 from harmony_step._batches import BatchDesign
 from harmony_step._core.result import HarmonyResult
 from harmony_step._params import HarmonyParams
+
+progress_log = logging.getLogger("harmony_step.progress")
 
 
 def _storable(value: Any) -> Any:
@@ -71,7 +78,6 @@ def build_provenance(
             "kmeans": np.array([r.objective.kmeans for r in iterations]),
             "entropy": np.array([r.objective.entropy for r in iterations]),
             "diversity": np.array([r.objective.diversity for r in iterations]),
-            "seconds": np.array([r.seconds for r in iterations]),
         },
         "rounds": {
             "round": np.array([r.round for r in rounds], dtype=np.int64),
@@ -82,7 +88,6 @@ def build_provenance(
             "entropy": np.array([r.objective.entropy for r in rounds]),
             "diversity": np.array([r.objective.diversity for r in rounds]),
         },
-        "timings": dict(result.timings),
         "versions": {
             "harmony_step": __version__,
             "anndata": importlib.metadata.version("anndata"),
@@ -90,3 +95,13 @@ def build_provenance(
         },
         "peak_gpu_memory_bytes": int(result.peak_pool_bytes),
     }
+
+
+def format_seconds(seconds: Mapping[str, float]) -> str:
+    """``name 1.23 s, ...`` for a mapping of phase names to seconds."""
+    return ", ".join(f"{name} {float(value):.3g} s" for name, value in seconds.items())
+
+
+def log_timings(result: HarmonyResult) -> None:
+    """One progress line with the seconds of each Harmony phase (kept out of ``uns``)."""
+    progress_log.info("Harmony timings: %s", format_seconds(result.timings))

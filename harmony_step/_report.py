@@ -24,9 +24,11 @@ CONVERGENCE_COLUMNS = (
     "kmeans",
     "entropy",
     "diversity",
-    "seconds",
 )
-"""Columns of the convergence table, one row per clustering iteration (round 0 = initialisation)."""
+"""Columns of the convergence table, one row per clustering iteration (round 0 = initialisation).
+
+No timings: the table depends only on the input, parameters, seed and machine, so reruns write
+the same bytes."""
 
 OBJECTIVE_PARTS = ("kmeans", "entropy", "diversity")
 
@@ -96,10 +98,11 @@ def build_summary(
     parameters: Mapping[str, Any],
     metrics: Mapping[str, Any],
     input_sha256: str,
-    seconds: Mapping[str, float],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run summary: convergence, parameters, device, versions, timings, metrics, environment.
+    """The run summary: convergence, parameters, device, versions, metrics, environment.
+
+    It holds no timings (the command logs them), so reruns write the same bytes.
 
     Parameters
     ----------
@@ -111,8 +114,6 @@ def build_summary(
         Integration metrics ``{"before": ..., "after": ..., "settings": ...}``.
     input_sha256
         Hex SHA-256 of the input file.
-    seconds
-        Wall time per phase of the command (read, compute, write, total, ...).
     extra
         Further top-level fields (paths, keys, the command line).
     """
@@ -135,8 +136,6 @@ def build_summary(
         "device": {"kind": str(resolved["device"]), "name": str(resolved["device_name"])},
         "versions": versions,
         "input_sha256": input_sha256,
-        "seconds": {name: round(float(value), 6) for name, value in seconds.items()},
-        "harmony_seconds": _plain(harmony_uns["timings"], from_uns=True),
         "peak_gpu_memory_bytes": int(harmony_uns["peak_gpu_memory_bytes"]),
         "metrics": _plain(metrics, from_uns=True),
         "environment": environment(),

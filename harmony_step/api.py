@@ -11,7 +11,7 @@ from harmony_step._batches import BatchDesign, encode_batches, normalize_keys
 from harmony_step._core import run_harmony
 from harmony_step._core.setup import expand_theta
 from harmony_step._params import HarmonyParams
-from harmony_step._provenance import build_provenance
+from harmony_step._provenance import build_provenance, log_timings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -103,7 +103,8 @@ def harmony_integrate(
     Returns
     -------
     None. Writes ``adata.obsm[adjusted_basis]`` (NumPy array of ``dtype``, same shape as the basis)
-    and ``adata.uns['harmony']`` (parameters used, convergence history, timings, versions).
+    and ``adata.uns['harmony']`` (parameters used, convergence history, versions). The seconds of each phase are logged
+    (logger ``harmony_step.progress``), not stored, so the record is the same on every rerun.
 
     Warns
     -----
@@ -125,6 +126,7 @@ def harmony_integrate(
     result = run_harmony(embedding, design, params, backend)
     adata.obsm[params.adjusted_basis] = result.embedding
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
+    log_timings(result)
 
 
 def _checked_inputs(

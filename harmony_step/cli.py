@@ -468,6 +468,11 @@ def _phase(seconds: dict[str, float], name: str) -> Iterator[None]:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def _peak_host_mib() -> int:
+    """High-water mark of this process's resident memory in MiB (ru_maxrss is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def _planned_outputs(args: argparse.Namespace) -> dict[str, Path]:
     """Every file the run will write, by role, in the order they are written."""
     roles = {
@@ -531,6 +536,7 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
     """Carry out ``harmony-step run`` (exceptions are mapped to exit codes by :func:`main`)."""
     from harmony_step import harmony_integrate
     from harmony_step._io import StagedOutputs, read_harmony_inputs, sha256_file
+    from harmony_step._provenance import format_seconds
 
     seconds: dict[str, float] = {}
     if args.metrics_cells < 0:
@@ -556,10 +562,12 @@ def run(args: argparse.Namespace, display: ProgressDisplay, started: float) -> N
         with _phase(seconds, "write"):
             _write_h5ad(staged, args, adata, params)
             _write_reports(staged, args, harmony)
-        seconds["total"] = time.perf_counter() - started
-        if args.summary:
-            _write_summary(staged, args, adata, params, metrics, input_sha256, seconds)
+            if args.summary:
+                _write_summary(staged, args, adata, params, metrics, input_sha256)
         staged.commit()
+    seconds["total"] = time.perf_counter() - started
+    # Timings and peak memory go to the log only: the files stay byte-identical across reruns.
+    display.show(f"timings: {format_seconds(seconds)}; peak host memory {_peak_host_mib()} MiB")
     state = "converged" if harmony["converged"] else "did not converge"
     display.show(
         f"done: {state} after {int(harmony['n_rounds'])} round(s) in {seconds['total']:.1f} s; "
@@ -621,20 +629,16 @@ def _write_summary(
     params: HarmonyParams,
     metrics: Mapping[str, Any],
     input_sha256: str,
-    seconds: Mapping[str, float],
 ) -> None:
     from harmony_step import __version__
     from harmony_step._io import write_text
     from harmony_step._report import build_summary, summary_json
 
-    # ru_maxrss is in KiB on Linux
-    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = build_summary(
         adata.uns["harmony"],
         parameters=params.to_dict(),
         metrics=metrics,
         input_sha256=input_sha256,
-        seconds=seconds,
         extra={
             "harmony_step_version": __version__,
             "command": [PROG, *sys.argv[1:]],
@@ -645,7 +649,6 @@ def _write_summary(
             "label_key": args.label_key,
             "n_cells": int(adata.n_obs),
             "n_pcs": int(adata.obsm[params.basis].shape[1]),
-            "peak_host_memory_bytes": int(peak_host),
         },
     )
     write_text(staged.temporary(args.summary), summary_json(summary))

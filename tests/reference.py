@@ -19,7 +19,7 @@ def relative_frobenius(ours: np.ndarray, reference: np.ndarray) -> float:
 SUMMARY_KEYS = frozenset(
     {
         "converged", "n_rounds", "inner_iterations", "final_objective", "parameters", "device",
-        "versions", "input_sha256", "seconds", "peak_gpu_memory_bytes", "metrics", "environment",
+        "versions", "input_sha256", "peak_gpu_memory_bytes", "metrics", "environment",
     }
 )  # fmt: skip
 

@@ -58,7 +58,6 @@ def test_summary_has_the_contract_fields(harmony_uns, monkeypatch):
         parameters={"sigma": 0.1, "n_clusters": None},
         metrics=metrics,
         input_sha256="0" * 64,
-        seconds={"read": 1.0, "compute": 2.0, "write": 0.5, "total": 3.5},
         extra={"keys": ["donor"]},
     )
     required = SUMMARY_KEYS
