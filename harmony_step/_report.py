@@ -172,13 +172,21 @@ def summary_json(summary: Mapping[str, Any]) -> str:
 # --- plot ----------------------------------------------------------------------------------------
 
 
-def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[str]) -> None:
+def plot_convergence(
+    harmony_uns: Mapping[str, Any], target: str | os.PathLike[str], *, title: str | None = None
+) -> None:
     """Draw the objective per clustering iteration and its three parts into a PNG file.
 
-    The top panel shows the objective with dotted lines where a new outer round starts; the bottom
-    panel its k-means, entropy and diversity parts. Uses the Agg canvas directly, so no display or
-    global pyplot state is involved.
+    The top panel shows the objective with dotted lines where a new outer round starts, labelled
+    with the round number wherever the labels fit side by side; the bottom panel its k-means,
+    entropy and diversity parts. ``title`` replaces the default title (rounds and convergence).
+    Uses the Agg canvas directly, so no display or global pyplot state is involved.
     """
+    convergence_figure(harmony_uns, title=title).savefig(target, format="png")
+
+
+def convergence_figure(harmony_uns: Mapping[str, Any], *, title: str | None = None) -> Any:
+    """The Matplotlib figure of :func:`plot_convergence`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -190,7 +198,7 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
     top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(step, table["objective"], marker=".", color="black")
     top.set_ylabel("objective")
-    top.set_title(_title(harmony_uns))
+    top.set_title(title if title is not None else _title(harmony_uns))
     for part in OBJECTIVE_PARTS:
         bottom.plot(step, table[part], marker=".", label=part)
     bottom.set_ylabel("objective part")
@@ -200,7 +208,7 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
     for axes in (top, bottom):
         for start in starts:
             axes.axvline(start - 0.5, color="grey", linestyle=":", linewidth=0.8)
-    for start, number in zip(starts, rounds[1:][np.diff(rounds) != 0], strict=True):
+    labels = [
         top.annotate(
             f"r{int(number)}",
             (start - 0.5, 0.98),
@@ -211,7 +219,25 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
             color="grey",
             va="top",
         )
-    figure.savefig(target, format="png")
+        for start, number in zip(starts, rounds[1:][np.diff(rounds) != 0], strict=True)
+    ]
+    _drop_overlapping(figure, labels)
+    return figure
+
+
+def _drop_overlapping(figure: Any, labels: list[Any]) -> None:
+    """Hide each round label that would overlap the last one kept (short rounds sit close)."""
+    if not labels:
+        return
+    figure.draw_without_rendering()  # final layout, so that the extents are those of the file
+    renderer = figure.canvas.get_renderer()
+    kept = None
+    for label in labels:
+        extent = label.get_window_extent(renderer)
+        if kept is not None and extent.x0 < kept.x1 + 2:
+            label.set_visible(False)
+        else:
+            kept = extent
 
 
 def _title(harmony_uns: Mapping[str, Any]) -> str:
