@@ -30,4 +30,9 @@ RESULT_FILES = (
     "summary.json",
     "convergence.png",
     "params.yaml",
+    "mixing_metrics.html",
+    "embedding.png",
 )
+
+# The results that are byte-identical when the same input, parameters and seed run again.
+REPRODUCIBLE_FILES = ("integrated.h5ad", "convergence.tsv", "summary.json", "params.yaml")

@@ -401,7 +401,9 @@ def test_full_run_succeeds_with_progress_per_round(full_run):
     # timings are logged instead of being written into the outputs
     assert any(re.match(r"harmony-step: Harmony timings: setup .* total ", line) for line in lines)
     assert any(
-        re.match(r"harmony-step: timings: read .* total [\d.e+-]+ s; peak host memory \d+ MiB", line)
+        re.match(
+            r"harmony-step: timings: read .* total [\d.e+-]+ s; peak host memory \d+ MiB", line
+        )
         for line in lines
     )
 

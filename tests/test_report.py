@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import warnings
 
@@ -134,7 +135,7 @@ def test_round_labels_never_overlap(n_rounds):
     shown = [text.get_window_extent(renderer) for text in labels if text.get_visible()]
     assert shown, "no round label is shown"
     assert labels[0].get_visible()
-    assert all(left.x1 <= right.x0 for left, right in zip(shown, shown[1:], strict=False))
+    assert all(left.x1 <= right.x0 for left, right in itertools.pairwise(shown))
     if n_rounds <= 10:
         assert len(shown) == n_rounds  # room for all of them
     assert top.get_title() == "pbmc: Harmony"

@@ -46,8 +46,10 @@ def input_problems(name, dataset):
         return [f"{where} does not exist (relative to the working directory {os.getcwd()})."]
     try:
         columns, keys = h5ad_names(path)
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         return [f"{where} {error}."]
+    except OSError as error:  # HDF5 reports damaged or truncated files as OSError
+        return [f"{where} cannot be read as an h5ad file: {error}."]
     problems = []
     wanted = [("key", key) for key in batch_keys(name)]
     if dataset["label_key"] is not None:
