@@ -391,6 +391,37 @@ def test_own_config_runs_exactly_its_datasets_from_any_folder(tmp_path: Path) ->
     assert planned_harmony_jobs(plan) == ["mine"], plan
 
 
+def test_workflow_runs_as_a_module_of_another_workflow(tmp_path: Path) -> None:
+    # What `snakedeploy deploy-workflow` writes, with a local path in place of github(...).
+    workdir = write_workdir(tmp_path)
+    (workdir / "workflow").mkdir()
+    (workdir / "workflow" / "Snakefile").write_text(
+        'configfile: "config/config.yaml"\n\n'
+        f"module harmony_step:\n    snakefile: {str(SNAKEFILE)!r}\n    config: config\n\n"
+        "use rule * from harmony_step\n"
+    )
+    command = [sys.executable, "-m", "snakemake", "--directory", str(workdir)]
+    command += ["--snakefile", str(workdir / "workflow" / "Snakefile"), "--cores", "1"]
+    done = subprocess.run(
+        [*command, "--dry-run"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert planned_harmony_jobs(done.stdout) == sorted(DATASETS), done.stdout
+
+
+def test_catalog_usage_names_the_config_flag_and_the_software_stacks() -> None:
+    catalog = yaml.safe_load((REPO / ".snakemake-workflow-catalog.yml").read_text())["usage"]
+    assert catalog["mandatory-flags"]["flags"] == "--configfile config/config.yaml"
+    assert (REPO / "config" / "config.yaml").is_file()
+    assert catalog["software-stack-deployment"] == {
+        "conda": True,
+        "apptainer": True,
+        "apptainer+conda": False,
+    }
+    assert catalog["report"] is True
+    assert (REPO / "config" / "README.md").is_file()
+
+
 def test_without_a_config_the_run_says_how_to_name_one(tmp_path: Path) -> None:
     write_workdir(tmp_path)  # a config/config.yaml is there, but nothing names it
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
