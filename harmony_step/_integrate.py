@@ -15,7 +15,7 @@ from harmony_step._backend import select_backend
 from harmony_step._batches import BatchDesign, encode_batches, normalize_keys
 from harmony_step._core import run_harmony
 from harmony_step._params import HarmonyParams
-from harmony_step._provenance import build_provenance
+from harmony_step._provenance import build_provenance, log_timings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -27,14 +27,15 @@ def integrate(
     """Correct ``adata.obsm[params.basis]`` for the batches in ``key``; the body of
     :func:`harmony_step.harmony_integrate`, with the parameters already checked.
 
-    Writes ``adata.obsm[params.adjusted_basis]`` and ``adata.uns['harmony']``; on any error,
-    ``adata`` is left as it was. Raises what :func:`harmony_step.harmony_integrate` documents.
+    Writes ``adata.obsm[params.adjusted_basis]`` and ``adata.uns['harmony']`` and logs the seconds
+    of each phase; on any error, ``adata`` is left as it was. Raises what :func:`harmony_step.harmony_integrate` documents.
     """
     embedding, design = _checked_inputs(adata, key, params)
     backend = select_backend(params.device)
     result = run_harmony(embedding, design, params, backend)
     adata.obsm[params.adjusted_basis] = result.embedding
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
+    log_timings(result)
 
 
 def _checked_inputs(

@@ -122,8 +122,9 @@ def harmony_integrate(
     None
         Writes ``adata.obsm[adjusted_basis]``, a NumPy array of ``dtype`` with the shape of the
         basis, and ``adata.uns['harmony']``: the parameters used, the resolved settings, the
-        objective of every iteration, timings in seconds, software versions and the device.
-        On any error ``adata`` is left as it was.
+        objective of every iteration, software versions and the device. The seconds of each
+        phase are logged (logger ``harmony_step.progress``), not stored, so the record is the
+        same on every rerun. On any error ``adata`` is left as it was.
 
     Raises
     ------
