@@ -32,11 +32,11 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 example: $(VENV)/.installed-$(WORKFLOW_EXTRAS)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
 	@echo
-	@echo "Results, one folder per dataset (integrated.h5ad, convergence.tsv, convergence.png, summary.json, params.yaml):"
+	@echo "Results, one folder per dataset (integrated.h5ad, convergence.tsv, summary.json, params.yaml, mixing_metrics.html, convergence.png, embedding.png):"
 	@for folder in $(CURDIR)/results/*/; do \
 	  case "$$folder" in */logs/|*/benchmarks/) ;; *) echo "  $$folder" ;; esac; done
 	@echo "Logs: $(CURDIR)/results/logs/  Benchmarks: $(CURDIR)/results/benchmarks/"
-	@echo "HTML report with the plots: $(BIN)/snakemake --configfile config/config.yaml --report report.html"
+	@echo "HTML report with the metrics and plots: $(BIN)/snakemake --configfile config/config.yaml --report report.html"
 
 test: $(VENV)/.installed-test$(comma)workflow
 	$(BIN)/python -m pytest

@@ -18,7 +18,7 @@ from harmony_step._core import run_harmony
 from harmony_step._core.result import RoundRecord
 from harmony_step._errors import MissingBasisError, WrongTypeError
 from harmony_step._params import HarmonyParams, ObjectiveRoseWarning
-from harmony_step._provenance import build_provenance, objective_rose_last_round
+from harmony_step._provenance import build_provenance, log_timings, objective_rose_last_round
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -31,8 +31,8 @@ def integrate(
     :func:`harmony_step.harmony_integrate`, with the parameters already checked.
 
     Writes ``adata.obsm[params.adjusted_basis]``, in the container kind of the basis, and
-    ``adata.uns['harmony']``; on any error, ``adata`` is left as it was. Raises and warns as
-    :func:`harmony_step.harmony_integrate` documents.
+    ``adata.uns['harmony']``, and logs the seconds of each phase; on any error, ``adata`` is left
+    as it was. Raises and warns as :func:`harmony_step.harmony_integrate` documents.
     """
     embedding, design = _checked_inputs(adata, key, params)
     backend = select_backend(params.device)
@@ -40,6 +40,7 @@ def integrate(
     raw = adata.obsm[params.basis]
     adata.obsm[params.adjusted_basis] = _in_container_of(raw, result.embedding)
     adata.uns["harmony"] = build_provenance(result, design, params, backend)
+    log_timings(result)
     if result.converged and objective_rose_last_round(result.rounds):
         # after the result is stored, so that warnings turned into errors do not discard it
         _warn_objective_rose(result.rounds)

@@ -1,4 +1,4 @@
-"""What a run records in ``adata.uns['harmony']``: parameters used, convergence, timings, versions.
+"""What a run records in ``adata.uns['harmony']``: parameters used, convergence, versions.
 
 Layout (every value is writable to h5ad; ``None`` is stored as such, which needs anndata >= 0.12)::
 
@@ -12,17 +12,22 @@ Layout (every value is writable to h5ad; ``None`` is stored as such, which needs
                  bool: the last round raised the objective; with converged true, the loop stopped
                  on that rise (the stopping rule of R harmony) rather than on a settled objective
     iterations   columns, one row per clustering iteration (round 0 = initialisation):
-                 round, iteration, objective, kmeans, entropy, diversity, seconds
+                 round, iteration, objective, kmeans, entropy, diversity
     rounds       columns, one row per round (round 0 = initialisation):
                  round, inner_iterations, inner_converged, objective, kmeans, entropy, diversity
-    timings      seconds per phase: setup, init, clustering, correction, total
     versions     :func:`software_versions`: harmony_step, Python, the libraries that shape the
                  result, and cupy / CUDA on the GPU
     peak_gpu_memory_bytes   high-water mark of CuPy's memory pool (0 on the CPU)
+
+Nothing here depends on the clock: the same input, parameters and seed on the same machine give
+the same record, so files that carry it are byte-identical across reruns. Timings are logged
+instead (:func:`log_timings`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +39,8 @@ from harmony_step._params import HarmonyParams
 from harmony_step._version import __version__
 
 _LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "h5py", "scikit-learn")
+
+progress_log = logging.getLogger("harmony_step.progress")
 
 
 def software_versions(backend: Backend) -> dict[str, str]:
@@ -108,7 +115,6 @@ def build_provenance(
             "kmeans": np.array([r.objective.kmeans for r in iterations]),
             "entropy": np.array([r.objective.entropy for r in iterations]),
             "diversity": np.array([r.objective.diversity for r in iterations]),
-            "seconds": np.array([r.seconds for r in iterations]),
         },
         "rounds": {
             "round": np.array([r.round for r in rounds], dtype=np.int64),
@@ -119,7 +125,23 @@ def build_provenance(
             "entropy": np.array([r.objective.entropy for r in rounds]),
             "diversity": np.array([r.objective.diversity for r in rounds]),
         },
-        "timings": dict(result.timings),
         "versions": software_versions(backend),
         "peak_gpu_memory_bytes": int(result.peak_pool_bytes),
     }
+
+
+def format_seconds(seconds: Mapping[str, float]) -> str:
+    """``name 1.23 s, ...`` for a mapping of phase names to seconds."""
+    return ", ".join(f"{name} {float(value):.3g} s" for name, value in seconds.items())
+
+
+def log_timings(result: HarmonyResult) -> None:
+    """One progress line with the seconds of each Harmony phase (kept out of ``uns``).
+
+    The record also carries them as the field ``harmony_timings`` (phase name -> seconds), for a
+    caller that wants the numbers rather than the line.
+    """
+    timings = {name: float(value) for name, value in result.timings.items()}
+    progress_log.info(
+        "Harmony timings: %s", format_seconds(timings), extra={"harmony_timings": timings}
+    )

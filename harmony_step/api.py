@@ -127,8 +127,10 @@ def harmony_integrate(
     None
         Writes ``adata.obsm[adjusted_basis]``, an array of ``dtype`` with the shape of the basis
         in the basis's container (NumPy, DataFrame, CuPy or Dask), and ``adata.uns['harmony']``:
-        the parameters used, the resolved settings, the objective of every iteration, timings in
-        seconds, software versions and the device. On any error ``adata`` is left as it was.
+        the parameters used, the resolved settings, the objective of every iteration, software
+        versions and the device. The seconds of each phase are logged (logger
+        ``harmony_step.progress``), not stored, so the record is the same on every rerun. On any
+        error ``adata`` is left as it was.
 
     Raises
     ------

@@ -19,8 +19,8 @@ def relative_frobenius(ours: np.ndarray, reference: np.ndarray) -> float:
 SUMMARY_KEYS = frozenset(
     {
         "converged", "objective_rose_last_round", "n_rounds", "inner_iterations", "final_objective",
-        "parameters", "device", "versions", "input_sha256", "seconds", "peak_gpu_memory_bytes",
-        "metrics", "environment",
+        "parameters", "device", "versions", "input_sha256", "peak_gpu_memory_bytes", "metrics",
+        "environment",
     }
 )  # fmt: skip
 
@@ -31,4 +31,9 @@ RESULT_FILES = (
     "summary.json",
     "convergence.png",
     "params.yaml",
+    "mixing_metrics.html",
+    "embedding.png",
 )
+
+# The results that are byte-identical when the same input, parameters and seed run again.
+REPRODUCIBLE_FILES = ("integrated.h5ad", "convergence.tsv", "summary.json", "params.yaml")

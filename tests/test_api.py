@@ -144,10 +144,10 @@ def test_uns_records_parameters_history_and_versions(data_dir):
     assert iterations["iteration"].size == 1 + rounds["inner_iterations"].sum()
     parts = iterations["kmeans"] + iterations["entropy"] + iterations["diversity"]
     np.testing.assert_allclose(iterations["objective"], parts)
-    assert np.all(np.diff(iterations["seconds"]) >= 0)
     assert record["versions"]["harmony_step"] == harmony_step.__version__
-    # the written file keeps all of it
-    assert set(record["timings"]) >= {"setup", "init", "clustering", "correction", "total"}
+    # nothing that depends on the clock: timings are logged, not stored
+    assert "timings" not in record
+    assert "seconds" not in iterations
 
 
 def test_result_can_be_written_to_h5ad(data_dir, tmp_path):

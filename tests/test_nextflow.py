@@ -61,6 +61,7 @@ if ("${h5ad}" == "${prefix}.h5ad") error "HARMONY_STEP: input and output would b
 def device = task.accelerator?.request ? 'gpu' : 'cpu'
 def batch_keys = [meta.batch_key].flatten().collect { key -> "--key '${key}'" }.join(' ')
 def label_key = meta.label_key ? "--label-key '${meta.label_key}'" : ''
+def plot = task.ext.plot == false ? '' : "--plot ${prefix}.convergence.png"
 """
 STUB_PREAMBLE = """
 prefix = task.ext.prefix ?: "${meta.id}_harmony"
@@ -385,6 +386,7 @@ def script_values(
     *,
     ext_args: str | None = None,
     ext_prefix: str | None = None,
+    ext_plot: bool | None = None,
     accelerator_request: int | None = None,
     cpus: int = 2,
 ) -> dict[str, object]:
@@ -404,6 +406,7 @@ def script_values(
         "device": "gpu" if accelerator_request else "cpu",
         "batch_keys": " ".join(f"--key '{key}'" for key in batch_keys),
         "label_key": f"--label-key '{label_key}'" if label_key else "",
+        "plot": "" if ext_plot is False else f"--plot {prefix}.convergence.png",
         "task.cpus": cpus,
         "task.process": PROCESS,
     }
@@ -444,23 +447,50 @@ def run_task(
 
 
 def declared_outputs(values: dict[str, object]) -> dict[str, str]:
-    """{emit name: file name} of the module's outputs rendered for one task."""
+    """{emit name: file name} of the module's file outputs rendered for one task."""
     outputs = {}
     for statement in process_definition(MODULE, PROCESS).sections["output"]:
         declaration = _declaration(statement)
+        if not any(qualifier == "path" for qualifier, _ in declaration.shape):
+            continue  # the versions tuple: values, not files
         (template,) = declaration.templates
         outputs[dict(declaration.options)["emit"]] = template.render(values)
     return outputs
+
+
+def optional_outputs() -> set[str]:
+    """Emit names of the outputs declared ``optional: true``."""
+    declarations = map(_declaration, process_definition(MODULE, PROCESS).sections["output"])
+    return {dict(d.options)["emit"] for d in declarations if ("optional", "true") in d.options}
+
+
+def versions_eval_command() -> str:
+    """The shell command of the versions output's ``eval(...)``."""
+    declarations = map(_declaration, process_definition(MODULE, PROCESS).sections["output"])
+    (command,) = [
+        value for d in declarations for qualifier, value in d.shape if qualifier == "eval"
+    ]
+    return command
 
 
 def produced_files(work: Path, staged_input: str) -> set[str]:
     return {p.name for p in work.iterdir()} - {staged_input, ".command.sh"}
 
 
-def assert_versions_file(path: Path) -> None:
-    lines = path.read_text().splitlines()
-    assert lines == [f'"{PROCESS}":', f"    harmony-step: {harmony_step.__version__}"], lines
-    assert yaml.safe_load(path.read_text()) == {PROCESS: {"harmony-step": harmony_step.__version__}}
+def assert_versions_eval(work: Path) -> None:
+    """Nextflow runs the eval command in the task folder after the script; it prints the version."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(
+        ["bash", "-c", versions_eval_command()],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == harmony_step.__version__
 
 
 # ==================================================================================== tests
@@ -527,10 +557,19 @@ def test_outputs_and_emits() -> None:
         ),
         (
             (("tuple", ""), ("val", "meta"), ("path", "${prefix}.convergence.png")),
-            (("emit", "plot"),),
+            (("emit", "plot"), ("optional", "true")),
         ),
-        ((("path", "versions.yml"),), (("emit", "versions"),)),
+        (
+            (
+                ("tuple", ""),
+                ("val", "${task.process}"),
+                ("val", "harmony-step"),
+                ("eval", "harmony-step --version | sed 's/^harmony-step //'"),
+            ),
+            (("emit", "versions_harmony_step"), ("topic", "versions")),
+        ),
     ]
+    assert optional_outputs() == {"plot"}
 
 
 def test_sections_and_when_clause() -> None:
@@ -569,6 +608,11 @@ def test_rendered_command_for_the_test_meta_map() -> None:
     ]
     gpu = bash_script(template, script_values(meta, "cells.h5ad", accelerator_request=1))
     assert "    --device gpu \\" in gpu.splitlines()
+    no_plot = bash_script(template, script_values(meta, "cells.h5ad", ext_plot=False))
+    assert "--plot" not in no_plot
+    # The module writes no versions file: its version is an eval output on the versions topic.
+    assert "versions.yml" not in script
+    assert "END_VERSIONS" not in script
 
 
 def test_renderer_refuses_expressions_in_the_template(tmp_path: Path) -> None:
@@ -595,6 +639,19 @@ def test_meta_yml_matches_the_module() -> None:
         for emit, entries in meta_yml["output"].items()
     }
     assert documented == declared
+    # The versions topic is documented as nf-core does: process, tool name and eval command.
+    (topic_entry,) = meta_yml["topics"]["versions"]
+    assert [next(iter(item)) for item in topic_entry] == [
+        "${task.process}",
+        "harmony-step",
+        versions_eval_command(),
+    ]
+    assert [next(iter(item.values()))["type"] for item in topic_entry] == [
+        "string",
+        "string",
+        "eval",
+    ]
+    assert topic_entry == meta_yml["output"]["versions_harmony_step"][0]
 
 
 def test_environment_yml_pins_the_package_version() -> None:
@@ -662,12 +719,15 @@ def test_module_test_files_parse() -> None:
         MODULE_DIR / "tests" / "main.nf.test",
         MODULE_DIR / "tests" / "nextflow.config",
         MODULE_DIR / "tests" / "gpu.config",
+        MODULE_DIR / "tests" / "no_plot.config",
         NEXTFLOW_DIR / "nf-test.config",
         NEXTFLOW_DIR / "tests" / "nextflow.config",
     ]:
         parse_groovy(path)
     gpu = config_settings(MODULE_DIR / "tests" / "gpu.config")
     assert literal(gpu["process.withName:HARMONY_STEP.accelerator"]) == 1
+    no_plot = config_settings(MODULE_DIR / "tests" / "no_plot.config")
+    assert literal(no_plot["process.withName:HARMONY_STEP.ext.plot"]) is False
 
 
 def test_script_block_runs_harmony_step_on_pbmc(tmp_path: Path, data_dir: Path) -> None:
@@ -680,7 +740,7 @@ def test_script_block_runs_harmony_step_on_pbmc(tmp_path: Path, data_dir: Path) 
     outputs = declared_outputs(values)
     assert produced_files(work, "pbmc_3500.h5ad") == set(outputs.values())
     assert outputs["h5ad"] == "pbmc_3500_harmony.h5ad"
-    assert_versions_file(work / outputs["versions"])
+    assert_versions_eval(work)
     with h5py.File(work / outputs["h5ad"]) as handle:
         assert handle["obsm"]["X_pca_harmony"].shape == (3500, 30)
     summary = json.loads((work / outputs["summary"]).read_text())
@@ -715,7 +775,7 @@ def test_script_block_reports_a_missing_batch_column(tmp_path: Path, data_dir: P
     )
     assert result.returncode == 2
     assert "no_such_column" in result.stderr
-    assert not (work / "versions.yml").exists()  # bash -e stopped before the versions step
+    assert produced_files(work, "pbmc_3500.h5ad") == set()  # nothing half-written
 
 
 def test_stub_block_touches_every_declared_output(tmp_path: Path, data_dir: Path) -> None:
@@ -726,7 +786,20 @@ def test_stub_block_touches_every_declared_output(tmp_path: Path, data_dir: Path
     assert result.returncode == 0, result.stderr
     outputs = declared_outputs(values)
     assert produced_files(work, "pbmc_3500.h5ad") == set(outputs.values())
-    assert_versions_file(work / outputs["versions"])
+
+
+def test_plot_is_left_out_with_ext_plot_false(tmp_path: Path, data_dir: Path) -> None:
+    meta = {"id": "pbmc_3500", "batch_key": "donor"}
+    values = script_values(
+        meta, "pbmc_3500.h5ad", ext_args="--max-iter-harmony 2 --metrics-cells 0", ext_plot=False
+    )
+    result, work, _script = run_task(
+        tmp_path, "script", data_dir / "pbmc_3500" / "pbmc_3500.h5ad", values
+    )
+    assert result.returncode == 0, result.stderr
+    outputs = declared_outputs(values)
+    produced = produced_files(work, "pbmc_3500.h5ad")
+    assert produced == {name for emit, name in outputs.items() if emit != "plot"}
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def write_slurm_profile(folder: Path) -> Path:
     """
     profile = yaml.safe_load(SLURM_PROFILE.read_text())
     del profile["software-deployment-method"], profile["apptainer-args"]
-    profile["set-resources"]["harmony"]["slurm_partition"] = "gpu"
+    profile.setdefault("set-resources", {}).setdefault("harmony", {})["slurm_partition"] = "gpu"
     # Snakemake otherwise waits 40 s for a first status check before it can stop.
     profile["slurm-init-seconds-before-status-checks"] = 1
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,6 +109,8 @@ def snakemake(workdir: Path, *args: str, path_first: Path | None = None):
         str(SNAKEFILE),
         "--directory",
         str(workdir),
+        "--configfile",
+        str(workdir / "config" / "config.yaml"),
         *args,
     ]
     search_path = [str(BIN), os.environ["PATH"]]
@@ -139,9 +142,20 @@ def resource_options(call: str) -> set[str]:
     return requested
 
 
-def attempted_sbatch_calls(tmp_path: Path, inputs: dict[str, Path]) -> dict[tuple[str, int], str]:
-    """Each sbatch command line the plugin tried, by (dataset, attempt)."""
+def attempted_sbatch_calls(
+    tmp_path: Path, inputs: dict[str, Path], params: dict[str, dict] | None = None
+) -> dict[tuple[str, int], str]:
+    """Each sbatch command line the plugin tried, by (dataset, attempt).
+
+    ``params`` gives datasets their own Harmony parameters (``datasets.NAME.params``).
+    """
     workdir = write_workdir(tmp_path / "work", inputs)
+    if params:
+        config_file = workdir / "config" / "config.yaml"
+        config = yaml.safe_load(config_file.read_text())
+        for name, values in params.items():
+            config["datasets"][name]["params"] = values
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     profile = write_slurm_profile(tmp_path / "profile")
     no_cluster = refusing_slurm_commands(tmp_path / "no-cluster")
     run = snakemake(workdir, "--profile", str(profile), "--verbose", path_first=no_cluster)
@@ -180,11 +194,23 @@ def test_harmony_job_asks_for_one_gpu_and_the_configured_cpus(tmp_path, data_dir
     assert set(calls) == {("pbmc", 1), ("pbmc", 2)}
 
 
-def test_harmony_memory_and_time_grow_with_the_input_size(tmp_path):
-    # A sparse 20 GiB file: Snakemake only reads its size before submitting, and the job never
-    # starts, so its content does not matter.
+def test_only_datasets_that_run_on_a_gpu_ask_for_one(tmp_path, data_dir):
+    pbmc = data_dir / "pbmc_3500" / "pbmc_3500.h5ad"
+    calls = attempted_sbatch_calls(
+        tmp_path, {"on_gpu": pbmc, "on_cpu": pbmc}, params={"on_cpu": {"device": "cpu"}}
+    )
+
+    assert "--gpus=1" in resource_options(calls["on_gpu", 1])
+    assert not any(option.startswith("--gpus") for option in resource_options(calls["on_cpu", 1]))
+    assert "--cpus-per-task=4" in resource_options(calls["on_cpu", 1])
+
+
+def test_harmony_memory_and_time_grow_with_the_input_size(tmp_path, data_dir):
+    # A real h5ad grown to 20 GiB with a sparse tail: the check before the run reads its names,
+    # Snakemake its size, and the job never starts.
     large_input = tmp_path / "large.h5ad"
-    with large_input.open("wb") as handle:
+    shutil.copyfile(data_dir / "pbmc_3500" / "pbmc_3500.h5ad", large_input)
+    with large_input.open("r+b") as handle:
         handle.truncate(20 * 1024**3)
 
     calls = attempted_sbatch_calls(tmp_path, {"large": large_input})
@@ -215,7 +241,8 @@ def test_slurm_profile_runs_harmony_in_the_container_with_the_gpu_visible():
     assert profile["executor"] == "slurm"
     assert profile["software-deployment-method"] == "apptainer"
     assert profile["apptainer-args"] == "--nv"
-    assert profile["set-resources"]["harmony"] == {"gpu": 1}
+    # The GPU request is the workflow's (one unless a dataset runs on the CPU), not a fixed one.
+    assert "gpu" not in (profile.get("set-resources") or {}).get("harmony", {})
     assert profile["retries"] >= 1
     assert profile["rerun-incomplete"] is True
     assert profile["keep-going"] is True

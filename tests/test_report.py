@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import warnings
 
@@ -16,6 +17,7 @@ from harmony_step._step.reports import (
     CONVERGENCE_COLUMNS,
     build_summary,
     container_kind,
+    convergence_figure,
     convergence_tsv,
     environment,
     plot_convergence,
@@ -58,7 +60,6 @@ def test_summary_has_the_contract_fields(harmony_uns, monkeypatch):
         parameters={"sigma": 0.1, "n_clusters": None},
         metrics=metrics,
         input_sha256="0" * 64,
-        seconds={"read": 1.0, "compute": 2.0, "write": 0.5, "total": 3.5},
         extra={"keys": ["donor"]},
     )
     required = SUMMARY_KEYS
@@ -108,3 +109,37 @@ def test_plot_is_a_png_with_two_panels(harmony_uns, tmp_path):
     pixels = imread(target)
     assert pixels.shape[:2] == (600, 800)
     assert pixels[..., :3].std() > 0.05  # something was drawn
+
+
+def many_short_rounds(n_rounds: int) -> dict:
+    """A convergence record of ``n_rounds`` rounds of one or two iterations each (labels crowd)."""
+    rounds = np.repeat(np.arange(n_rounds + 1), [1] + [1 + r % 2 for r in range(n_rounds)])
+    objective = 100.0 / (1.0 + np.arange(rounds.size))
+    return {
+        "iterations": {
+            "round": rounds,
+            "objective": objective,
+            "kmeans": objective / 2,
+            "entropy": objective / 4,
+            "diversity": objective / 4,
+        },
+        "converged": True,
+        "n_rounds": n_rounds,
+    }
+
+
+@pytest.mark.parametrize("n_rounds", [2, 10, 60])
+def test_round_labels_never_overlap(n_rounds):
+    figure = convergence_figure(many_short_rounds(n_rounds), title="pbmc: Harmony")
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    top = figure.axes[0]
+    labels = [text for text in top.texts if text.get_text().startswith("r")]
+    assert len(labels) == n_rounds
+    shown = [text.get_window_extent(renderer) for text in labels if text.get_visible()]
+    assert shown, "no round label is shown"
+    assert labels[0].get_visible()
+    assert all(left.x1 <= right.x0 for left, right in itertools.pairwise(shown))
+    if n_rounds <= 10:
+        assert len(shown) == n_rounds  # room for all of them
+    assert top.get_title() == "pbmc: Harmony"

@@ -24,9 +24,11 @@ CONVERGENCE_COLUMNS = (
     "kmeans",
     "entropy",
     "diversity",
-    "seconds",
 )
-"""Columns of the convergence table, one row per clustering iteration (round 0 = initialisation)."""
+"""Columns of the convergence table, one row per clustering iteration (round 0 = initialisation).
+
+No timings: the table depends only on the input, parameters, seed and machine, so reruns write
+the same bytes."""
 
 OBJECTIVE_PARTS = ("kmeans", "entropy", "diversity")
 
@@ -82,10 +84,11 @@ def build_summary(
     parameters: Mapping[str, Any],
     metrics: Mapping[str, Any],
     input_sha256: str,
-    seconds: Mapping[str, float],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run summary: convergence, parameters, device, versions, timings, metrics, environment.
+    """The run summary: convergence, parameters, device, versions, metrics, environment.
+
+    It holds no timings (the step logs them), so reruns write the same bytes.
 
     Parameters
     ----------
@@ -97,8 +100,6 @@ def build_summary(
         Integration metrics ``{"before": ..., "after": ..., "settings": ...}``.
     input_sha256
         Hex SHA-256 of the input file.
-    seconds
-        Wall time per phase of the command (read, compute, write, total, ...).
     extra
         Further top-level fields (paths, keys, the command line).
     """
@@ -125,8 +126,6 @@ def build_summary(
         },
         "versions": _plain(harmony_uns["versions"]),
         "input_sha256": input_sha256,
-        "seconds": {name: round(float(value), 6) for name, value in seconds.items()},
-        "harmony_seconds": _plain(harmony_uns["timings"]),
         "peak_gpu_memory_bytes": int(harmony_uns["peak_gpu_memory_bytes"]),
         "metrics": _plain(metrics),
         "environment": environment(),
@@ -158,13 +157,21 @@ def summary_json(summary: Mapping[str, Any]) -> str:
 # --- plot ----------------------------------------------------------------------------------------
 
 
-def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[str]) -> None:
+def plot_convergence(
+    harmony_uns: Mapping[str, Any], target: str | os.PathLike[str], *, title: str | None = None
+) -> None:
     """Draw the objective per clustering iteration and its three parts into a PNG file.
 
-    The top panel shows the objective with dotted lines where a new outer round starts; the bottom
-    panel its k-means, entropy and diversity parts. Uses the Agg canvas directly, so no display or
-    global pyplot state is involved.
+    The top panel shows the objective with dotted lines where a new outer round starts, labelled
+    with the round number wherever the labels fit side by side; the bottom panel its k-means,
+    entropy and diversity parts. ``title`` replaces the default title (rounds and convergence).
+    Uses the Agg canvas directly, so no display or global pyplot state is involved.
     """
+    convergence_figure(harmony_uns, title=title).savefig(target, format="png")
+
+
+def convergence_figure(harmony_uns: Mapping[str, Any], *, title: str | None = None) -> Any:
+    """The Matplotlib figure of :func:`plot_convergence`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -176,7 +183,7 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
     top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(step, table["objective"], marker=".", color="black")
     top.set_ylabel("objective")
-    top.set_title(_title(harmony_uns))
+    top.set_title(title if title is not None else _title(harmony_uns))
     for part in OBJECTIVE_PARTS:
         bottom.plot(step, table[part], marker=".", label=part)
     bottom.set_ylabel("objective part")
@@ -186,7 +193,7 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
     for axes in (top, bottom):
         for start in starts:
             axes.axvline(start - 0.5, color="grey", linestyle=":", linewidth=0.8)
-    for start, number in zip(starts, rounds[1:][np.diff(rounds) != 0], strict=True):
+    labels = [
         top.annotate(
             f"r{int(number)}",
             (start - 0.5, 0.98),
@@ -197,7 +204,25 @@ def plot_convergence(harmony_uns: Mapping[str, Any], target: str | os.PathLike[s
             color="grey",
             va="top",
         )
-    figure.savefig(target, format="png")
+        for start, number in zip(starts, rounds[1:][np.diff(rounds) != 0], strict=True)
+    ]
+    _drop_overlapping(figure, labels)
+    return figure
+
+
+def _drop_overlapping(figure: Any, labels: list[Any]) -> None:
+    """Hide each round label that would overlap the last one kept (short rounds sit close)."""
+    if not labels:
+        return
+    figure.draw_without_rendering()  # final layout, so that the extents are those of the file
+    renderer = figure.canvas.get_renderer()
+    kept = None
+    for label in labels:
+        extent = label.get_window_extent(renderer)
+        if kept is not None and extent.x0 < kept.x1 + 2:
+            label.set_visible(False)
+        else:
+            kept = extent
 
 
 def _title(harmony_uns: Mapping[str, Any]) -> str:

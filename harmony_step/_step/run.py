@@ -13,6 +13,7 @@ from typing import Any
 
 from harmony_step._integrate import integrate
 from harmony_step._params import HarmonyParams
+from harmony_step._provenance import format_seconds
 from harmony_step._step.files import (
     REPORT_BYTES_ESTIMATE,
     StagedOutputs,
@@ -55,6 +56,11 @@ def _phase(seconds: dict[str, float], name: str) -> Iterator[None]:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def _peak_host_mib() -> int:
+    """High-water mark of this process's resident memory in MiB (ru_maxrss is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def run_step(
     request: StepRequest, params: HarmonyParams, *, started: float | None = None
 ) -> StepOutcome:
@@ -67,8 +73,8 @@ def run_step(
     params
         The checked Harmony parameters (:meth:`HarmonyParams.resolve`); not checked again.
     started
-        ``time.perf_counter()`` when the run was asked for, so that the total time in the summary
-        includes the start-up (default: now).
+        ``time.perf_counter()`` when the run was asked for, so that the logged total time includes
+        the start-up (default: now).
 
     Raises
     ------
@@ -102,10 +108,14 @@ def run_step(
         with _phase(seconds, "write"):
             _write_h5ad(staged, request, adata, params)
             _write_reports(staged, request, harmony)
-        seconds["total"] = time.perf_counter() - started
-        if request.summary:
-            _write_summary(staged, request, adata, params, input_sha256, seconds)
+            if request.summary:
+                _write_summary(staged, request, adata, params, input_sha256)
         staged.commit()
+    seconds["total"] = time.perf_counter() - started
+    # Timings and peak memory go to the log only: the files stay byte-identical across reruns.
+    progress_log.info(
+        f"timings: {format_seconds(seconds)}; peak host memory {_peak_host_mib()} MiB"
+    )
     outcome = StepOutcome(
         bool(harmony["converged"]),
         int(harmony["n_rounds"]),
@@ -201,20 +211,16 @@ def _write_summary(
     adata: Any,
     params: HarmonyParams,
     input_sha256: str,
-    seconds: Mapping[str, float],
 ) -> None:
     from harmony_step._step.reports import build_summary, summary_json
 
     assert request.summary is not None
     harmony = adata.uns["harmony"]
-    # ru_maxrss is in KiB on Linux
-    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = build_summary(
         harmony,
         parameters=params.to_dict(),
         metrics=harmony["metrics"],
         input_sha256=input_sha256,
-        seconds=seconds,
         extra={
             "harmony_step_version": __version__,
             "command": list(request.command),
@@ -225,7 +231,6 @@ def _write_summary(
             "label_key": request.label_key,
             "n_cells": int(adata.n_obs),
             "n_pcs": int(adata.obsm[params.basis].shape[1]),
-            "peak_host_memory_bytes": int(peak_host),
         },
     )
     write_text(staged.temporary(request.summary), summary_json(summary))

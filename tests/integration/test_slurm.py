@@ -2,9 +2,10 @@
 
 Needs the one-node cluster that .ci/slurm.sh starts (it also sets HARMONY_STEP_INTEGRATION=1).
 Snakemake runs with the slurm-gpu profile minus its container settings (Apptainer is not part of
-this cluster), plus the options a cluster without an accounting database needs. Every Harmony job
-asks Slurm for a GPU and gets one of the node's two declared GPUs; the GPUs are stand-ins, so
-Harmony itself runs with ``device: cpu`` from the .test configuration.
+this cluster), plus the options a cluster without an accounting database needs. The datasets run
+with ``device: auto``, so every Harmony job asks Slurm for a GPU and gets one of the node's two
+declared GPUs; the GPUs are stand-ins that CuPy cannot use, so Harmony itself falls back to the
+CPU. (A dataset with ``device: cpu`` asks for no GPU; tests/test_workflow.py checks that.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -129,6 +132,7 @@ def write_run_folder(workdir: Path, datasets: dict[str, dict]) -> Path:
     """A working directory with the .test config for ``datasets`` and the Slurm test profile."""
     config = yaml.safe_load(TEST_CONFIG.read_text())
     config["datasets"] = datasets
+    config["device"] = "auto"  # a GPU job on Slurm; harmony-step falls back to the CPU here
     (workdir / "config").mkdir(parents=True)
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -152,6 +156,8 @@ def snakemake_command(workdir: Path, *args: str, profile: bool = True) -> list[s
         str(SNAKEFILE),
         "--directory",
         str(workdir),
+        "--configfile",
+        str(workdir / "config" / "config.yaml"),
         *profile_args,
         *args,
     ]
@@ -287,15 +293,18 @@ def test_every_dataset_is_integrated_by_its_own_slurm_gpu_job(
         assert (results / "convergence.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_a_truncated_input_fails_alone_and_the_other_dataset_completes(
+def test_an_input_that_fails_in_its_job_fails_alone_and_the_other_dataset_completes(
     slurm_cluster, datasets, data_dir, tmp_path
 ):
-    source = data_dir / "cell_lines" / "cell_lines.h5ad"
-    truncated = tmp_path / "truncated.h5ad"
-    truncated.write_bytes(source.read_bytes()[: source.stat().st_size * 2 // 5])
+    # Its names are all there, so the check before the run passes it (a truncated or misnamed
+    # input would stop the run before any job); the NaN in its embedding fails the job itself.
+    broken = tmp_path / "broken.h5ad"
+    shutil.copyfile(data_dir / "cell_lines" / "cell_lines.h5ad", broken)
+    with h5py.File(broken, "r+") as handle:
+        handle["obsm"]["X_pca"][0, 0] = np.nan
     workdir = write_run_folder(
         tmp_path / "run",
-        {"pbmc": datasets["pbmc"], "truncated": {"input": str(truncated), "key": "dataset"}},
+        {"pbmc": datasets["pbmc"], "broken": {"input": str(broken), "key": "dataset"}},
     )
 
     run = run_workflow(workdir)
@@ -307,15 +316,15 @@ def test_a_truncated_input_fails_alone_and_the_other_dataset_completes(
         for filename in RESULT_FILES:
             assert (run.results("pbmc") / filename).is_file(), filename
         # The failing one left no output, only its log with one clear error line.
-        assert not any((run.results("truncated") / name).exists() for name in RESULT_FILES)
-        log = (workdir / "results" / "logs" / "harmony" / "truncated.log").read_text()
+        assert not any((run.results("broken") / name).exists() for name in RESULT_FILES)
+        log = (workdir / "results" / "logs" / "harmony" / "broken.log").read_text()
         errors = [line for line in log.splitlines() if line.startswith("harmony-step: error:")]
         assert len(errors) == 1, log
-        assert "truncated.h5ad" in errors[0]
+        assert "non-finite" in errors[0]
         assert "Traceback" not in log
 
         # Slurm ran it twice (retries: 1), the second time with twice the memory and time.
-        attempts = [job for job in run.jobs if job.dataset == "truncated"]
+        attempts = [job for job in run.jobs if job.dataset == "broken"]
         assert len(attempts) == 2, tail(run.output)
         first, second = (attempt.sbatch_options for attempt in attempts)
         assert int(second["--mem"]) == 2 * int(first["--mem"])

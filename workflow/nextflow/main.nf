@@ -36,4 +36,10 @@ workflow {
             .map { h5ad -> [datasetMeta(h5ad.baseName, params.batch_key, params.label_key), h5ad] }
 
     HARMONY_STEP(datasets)
+
+    // Every module emits (process, tool, version) on the `versions` topic; one YAML file of them.
+    channel.topic('versions')
+        .unique()
+        .map { process, tool, version -> "\"${process}\":\n    ${tool}: ${version}" }
+        .collectFile(name: 'versions.yml', storeDir: "${params.outdir}/pipeline_info", newLine: true, sort: true)
 }

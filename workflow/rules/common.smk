@@ -33,6 +33,12 @@ def validate_config():
     Snakemake's own message prints the whole schema; this one names the offending key, what is
     wrong with it and what the key expects.
     """
+    if not config:
+        raise WorkflowError(
+            "No config: name one with --configfile, for example "
+            "`snakemake --cores all --configfile config/config.yaml` (the bundled example) or "
+            "your own file listing your datasets. Every key is explained in config/README.md."
+        )
     try:
         validate(config, SCHEMA)
     except WorkflowError as error:
@@ -88,35 +94,20 @@ def harmony_settings_yaml(name):
     return yaml.safe_dump(harmony_settings(name), sort_keys=True, default_flow_style=False)
 
 
+def batch_keys(name):
+    """The batch columns of dataset ``name`` as a list (the config allows one name or a list)."""
+    keys = DATASETS[name]["key"]
+    return [keys] if isinstance(keys, str) else list(keys)
+
+
 def key_flags(name):
     """``--key`` once per batch column (a dataset may correct for several at once)."""
-    keys = DATASETS[name]["key"]
-    keys = [keys] if isinstance(keys, str) else keys
-    return " ".join(f"--key {shlex.quote(key)}" for key in keys)
+    return " ".join(f"--key {shlex.quote(key)}" for key in batch_keys(name))
 
 
 def label_key_flag(name):
     label_key = DATASETS[name]["label_key"]
     return "" if label_key is None else f"--label-key {shlex.quote(label_key)}"
-
-
-def optional_plot_output():
-    """The plot as a named output, or nothing when plotting is switched off in the config."""
-    if not config["plot"]:
-        return {}
-    return {
-        "plot": report(
-            dataset_result("{dataset}", "convergence.png"),
-            caption="../report/convergence_plot.rst",
-            category="Convergence",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "result": "objective per iteration"},
-        )
-    }
-
-
-def plot_flag(wildcards, output):
-    return f"--plot {shlex.quote(output.plot)}" if config["plot"] else ""
 
 
 def gpu_request(wildcards):
@@ -127,9 +118,13 @@ def gpu_request(wildcards):
     return 0 if harmony_settings(wildcards.dataset)["device"] == "cpu" else 1
 
 
+# Per dataset: the files of the harmony rule, then those drawn for the report (rules/report.smk).
+HARMONY_FILES = ["integrated.h5ad", "convergence.tsv", "summary.json", "params.yaml"]
+REPORT_FILES = ["mixing_metrics.html"]
+PLOT_FILES = ["convergence.png", "embedding.png"]
+
+
 def all_results():
     """Every file the workflow delivers, for every dataset."""
-    names = ["integrated.h5ad", "convergence.tsv", "summary.json", "params.yaml"]
-    if config["plot"]:
-        names.append("convergence.png")
+    names = HARMONY_FILES + REPORT_FILES + (PLOT_FILES if config["plot"] else [])
     return [dataset_result(name, filename) for name in DATASETS for filename in names]

@@ -15,8 +15,8 @@ process HARMONY_STEP {
     tuple val(meta), path("${prefix}.h5ad")            , emit: h5ad
     tuple val(meta), path("${prefix}.convergence.tsv") , emit: convergence
     tuple val(meta), path("${prefix}.summary.json")    , emit: summary
-    tuple val(meta), path("${prefix}.convergence.png") , emit: plot
-    path "versions.yml"                                 , emit: versions
+    tuple val(meta), path("${prefix}.convergence.png") , emit: plot, optional: true
+    tuple val("${task.process}"), val('harmony-step'), eval("harmony-step --version | sed 's/^harmony-step //'"), emit: versions_harmony_step, topic: versions
 
     when:
     task.ext.when == null || task.ext.when
@@ -29,6 +29,7 @@ process HARMONY_STEP {
     def device = task.accelerator?.request ? 'gpu' : 'cpu'
     def batch_keys = [meta.batch_key].flatten().collect { key -> "--key '${key}'" }.join(' ')
     def label_key = meta.label_key ? "--label-key '${meta.label_key}'" : ''
+    def plot = task.ext.plot == false ? '' : "--plot ${prefix}.convergence.png"
     """
     export OMP_NUM_THREADS=${task.cpus}
     harmony-step run \\
@@ -38,14 +39,9 @@ process HARMONY_STEP {
         ${label_key} \\
         --convergence ${prefix}.convergence.tsv \\
         --summary ${prefix}.summary.json \\
-        --plot ${prefix}.convergence.png \\
+        ${plot} \\
         --device ${device} \\
         ${args}
-
-    cat <<-END_VERSIONS > versions.yml
-    "${task.process}":
-        harmony-step: \$(harmony-step --version | sed 's/^harmony-step //')
-    END_VERSIONS
     """
 
     stub:
@@ -55,10 +51,5 @@ process HARMONY_STEP {
     touch ${prefix}.convergence.tsv
     touch ${prefix}.summary.json
     touch ${prefix}.convergence.png
-
-    cat <<-END_VERSIONS > versions.yml
-    "${task.process}":
-        harmony-step: \$(harmony-step --version | sed 's/^harmony-step //')
-    END_VERSIONS
     """
 }
