@@ -18,7 +18,12 @@ from harmony_step._core import run_harmony
 from harmony_step._core.result import RoundRecord
 from harmony_step._errors import MissingBasisError, WrongTypeError
 from harmony_step._params import HarmonyParams, ObjectiveRoseWarning
-from harmony_step._provenance import build_provenance, log_timings, objective_rose_last_round
+from harmony_step._provenance import (
+    build_provenance,
+    log_timings,
+    objective_rose_last_round,
+    progress_log,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -36,6 +41,8 @@ def integrate(
     """
     embedding, design = _checked_inputs(adata, key, params)
     backend = select_backend(params.device)
+    if backend.is_gpu or params.device == "cpu":  # a fall-back to the CPU has logged its own line
+        progress_log.info(f"device: {backend.kind} ({backend.name}); {backend.reason}")
     result = run_harmony(embedding, design, params, backend)
     raw = adata.obsm[params.basis]
     adata.obsm[params.adjusted_basis] = _in_container_of(raw, result.embedding)

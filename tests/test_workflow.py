@@ -286,13 +286,12 @@ def test_rerun_writes_byte_identical_results(finished: Path, tmp_path: Path) -> 
     assert re.search(r"^harmony-step: Harmony timings: setup ", log, re.M), log
 
 
-@pytest.mark.xfail(reason="harmony-step does not log the device and its reason yet", strict=False)
 def test_log_states_the_device_and_why(finished: Path) -> None:
     # .test runs with device: cpu; the log says so in one line, with the reason.
     log = (finished / "results" / "logs" / "harmony" / "pbmc.log").read_text()
-    lines = [line for line in log.splitlines() if "device" in line.lower()]
-    assert lines, log
-    assert any("cpu" in line.lower() for line in lines), lines
+    lines = [line for line in log.splitlines() if "device: cpu" in line]
+    assert len(lines) == 1, log
+    assert "device='cpu' was requested" in lines[0]
 
 
 @pytest.mark.parametrize("config_file", [TEST_CONFIG, EXAMPLE_CONFIG], ids=["test", "example"])
