@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from harmony_step._step import metrics
 from harmony_step._step.metrics import (
     SAMPLE_SIZE,
     lisi,
@@ -142,3 +143,100 @@ def test_metrics_before_after_layout_without_labels():
     assert metrics["before"] == pytest.approx(metrics["after"])
     assert metrics["settings"]["n_cells_evaluated"] == 100
     assert metrics["settings"]["n_neighbors"] == 89
+
+
+# --- one code path for the CPU and the GPU ----------------------------------------------------
+
+
+def _clustered(n, seed=0, dims=6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, size=(5, dims))
+    kind = rng.integers(0, 5, size=n)
+    return centres[kind] + rng.normal(size=(n, dims)), kind
+
+
+@pytest.mark.parametrize("reference_rows", [metrics._REFERENCE_ROWS, 3500])
+def test_bruteforce_candidates_are_the_nearest_cells(monkeypatch, reference_rows):
+    """The GPU's search, run with NumPy: the same nearest cells as an exhaustive sort."""
+    monkeypatch.setattr(metrics, "_REFERENCE_ROWS", reference_rows)
+    points, _ = _clustered(9000)
+    query = np.sort(np.random.default_rng(1).choice(9000, 300, replace=False))
+    found = metrics.candidates_bruteforce(points, query, 106)
+    squared = ((points[query][:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
+    expected = np.argsort(squared, axis=1, kind="stable")[:, :106]
+    assert found.shape == (300, 106)
+    np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(expected, axis=1))
+
+
+def test_neighbours_from_either_search_are_identical(monkeypatch):
+    points, _ = _clustered(5000, seed=3)
+    query = np.arange(0, 5000, 7)
+    from_sklearn = metrics.neighbours(points, query=query)
+    monkeypatch.setattr(metrics, "_candidates_sklearn", metrics.candidates_bruteforce)
+    from_bruteforce = metrics.neighbours(points, query=query)
+    np.testing.assert_array_equal(from_sklearn[1], from_bruteforce[1])
+    np.testing.assert_array_equal(from_sklearn[0], from_bruteforce[0])
+
+
+def test_ties_are_broken_by_index_and_the_cell_itself_is_left_out():
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(40, 3))
+    points = np.concatenate([base] * 5)  # every cell five times
+    distances, indices = metrics.neighbours(points, perplexity=10.0)
+    assert distances.shape == (200, 29)
+    assert not np.any(indices == np.arange(200)[:, None])
+    for row in range(200):
+        pairs = list(zip(distances[row], indices[row], strict=True))
+        assert pairs == sorted(pairs)
+    # the four copies of a cell come first, at distance 0, in index order
+    np.testing.assert_array_equal(indices[0, :4], [40, 80, 120, 160])
+    np.testing.assert_array_equal(distances[0, :4], 0.0)
+
+
+def test_exact_distances_match_the_definition():
+    points, _ = _clustered(500, seed=5)
+    candidates = np.tile(np.arange(500), (10, 1))
+    query = np.arange(10)
+    expected = np.sqrt(((points[query][:, None, :] - points[None, :, :]) ** 2).sum(axis=2))
+    found = metrics.exact_distances(points, query, candidates)
+    np.testing.assert_allclose(found, expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_singleton", [False, True])
+def test_silhouette_equals_scikit_learn(with_singleton):
+    from sklearn.metrics import silhouette_score
+
+    points, kind = _clustered(2500, seed=6)
+    labels = kind.astype(object)
+    if with_singleton:
+        labels[17] = "alone"
+    sample = np.arange(0, 2500, 2)
+    if with_singleton:
+        sample = np.union1d(sample, [17])
+    codes = pd.factorize(labels[sample])[0]
+    expected = silhouette_score(points[sample], codes)
+    assert silhouette(points, labels, sample) == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+@pytest.mark.gpu
+def test_gpu_metrics_equal_cpu_metrics():
+    """GPU and CPU metrics on the same sample agree within 1e-6, neighbours exactly."""
+    import cupy
+
+    points, kind = _clustered(60_000, seed=7, dims=20)
+    batches = np.random.default_rng(8).integers(0, 4, size=60_000)
+    after = points + 0.01 * np.random.default_rng(9).normal(size=points.shape)
+    points[100:110] = points[200]  # duplicate cells: ties must be broken the same way
+    sample = sample_cells(60_000, seed=0, size=5000)
+    cpu_d, cpu_i = metrics.neighbours(points, query=sample)
+    gpu_d, gpu_i = metrics.neighbours(points, query=sample, xp=cupy)
+    np.testing.assert_array_equal(cpu_i, gpu_i.get())
+    np.testing.assert_array_equal(cpu_d, gpu_d.get())
+    common = {"batch_key": "b", "label_key": "t", "seed": 0, "sample_size": 5000}
+    cpu = metrics_before_after(points, after, batches, kind, **common)
+    gpu = metrics_before_after(points, after, batches, kind, **common, xp=cupy)
+    for when in ("before", "after"):
+        assert set(cpu[when]) == set(gpu[when])
+        for name, value in cpu[when].items():
+            assert gpu[when][name] == pytest.approx(value, rel=0, abs=1e-6), (when, name)
+    assert cpu["settings"] == gpu["settings"]
