@@ -639,10 +639,13 @@ def test_label_key_several_keys_and_a_progress_bar_on_a_terminal(labelled, tmp_p
          "--key", "lane", "--label-key", "cell_type", "--summary", summary_path, *FAST]
     )  # fmt: skip
     assert code == 0, shown
-    # one line rewritten in place (carriage return, erase line), with a bar per round
-    assert "\r\x1b[K" in shown
-    assert "[" + "#" * 10 + "." * 10 + "] round 1/2" in shown
-    assert "[" + "#" * 20 + "] round 2/2" in shown
+    # one line rewritten in place (carriage return): the phase, a bar per round with the
+    # objective, and the elapsed time
+    assert "\r" in shown
+    bar = r"harmony-step: compute [#█]{{{}}} * \[\d\d:\d\d\], round {}/2, objective [\d.e+-]+\r"
+    assert re.search(bar.format(6, 1), shown), shown
+    assert re.search(bar.format(12, 2), shown), shown
+    assert re.search(r"harmony-step: metrics  +\[\d\d:\d\d\]", shown), shown
     summary = json.loads(summary_path.read_text())
     assert summary["keys"] == ["dataset", "lane"]
     assert summary["resolved"]["n_levels"] == [3, 2]

@@ -50,7 +50,8 @@ CANDIDATE_MARGIN = 16
 """Extra candidates of the first neighbour stage, so that the exact re-ranking sees every cell that
 rounding in the matrix-product distances could have moved across the neighbourhood's edge."""
 
-_TILE_ELEMENTS = 1 << 26  # most distance-matrix entries held at once (512 MiB in float64)
+_TILE_ELEMENTS = 1 << 26  # most distance-matrix entries held at once on a GPU (512 MiB in float64)
+_CPU_TILE_ELEMENTS = 1 << 20  # on the CPU, tiles that stay in cache are faster
 _GROUP = 32  # columns per group in the brute-force search's threshold (see candidates_bruteforce)
 _REFERENCE_ROWS = 1 << 17  # cells per tile of the brute-force search
 
@@ -257,7 +258,7 @@ def candidates_bruteforce(points: Any, query_idx: Any, n_candidates: int, *, xp:
     norms = xp.einsum("ij,ij->i", points, points)
     ref_rows = max(_GROUP * (c + 1), min(n_cells, _REFERENCE_ROWS))
     ref_rows = -(-ref_rows // _GROUP) * _GROUP
-    query_rows = max(1, min(n_query, _TILE_ELEMENTS // ref_rows))
+    query_rows = max(1, min(n_query, _tile_elements(xp) // ref_rows))
     out = xp.empty((n_query, c), dtype=xp.int64)
     for q0 in range(0, n_query, query_rows):
         rows = query_idx[q0 : q0 + query_rows]
@@ -314,7 +315,7 @@ def exact_distances(points: Any, query_idx: Any, candidates: Any, *, xp: Any = n
     """
     n_query, n_cand = candidates.shape
     out = xp.empty((n_query, n_cand), dtype=xp.float64)
-    step = max(1, _TILE_ELEMENTS // max(1, n_cand * points.shape[1]))
+    step = max(1, _tile_elements(xp) // max(1, n_cand * points.shape[1]))
     for q0 in range(0, n_query, step):
         cand = points[candidates[q0 : q0 + step]]  # (rows, n_cand, n_dims)
         own = points[query_idx[q0 : q0 + step]][:, None, :]
@@ -377,7 +378,7 @@ def silhouette(
     sizes = onehot.sum(axis=0)
     norms = xp.einsum("ij,ij->i", points, points)
     sums = xp.empty((n, n_labels), dtype=xp.float64)  # summed distance to each label's cells
-    step = max(1, _TILE_ELEMENTS // n)
+    step = max(1, _tile_elements(xp) // n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         squared = -2.0 * (points[r0:r1] @ points.T)
@@ -397,6 +398,10 @@ def silhouette(
         widths = (inter - intra) / xp.maximum(intra, inter)
     widths = xp.nan_to_num(widths)  # a cell alone in its label (0 / 0) scores 0
     return float(widths.mean())
+
+
+def _tile_elements(xp: Any) -> int:
+    return _CPU_TILE_ELEMENTS if xp is np else _TILE_ELEMENTS
 
 
 def _take_rows(embedding: Any, sample: np.ndarray, xp: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -48,12 +49,59 @@ class StepOutcome:
 
 
 @contextmanager
-def _phase(seconds: dict[str, float], name: str) -> Iterator[None]:
+def _phase(seconds: dict[str, float], name: str, started: float | None = None) -> Iterator[None]:
+    """Time the block into ``seconds[name]``; log its start and end (one line each in a log file).
+
+    The start record carries ``harmony_phase`` (the progress bar shows the phase; a log leaves it
+    out); the end line, written when the phase succeeds, gives the phase's seconds and, with
+    ``started``, the time since the run began.
+    """
     start = time.perf_counter()
+    progress_log.info(name, extra={"harmony_phase": name})
     try:
         yield
     finally:
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        end = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + end - start
+    since = "" if started is None else f" (elapsed {end - started:.1f} s)"
+    progress_log.info(f"{name}: {end - start:.2f} s{since}", extra={"harmony_phase_done": name})
+
+
+class _BackgroundHash:
+    """SHA-256 of a file computed on a thread while the run goes on; :meth:`result` waits for it.
+
+    hashlib releases the GIL while it digests, so the hash overlaps the read, the compute and the
+    metrics; :attr:`seconds` is the time the thread took, and :attr:`waited` the time
+    :meth:`result` blocked.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.seconds = 0.0
+        self.waited = 0.0
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(path,), name="harmony-step-hash", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        start = time.perf_counter()
+        try:
+            self._digest = sha256_file(path)
+        except BaseException as err:  # re-raised in the caller's thread
+            self._error = err
+        finally:
+            self.seconds = time.perf_counter() - start
+
+    def result(self) -> str:
+        start = time.perf_counter()
+        self._thread.join()
+        self.waited = time.perf_counter() - start
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
 
 
 def _peak_host_mib() -> int:
@@ -92,20 +140,24 @@ def run_step(
     started = time.perf_counter() if started is None else started
     seconds: dict[str, float] = {}
     check_paths(request.input, request.outputs())
-    with _phase(seconds, "read"):
+    # The input's hash is needed only for the summary; it is computed alongside everything else.
+    input_hash = _BackgroundHash(request.input) if request.summary else None
+    with _phase(seconds, "read", started):
         adata = read_harmony_inputs(request.input, params.basis, request.columns)
     _check_labels(adata, request.label_key)
     _check_free_space(request, adata, params)
     before = adata.obsm[params.basis]
-    with _phase(seconds, "compute"):
+    with _phase(seconds, "compute", started):
         integrate(adata, request.keys, params)
     harmony = adata.uns["harmony"]
-    with _phase(seconds, "metrics"):
+    with _phase(seconds, "metrics", started):
         harmony["metrics"] = _integration_metrics(request, adata, before, params, harmony)
-    with _phase(seconds, "hash"):
-        input_sha256 = sha256_file(request.input)
+    with _phase(seconds, "hash", started):  # the wait for the background hash, if any
+        input_sha256 = input_hash.result() if input_hash is not None else ""
+    if input_hash is not None:
+        seconds["hash_thread"] = input_hash.seconds
     with StagedOutputs() as staged:
-        with _phase(seconds, "write"):
+        with _phase(seconds, "write", started):
             _write_h5ad(staged, request, adata, params)
             _write_reports(staged, request, harmony)
             if request.summary:
@@ -168,6 +220,7 @@ def _integration_metrics(
     if request.metrics_cells == 0:
         return {"before": {}, "after": {}, "settings": {"skipped": "--metrics-cells 0"}}
     batch_key = request.keys[0]
+    xp = _metrics_namespace(harmony)
     return metrics_before_after(
         before,
         adata.obsm[params.adjusted_basis],
@@ -177,7 +230,19 @@ def _integration_metrics(
         label_key=request.label_key,
         seed=int(harmony["resolved"]["random_state"]),
         sample_size=request.metrics_cells,
+        xp=xp,
     )
+
+
+def _metrics_namespace(harmony: Mapping[str, Any]) -> Any:
+    """CuPy when the run used the GPU (the metrics then run there too), else NumPy."""
+    import numpy as np
+
+    if harmony["resolved"].get("device") != "gpu":
+        return np
+    import cupy
+
+    return cupy
 
 
 def _write_h5ad(
