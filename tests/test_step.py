@@ -1,0 +1,146 @@
+"""The step's phases: field-only reading, the input hashed alongside the run, progress in a log."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from harmony_step._params import HarmonyParams
+from harmony_step._step import files
+from harmony_step._step.progress import PROGRESS_LOGGER, ProgressDisplay, attached
+from harmony_step._step.request import StepRequest
+from harmony_step._step.run import _BackgroundHash, run_step
+
+pytestmark = pytest.mark.filterwarnings("ignore:Harmony did not converge")
+
+
+@pytest.fixture
+def counts_h5ad(tmp_path):
+    """An h5ad with a sparse X, a layer, obsp and extra columns besides what Harmony needs."""
+    rng = np.random.default_rng(0)
+    n = 600
+    counts = sp.random(n, 300, density=0.1, format="csr", random_state=1, dtype=np.float32)
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical(rng.choice(["a", "b", "c"], n)),
+            "other": rng.normal(size=n),
+        },
+        index=[f"cell{i}" for i in range(n)],
+    )
+    adata = ad.AnnData(
+        X=counts,
+        obs=obs,
+        obsm={
+            "X_pca": rng.normal(size=(n, 8)).astype(np.float32),
+            "X_umap": rng.normal(size=(n, 2)),
+        },
+        layers={"raw": counts.copy()},
+        obsp={"distances": sp.eye(n, format="csr")},
+    )
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_reading_decodes_only_the_needed_fields(counts_h5ad, monkeypatch):
+    import anndata.io
+
+    read = []
+    original = anndata.io.read_elem
+
+    def recording(element):
+        read.append(element.name)
+        return original(element)
+
+    monkeypatch.setattr(anndata.io, "read_elem", recording)
+    adata = files.read_harmony_inputs(counts_h5ad, "X_pca", ["batch", "batch"])
+    assert sorted(read) == ["/obs/_index", "/obs/batch", "/obsm/X_pca"]
+    assert adata.X is None
+    assert list(adata.obs.columns) == ["batch"]
+    assert list(adata.obsm) == ["X_pca"]
+    assert adata.obs_names[0] == "cell0"
+
+
+def test_background_hash_equals_the_serial_hash(counts_h5ad):
+    pending = _BackgroundHash(counts_h5ad)
+    expected = hashlib.sha256(counts_h5ad.read_bytes()).hexdigest()
+    assert pending.result() == expected == files.sha256_file(counts_h5ad)
+    assert pending.seconds >= 0
+    assert pending.result() == expected  # a second wait returns the same digest
+
+
+def test_background_hash_raises_in_the_caller(tmp_path):
+    pending = _BackgroundHash(tmp_path / "missing.h5ad")
+    with pytest.raises(FileNotFoundError):
+        pending.result()
+
+
+def _run(counts_h5ad, tmp_path, **options):
+    request = StepRequest(
+        input=counts_h5ad,
+        output=tmp_path / "out.h5ad",
+        keys=("batch",),
+        summary=tmp_path / "summary.json",
+        **options,
+    )
+    params = HarmonyParams.create(device="cpu", max_iter_harmony=3, random_state=0)
+    return run_step(request, params)
+
+
+def test_the_summary_holds_the_input_hash_computed_alongside_the_run(counts_h5ad, tmp_path):
+    import json
+
+    outcome = _run(counts_h5ad, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["input_sha256"] == hashlib.sha256(counts_h5ad.read_bytes()).hexdigest()
+    assert {"read", "compute", "metrics", "hash", "hash_thread", "write", "total"} <= set(
+        outcome.seconds
+    )
+
+
+def test_full_copy_keeps_every_other_field_byte_for_byte(counts_h5ad, tmp_path):
+    _run(counts_h5ad, tmp_path)
+    before, after = ad.read_h5ad(counts_h5ad), ad.read_h5ad(tmp_path / "out.h5ad")
+    assert (before.X != after.X).nnz == 0
+    assert (before.layers["raw"] != after.layers["raw"]).nnz == 0
+    np.testing.assert_array_equal(before.obsm["X_umap"], after.obsm["X_umap"])
+    assert "X_pca_harmony" in after.obsm
+    assert "harmony" in after.uns
+
+
+def test_progress_in_a_log_is_one_line_per_phase_and_per_round(counts_h5ad, tmp_path):
+    log = io.StringIO()  # not a terminal, as a Snakemake log file
+    display = ProgressDisplay(log, quiet=False)
+    assert not display.live
+    with attached(display, debug=False):
+        outcome = _run(counts_h5ad, tmp_path)
+    lines = log.getvalue().splitlines()
+    assert all(line.startswith("harmony-step: ") for line in lines), lines
+    assert "\r" not in log.getvalue()
+    for phase in ("read", "compute", "metrics", "hash", "write"):
+        matching = [line for line in lines if line.startswith(f"harmony-step: {phase}: ")]
+        assert len(matching) == 1, (phase, lines)
+        assert re.fullmatch(rf"harmony-step: {phase}: [\d.]+ s \(elapsed [\d.]+ s\)", matching[0])
+    rounds = [line for line in lines if line.startswith("harmony-step: round ")]
+    assert len(rounds) == outcome.n_rounds
+    assert all(re.match(r"harmony-step: round \d+/3: .*objective", line) for line in rounds)
+    assert len(lines) < 20 + outcome.n_rounds
+
+
+def test_quiet_shows_nothing_but_warnings():
+    stream = io.StringIO()
+    display = ProgressDisplay(stream, quiet=True)
+    logger = logging.getLogger(PROGRESS_LOGGER)
+    with attached(display, debug=False):
+        logger.info("read", extra={"harmony_phase": "read"})
+        logger.info("round 1/2: objective 1", extra={"harmony_round": 1, "harmony_max_rounds": 2})
+        display.message("warning", "something")
+    assert stream.getvalue() == "harmony-step: warning: something\n"
