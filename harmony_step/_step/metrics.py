@@ -51,7 +51,7 @@ CANDIDATE_MARGIN = 16
 rounding in the matrix-product distances could have moved across the neighbourhood's edge."""
 
 _TILE_ELEMENTS = 1 << 26  # most distance-matrix entries held at once on a GPU (512 MiB in float64)
-_CPU_TILE_ELEMENTS = 1 << 20  # on the CPU, tiles that stay in cache are faster
+_CPU_TILE_ELEMENTS = 1 << 24  # on the CPU (128 MiB): large enough for efficient matrix products
 _GROUP = 32  # columns per group in the brute-force search's threshold (see candidates_bruteforce)
 _REFERENCE_ROWS = 1 << 17  # cells per tile of the brute-force search
 

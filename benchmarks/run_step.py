@@ -1,0 +1,250 @@
+"""End-to-end benchmark of ``harmony-step run``: each phase of the step against the floor.
+
+Input: ``realistic_data.generate(cells, seed)`` (50 dimensions, 64 batches, 30 cell types) in
+``obsm['X_pca']`` and ``obs``, plus a sparse counts matrix in ``X`` (CSR, float32 values and int32
+column indices, ``--counts-gb`` on disk before compression; 2.2 GB by default, as a typical
+million-cell file), written as one h5ad file.
+
+The floor is what any step built on anndata must spend: ``anndata.read_h5ad`` plus ``write_h5ad``
+of the same file (measured in this process, after the imports, with the file in the page cache as
+it is for the runs) plus the Harmony compute (the step's own ``compute`` phase on that device).
+
+For each device (``--device gpu cpu``) and each output mode (the full copy and
+``--embedding-only``) the command runs ``--repeat`` times (a fresh process each time, as in a
+workflow; the first GPU run also fills CuPy's kernel cache). The fastest run is reported with the
+seconds of each phase from the ``timings:`` line the step logs (read, compute, metrics, hash: the
+wait for the background hash, hash_thread: the hash's own time, write, total) and its wall time.
+
+Writes ``step.json`` and ``step.md`` into ``--out``::
+
+    python benchmarks/run_step.py                                   # 1M cells, GPU and CPU
+    python benchmarks/run_step.py --cells 50000 --device cpu --out /tmp/step
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+N_GENES = 20_000
+PHASES = ("read", "compute", "metrics", "hash", "hash_thread", "write", "total")
+_TIMINGS = re.compile(r"harmony-step: timings: (.*?); peak host memory (\d+) MiB")
+
+
+def build_input(path: Path, n_cells: int, seed: int, counts_gb: float) -> dict:
+    """Write the benchmark's h5ad file; returns what it holds."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+    from realistic_data import generate
+
+    small = generate(n_cells, seed=seed).to_anndata()
+    per_cell = max(1, min(N_GENES, round(counts_gb * 1e9 / 8 / n_cells)))  # 4 + 4 bytes per entry
+    stride = N_GENES // per_cell
+    rng = np.random.default_rng(seed + 1)
+    indices = np.empty(n_cells * per_cell, dtype=np.int32)
+    data = np.empty(n_cells * per_cell, dtype=np.float32)
+    offsets = (np.arange(per_cell, dtype=np.int32) * stride)[None, :]
+    rows = 1 << 16
+    for start in range(0, n_cells, rows):
+        stop = min(n_cells, start + rows)
+        block = slice(start * per_cell, stop * per_cell)
+        # one gene per stride window: distinct and sorted within each cell, as CSR requires
+        jitter = rng.integers(0, stride, size=(stop - start, per_cell), dtype=np.int32)
+        indices[block] = (offsets + jitter).ravel()
+        data[block] = rng.integers(1, 30, size=(stop - start) * per_cell).astype(np.float32)
+    indptr = np.arange(0, n_cells * per_cell + 1, per_cell, dtype=np.int64)
+    adata = ad.AnnData(
+        X=sp.csr_matrix((data, indices, indptr), shape=(n_cells, N_GENES)),
+        obs=small.obs,
+        var=pd.DataFrame(index=[f"gene{j}" for j in range(N_GENES)]),
+        obsm=dict(small.obsm),
+    )
+    adata.write_h5ad(path)
+    return {
+        "cells": n_cells,
+        "genes": N_GENES,
+        "counts_per_cell": per_cell,
+        "x_bytes": int(data.nbytes + indices.nbytes + indptr.nbytes),
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def floor_io(path: Path, folder: Path) -> dict[str, float]:
+    """Seconds of anndata's read and write of the whole file (imports excluded)."""
+    import anndata as ad
+
+    start = time.perf_counter()
+    adata = ad.read_h5ad(path)
+    read = time.perf_counter() - start
+    copy = folder / "floor_copy.h5ad"
+    start = time.perf_counter()
+    adata.write_h5ad(copy)
+    write = time.perf_counter() - start
+    copy.unlink()
+    return {"read": read, "write": write}
+
+
+def run_command(path: Path, folder: Path, device: str, embedding_only: bool) -> dict:
+    """One ``harmony-step run`` in a fresh process; its phases, wall time and log."""
+    output = folder / f"out-{device}.h5ad"
+    command = [
+        sys.executable, "-m", "harmony_step", "run", "--input", str(path),
+        "--output", str(output), "--key", "batch", "--label-key", "cell_type",
+        "--summary", str(folder / f"summary-{device}.json"),
+        "--convergence", str(folder / f"convergence-{device}.tsv"), "--device", device,
+    ]  # fmt: skip
+    if embedding_only:
+        command.append("--embedding-only")
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    match = _TIMINGS.search(done.stderr)
+    if match is None:
+        raise RuntimeError(f"no timings line in the log:\n{done.stderr}")
+    phases = {name: float(value) for name, value in re.findall(r"(\w+) ([\d.e+-]+) s", match[1])}
+    summary = json.loads((folder / f"summary-{device}.json").read_text())
+    output_bytes = output.stat().st_size
+    output.unlink()
+    return {
+        "phases": phases,
+        "wall_s": wall,
+        "peak_host_mib": int(match[2]),
+        "output_bytes": output_bytes,
+        "rounds": summary.get("n_rounds"),
+        "converged": summary.get("converged"),
+        "metrics": summary.get("metrics"),
+        "log": done.stderr.splitlines(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import anndata
+    import h5py
+
+    versions = {"python": platform.python_version(), "anndata": anndata.__version__}
+    versions["h5py"] = h5py.__version__
+    versions["numpy"] = np.__version__
+    try:
+        import cupy
+
+        versions["cupy"] = cupy.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _gpu_name() -> str | None:
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+
+
+def markdown(result: dict) -> str:
+    info = result["input"]
+    floor_io_s = result["floor_io"]["read"] + result["floor_io"]["write"]
+    lines = [
+        "# `harmony-step run` end to end, phase by phase",
+        "",
+        f"{info['cells']:,} cells x 50 PCs, X: CSR counts {info['x_bytes'] / 1e9:.2f} GB "
+        f"({info['counts_per_cell']} per cell), file {info['file_bytes'] / 1e9:.2f} GB. "
+        f"Host: {result['host']['cpus']} CPUs"
+        + (f", {result['host']['gpu']}" if result["host"].get("gpu") else "")
+        + f"; {result['date']}.",
+        "",
+        f"anndata read + write of the whole file: {result['floor_io']['read']:.2f} s + "
+        f"{result['floor_io']['write']:.2f} s. Floor = that + the Harmony compute on the device. "
+        f"Fastest of {result['repeat']} runs; seconds from the step's `timings:` log line "
+        "(hash = wait for the background hash; hash thread = its own time, overlapped).",
+        "",
+        "| device | output | read | compute | metrics | hash | hash thread | write | total "
+        "| wall | floor | total / floor | metrics share |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in result["runs"]:
+        p = row["phases"]
+        floor = floor_io_s + p["compute"]
+        cells = [f"{p.get(name, 0.0):.2f}" for name in PHASES]
+        lines.append(
+            f"| {row['device']} | {row['mode']} | "
+            + " | ".join(cells)
+            + f" | {row['wall_s']:.2f} | {floor:.2f} | {p['total'] / floor:.2f}x "
+            f"| {100 * p['metrics'] / p['total']:.1f} % |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=1_000_000)
+    parser.add_argument("--device", nargs="+", choices=["gpu", "cpu"], default=["gpu", "cpu"])
+    parser.add_argument("--modes", nargs="+", choices=["full", "embedding-only"],
+                        default=["full", "embedding-only"])  # fmt: skip
+    parser.add_argument("--counts-gb", type=float, default=2.2, help="size of X's CSR arrays")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per device and mode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="folder for the input and outputs (default: a temporary folder)")  # fmt: skip
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="harmony-step-bench.") as tmp:
+        folder = Path(tmp)
+        path = folder / "input.h5ad"
+        start = time.perf_counter()
+        info = build_input(path, args.cells, args.seed, args.counts_gb)
+        print(f"built {path} ({info['file_bytes'] / 1e9:.2f} GB) in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+        floor = floor_io(path, folder)
+        print(f"anndata read {floor['read']:.2f} s, write {floor['write']:.2f} s", flush=True)
+        runs = []
+        for device in args.device:
+            for mode in args.modes:
+                tries = [
+                    run_command(path, folder, device, mode == "embedding-only")
+                    for _ in range(args.repeat)
+                ]
+                best = min(tries, key=lambda run: run["phases"]["total"])
+                best.update(
+                    device=device, mode=mode, all_totals=[t["phases"]["total"] for t in tries]
+                )
+                runs.append(best)
+                print(f"{device} {mode}: {best['phases']}", flush=True)
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "host": {"cpus": os.cpu_count(), "gpu": _gpu_name(), "platform": platform.platform()},
+        "versions": _versions(),
+        "input": info,
+        "repeat": args.repeat,
+        "floor_io": floor,
+        "runs": runs,
+    }
+    (args.out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "step.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
