@@ -15,15 +15,18 @@ workflow; the first GPU run also fills CuPy's kernel cache). The fastest run is 
 seconds of each phase from the ``timings:`` line the step logs (read, compute, metrics, hash: the
 wait for the background hash, hash_thread: the hash's own time, write, total) and its wall time.
 
-Writes ``step.json`` and ``step.md`` into ``--out``::
+Writes ``step.json`` and ``step.md`` into ``--out``; runs of the same input made by an earlier call
+for other devices or modes are kept, so the devices can be run in separate calls::
 
-    python benchmarks/run_step.py                                   # 1M cells, GPU and CPU
+    python benchmarks/run_step.py --device gpu                      # 1M cells
+    python benchmarks/run_step.py --device cpu --repeat 1
     python benchmarks/run_step.py --cells 50000 --device cpu --out /tmp/step
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -135,18 +138,12 @@ def run_command(path: Path, folder: Path, device: str, embedding_only: bool) -> 
 
 
 def _versions() -> dict[str, str]:
-    import anndata
-    import h5py
+    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"python": platform.python_version(), "anndata": anndata.__version__}
-    versions["h5py"] = h5py.__version__
-    versions["numpy"] = np.__version__
-    try:
-        import cupy
-
-        versions["cupy"] = cupy.__version__
-    except ImportError:
-        pass
+    versions = {"python": platform.python_version()}
+    for name in ("anndata", "h5py", "numpy", "scikit-learn", "cupy-cuda12x", "cupy-cuda13x"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
     return versions
 
 
@@ -195,6 +192,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merged_runs(path: Path, result: dict) -> list[dict]:
+    """This call's runs plus the earlier ones in ``path`` for other (device, mode) pairs on the
+    same input, so the devices can be run in separate calls."""
+    if not path.is_file():
+        return result["runs"]
+    earlier = json.loads(path.read_text())
+    if earlier.get("input") != result["input"]:
+        return result["runs"]
+    done = {(run["device"], run["mode"]) for run in result["runs"]}
+    kept = [run for run in earlier.get("runs", []) if (run["device"], run["mode"]) not in done]
+    return sorted(kept + result["runs"], key=lambda run: (run["device"] != "gpu", run["mode"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=1_000_000)
@@ -240,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor_io": floor,
         "runs": runs,
     }
+    result["runs"] = _merged_runs(args.out / "step.json", result)
     (args.out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "step.md").write_text(markdown(result))
     print(markdown(result))
