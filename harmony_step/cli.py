@@ -136,6 +136,14 @@ def _add_io_arguments(run: argparse.ArgumentParser) -> None:
         help="most cells used for the integration metrics (iLISI, silhouette; cLISI with "
         f"--label-key); larger inputs are subsampled; 0 skips the metrics (default: {SAMPLE_SIZE})",
     )
+    run.add_argument_group("resources").add_argument(
+        "--threads",
+        type=integer_flag,
+        metavar="N",
+        help="CPU threads of the CPU backend (numba kernels and BLAS products) and the metrics "
+        "(default: the CPUs this process may use: $SLURM_CPUS_PER_TASK if set, else its CPU "
+        "affinity)",
+    )
     behaviour = run.add_argument_group("messages")
     behaviour.add_argument("--quiet", action="store_true", help="no progress messages")
     behaviour.add_argument(
@@ -295,6 +303,7 @@ def step_request(args: argparse.Namespace, argv: Sequence[str]) -> StepRequest:
         plot=args.plot,
         embedding_only=args.embedding_only,
         metrics_cells=args.metrics_cells,
+        threads=args.threads,
         command=(PROG, *argv),
     )
 

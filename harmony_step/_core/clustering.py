@@ -18,7 +18,7 @@ from harmony_step._core.kernels import block_update, log_penalty_table
 from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
 from harmony_step._core.permutation import cell_order, group_blocks_by_level, iteration_seed
 from harmony_step._core.result import ObjectiveParts
-from harmony_step._core.sums import counts, cross_sums, row_normalize
+from harmony_step._core.sums import counts, cross_sums, matmul, row_normalize
 
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
@@ -86,7 +86,7 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
             consts.flavor,
         )  # fmt: skip
         block_update(
-            xp, state.z_hat[cells] @ centroids_t, penalty, state.codes,
+            xp, matmul(xp, state.z_hat[cells], centroids_t), penalty, state.codes,
             order[start : start + 2 * size], cells.shape[0], state.assignments,
             state.row_entropy, state.observed, scale,
         )  # fmt: skip

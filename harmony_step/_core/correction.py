@@ -97,6 +97,10 @@ def ridge_and_active(
 
 def level_moments(xp: Any, x: Any, assignments: Any, index: LevelIndex) -> Any:
     """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64, chunked per level."""
+    if xp is np:
+        sizes = [cells.shape[0] for cells in index.cells]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        return kernels.cpu().level_moments(x, assignments, np.concatenate(index.cells), starts)
     n_clusters, n_pcs = assignments.shape[1], x.shape[1]
     moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
     step = chunk_rows(x.shape[0])

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from harmony_step._core import kernels
 from harmony_step._core.permutation import pcg_keys
-from harmony_step._core.sums import chunk_rows, one_hot, row_normalize
+from harmony_step._core.sums import chunk_rows, matmul, one_hot, row_normalize
 
 SAMPLES_PER_CLUSTER = 5000
 LLOYD_ITERATIONS = 25
@@ -66,7 +67,7 @@ def kmeans_plus_plus(xp: Any, points: Any, k: int, rng: np.random.Generator) -> 
     chosen[0] = first
     taken = xp.zeros(n, dtype=bool)
     taken[first] = True
-    nearest = ((points - points[first]) ** 2).sum(axis=1)
+    nearest = _nearest_update(xp, points, first, xp.full(n, xp.inf))
     for j in range(1, k):
         cumulative = xp.cumsum(nearest)
         total = cumulative[-1:]
@@ -78,14 +79,32 @@ def kmeans_plus_plus(xp: Any, points: Any, k: int, rng: np.random.Generator) -> 
         )  # argmin of a bool mask: first unchosen
         chosen[j : j + 1] = index
         taken[index] = True
-        nearest = xp.minimum(nearest, ((points - points[index]) ** 2).sum(axis=1))
+        nearest = _nearest_update(xp, points, index, nearest)
     return points[chosen].copy()
+
+
+def _nearest_update(xp: Any, points: Any, index: Any, nearest: Any) -> Any:
+    """min(nearest, |points - points[index]|^2), the distances computed directly."""
+    if xp is np:
+        kernels.cpu().nearest_update(points, points[int(np.reshape(index, -1)[0])], nearest)
+        return nearest
+    return xp.minimum(nearest, ((points - points[index]) ** 2).sum(axis=1))
 
 
 def _assign(xp: Any, points: Any, centres: Any) -> tuple[Any, Any]:
     """Nearest centre of each point and the squared distance to it, recomputed directly."""
     labels = xp.empty(points.shape[0], dtype=xp.int64)
     centre_sq = (centres * centres).sum(axis=1)
+    if xp is np:
+        distance = np.empty(points.shape[0])
+        centres_t = np.ascontiguousarray(centres.T)
+        for start in range(0, points.shape[0], KMEANS_CHUNK):
+            stop = start + KMEANS_CHUNK
+            kernels.cpu().assign_chunk(
+                matmul(np, points[start:stop], centres_t), centre_sq, points[start:stop], centres,
+                labels[start:stop], distance[start:stop],
+            )  # fmt: skip
+        return labels, distance
     for start in range(0, points.shape[0], KMEANS_CHUNK):
         block = points[start : start + KMEANS_CHUNK]
         # |c|^2 - 2 x.c ranks centres like |x - c|^2 (|x|^2 is the same for all of them).
@@ -107,15 +126,22 @@ def lloyd(xp: Any, points: Any, centres: Any) -> Any:
         if labels is not None and empty.size == 0 and bool(xp.array_equal(new_labels, labels)):
             break
         labels = new_labels
-        sums = xp.zeros((k, points.shape[1]), dtype=xp.float64)
-        for start in range(0, points.shape[0], KMEANS_CHUNK):
-            stop = start + KMEANS_CHUNK
-            sums += one_hot(xp, labels[start:stop, None], k, xp.float64).T @ points[start:stop]
-        centres = sums / xp.maximum(counts, 1)[:, None]
+        centres = _cluster_sums(xp, points, labels, k) / xp.maximum(counts, 1)[:, None]
         if empty.size:
             farthest = xp.argsort(-distance)[: empty.size]
             centres[empty] = points[farthest]
     return centres
+
+
+def _cluster_sums(xp: Any, points: Any, labels: Any, k: int) -> Any:
+    """Sum of the points of each cluster, (k, d) float64."""
+    if xp is np:
+        return kernels.cpu().cluster_sums(points, labels, k)
+    sums = xp.zeros((k, points.shape[1]), dtype=xp.float64)
+    for start in range(0, points.shape[0], KMEANS_CHUNK):
+        stop = start + KMEANS_CHUNK
+        sums += one_hot(xp, labels[start:stop, None], k, xp.float64).T @ points[start:stop]
+    return sums
 
 
 def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any) -> None:
@@ -124,12 +150,14 @@ def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any
     step = chunk_rows(z_hat.shape[0])
     for start in range(0, z_hat.shape[0], step):
         stop = start + step
-        logits = z_hat[start:stop] @ centroids.T
+        logits = matmul(xp, z_hat[start:stop], centroids.T)
         out[start:stop] = softmax_rows(xp, logits, scale)
 
 
 def softmax_rows(xp: Any, similarity: Any, scale: float, penalty: Any = None) -> Any:
     """Row softmax of scale * (similarity - 1) + penalty, in place on ``similarity``, max-shifted."""
+    if xp is np and penalty is None:
+        return kernels.cpu().softmax_rows(similarity, scale)
     logits = similarity
     logits -= 1
     logits *= scale

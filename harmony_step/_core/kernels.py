@@ -13,7 +13,8 @@ addition exactly (no drift over many block updates). The rounding step, 2^-32 of
 below the float32 resolution of R.
 
 CUDA source is compiled lazily per device (``functools.cache``); CuPy is never imported at module
-level, so the package runs without it. On NumPy the reference implementations run.
+level, so the package runs without it. On NumPy the numba kernels of ``cpu_kernels`` run (imported
+on first use); the NumPy references here are what both are tested against.
 """
 
 from __future__ import annotations
@@ -245,6 +246,14 @@ PENALTY_THREADS = 128
 
 
 @functools.cache
+def cpu() -> Any:
+    """The numba kernels (``cpu_kernels``), imported and compiled on first use."""
+    from harmony_step._core import cpu_kernels
+
+    return cpu_kernels
+
+
+@functools.cache
 def _kernel(device_id: int, name: str, values_per_lane: int = VALUES_PER_LANE[0]) -> Any:
     import cupy
 
@@ -318,7 +327,7 @@ def block_update(
     """
     n_rows = assignments.shape[0] if cells is None else int(cells.shape[0])
     if xp is np:
-        _block_update_reference(
+        cpu().block_update(
             similarity, log_penalty, codes, cells, n_update, assignments, row_entropy, observed,
             scale, other_sign,
         )  # fmt: skip
@@ -381,7 +390,9 @@ def log_penalty_table(
     ``observed`` is (B, K) int64 fixed point; n_k is summed exactly over key 0's levels.
     """
     if xp is np:
-        return _log_penalty_reference(observed, level_share, theta, first_key_levels, flavor)
+        return cpu().log_penalty_table(
+            observed, level_share, theta, first_key_levels, flavor == "harmony2"
+        )
     n_levels, n_clusters = observed.shape
     out = xp.empty(observed.shape, dtype=xp.float64)
     _kernel(xp.cuda.Device().id, "log_penalty_table")(
@@ -429,19 +440,23 @@ def correct_rows(
     """out_i = x_i - sum_c R_i W[b_c(i)] for every cell, in one pass (docs/algorithm.md §8).
 
     ``x`` and ``out`` (N, d), ``assignments`` (N, K), ``weights`` (B, K, d), all in the working
-    dtype; ``codes`` (N, C) int32; ``level_cells`` the cells of each level (used on the CPU, where
-    one GEMM per level is the fast way).
+    dtype; ``codes`` (N, C) int32; ``level_cells`` the cells of each level (used by the NumPy
+    reference, one GEMM per level).
     """
     if xp is np:
-        out[...] = x
-        for b, cells in enumerate(level_cells):
-            out[cells] -= assignments[cells] @ weights[b]
+        cpu().correct_rows(x, assignments, weights, codes, out)
         return
     n_pcs = x.shape[1]
     _correct_rows_kernel()(
         x, assignments, weights, codes, np.int32(assignments.shape[1]), np.int32(n_pcs),
         np.int32(codes.shape[1]), out,
     )  # fmt: skip
+
+
+def _correct_rows_reference(x, assignments, weights, level_cells, out):
+    out[...] = x
+    for b, cells in enumerate(level_cells):
+        out[cells] -= assignments[cells] @ weights[b]
 
 
 @functools.cache

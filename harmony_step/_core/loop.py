@@ -28,6 +28,7 @@ from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecor
 from harmony_step._core.setup import Problem, load_embedding, make_problem
 from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
+from harmony_step._threads import cpu_threads
 
 progress_log = logging.getLogger("harmony_step.progress")
 
@@ -58,7 +59,20 @@ class _Clock:
 def run_harmony(
     embedding: np.ndarray, design: BatchDesign, params: HarmonyParams, backend: Backend
 ) -> HarmonyResult:
-    """Harmony on a validated (n_cells, n_pcs) embedding of the working dtype; returns the corrected copy."""
+    """Harmony on a validated (n_cells, n_pcs) embedding of the working dtype; returns the corrected copy.
+
+    On the CPU it runs with the thread count of an enclosing ``cpu_threads`` block, or on every CPU
+    the process may use (``harmony_step._threads``).
+    """
+    if backend.is_gpu:
+        return _run(embedding, design, params, backend)
+    with cpu_threads():
+        return _run(embedding, design, params, backend)
+
+
+def _run(
+    embedding: np.ndarray, design: BatchDesign, params: HarmonyParams, backend: Backend
+) -> HarmonyResult:
     clock = _Clock()
     xp = backend.xp
     problem = make_problem(*embedding.shape, design, params, _seed(params.random_state))
@@ -138,8 +152,7 @@ def _initialise(
     )  # fmt: skip
     step = chunk_rows(problem.n_cells)
     entropy = sum(
-        entropy_sum(xp, assignments[s : s + step].astype(xp.float64))
-        for s in range(0, problem.n_cells, step)
+        entropy_sum(xp, assignments[s : s + step]) for s in range(0, problem.n_cells, step)
     )
     parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
     return state, to_parts(backend.to_host(parts))

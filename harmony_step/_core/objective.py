@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from harmony_step._core import kernels
 from harmony_step._core.kernels import ENTROPY_EPS
 from harmony_step._core.result import ObjectiveParts
 
@@ -32,8 +35,11 @@ def kmeans_term(xp: Any, centroids: Any, centroid_sums: Any, total_mass: Any) ->
     return 2.0 * (total_mass - (centroids * centroid_sums).sum())
 
 
-def entropy_sum(xp: Any, assignments64: Any) -> Any:
-    """sum R log(R + eps) over the given rows (float64, not yet multiplied by sigma)."""
+def entropy_sum(xp: Any, assignments: Any) -> Any:
+    """sum R log(R + eps) over the given rows, in float64 (not yet multiplied by sigma)."""
+    if xp is np:
+        return kernels.cpu().entropy_sum(assignments)
+    assignments64 = assignments.astype(xp.float64)
     return (assignments64 * xp.log(assignments64 + ENTROPY_EPS)).sum()
 
 

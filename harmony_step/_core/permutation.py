@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from harmony_step._core import kernels
+
 _ROUND_STRIDE = 1_000_003
 
 
@@ -55,10 +57,9 @@ def pcg_keys(xp: Any, n: int, seed: int) -> Any:
 
 def cell_order(xp: Any, n: int, seed: int) -> Any:
     """Cells sorted by their hash key: the visiting order of one clustering iteration (int64)."""
-    keys = pcg_keys(xp, n, seed)
     if xp is np:
-        return np.argsort(keys, kind="stable")
-    return xp.argsort(keys)
+        return kernels.cpu().cell_order(n, seed)
+    return xp.argsort(pcg_keys(xp, n, seed))
 
 
 def group_blocks_by_level(xp: Any, order: Any, codes: Any, n_levels: int, block_size: int) -> Any:
@@ -68,12 +69,19 @@ def group_blocks_by_level(xp: Any, order: Any, codes: Any, n_levels: int, block_
     nothing in the algorithm; grouped by their key-0 level, a block's mass adds up in registers
     (``kernels.block_update``). The sort is stable (CuPy's always is), so the order is defined.
     """
+    if xp is np:
+        return kernels.cpu().group_blocks_by_level(order, codes[:, 0], n_levels, block_size)
     n_blocks = -(-order.shape[0] // block_size)
     key_dtype = np.int32 if n_blocks * n_levels < 2**31 else np.int64
-    if xp is np:
-        block = np.arange(order.shape[0], dtype=key_dtype) // block_size
-        keys = block * n_levels + codes[order, 0].astype(key_dtype)
-        return order[np.argsort(keys, kind="stable")]
     keys = xp.empty(order.shape[0], dtype=key_dtype)
     _elementwise("group")(order, codes, codes.shape[1], block_size, n_levels, keys)
     return order[xp.argsort(keys)]
+
+
+def _group_blocks_reference(order, codes, n_levels, block_size):
+    """``group_blocks_by_level`` in NumPy: a stable argsort of (block, key-0 level)."""
+    n_blocks = -(-order.shape[0] // block_size)
+    key_dtype = np.int32 if n_blocks * n_levels < 2**31 else np.int64
+    block = np.arange(order.shape[0], dtype=key_dtype) // block_size
+    keys = block * n_levels + codes[order, 0].astype(key_dtype)
+    return order[np.argsort(keys, kind="stable")]

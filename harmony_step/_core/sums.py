@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from harmony_step._core import kernels
 
 # Rows per chunk of the chunked per-level sums: an eighth of the cells, within these bounds.
@@ -58,11 +60,20 @@ def cross_sums(xp: Any, left: Any, right: Any) -> Any:
     One GEMM of the working dtype per ``CROSS_CHUNK_ROWS`` rows; the partial products are summed
     in float64 in chunk order.
     """
+    if xp is np:
+        return kernels.cpu().cross_sums(left, right)
     out = xp.zeros((left.shape[1], right.shape[1]), dtype=xp.float64)
     for start in range(0, left.shape[0], CROSS_CHUNK_ROWS):
         stop = start + CROSS_CHUNK_ROWS
         out += left[start:stop].T @ right[start:stop]
     return out
+
+
+def matmul(xp: Any, left: Any, right: Any) -> Any:
+    """left @ right; on the CPU in fixed row chunks on the run's threads (``cpu_kernels.matmul``)."""
+    if xp is np:
+        return kernels.cpu().matmul(left, right)
+    return left @ right
 
 
 def row_normalize(xp: Any, x: Any, out: Any = None) -> Any:

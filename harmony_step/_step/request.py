@@ -35,6 +35,9 @@ class StepRequest:
         ``uns['harmony']`` instead of a copy of the input.
     metrics_cells
         Most cells the integration metrics use (larger inputs are subsampled); 0 skips them.
+    threads
+        CPU threads of the CPU backend and the metrics; ``None``: the CPUs the process may use
+        (``harmony_step._threads.available_cpus``).
     command
         The command line that asked for the run, recorded in the summary.
     """
@@ -48,6 +51,7 @@ class StepRequest:
     plot: Path | None = None
     embedding_only: bool = False
     metrics_cells: int = SAMPLE_SIZE
+    threads: int | None = None
     command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -57,6 +61,8 @@ class StepRequest:
         object.__setattr__(self, "command", tuple(self.command))
         if self.metrics_cells < 0:
             raise ValueError(f"--metrics-cells must be >= 0. Got {self.metrics_cells} instead.")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(f"--threads must be >= 1. Got {self.threads} instead.")
 
     def outputs(self) -> dict[str, Path]:
         """Every file the run writes, by role, in the order they are written."""

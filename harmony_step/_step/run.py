@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from harmony_step._integrate import integrate
 from harmony_step._params import HarmonyParams
 from harmony_step._provenance import format_seconds
@@ -29,6 +31,7 @@ from harmony_step._step.files import (
 )
 from harmony_step._step.progress import PROGRESS_LOGGER
 from harmony_step._step.request import StepRequest
+from harmony_step._threads import available_cpus, cpu_threads
 from harmony_step._version import __version__
 
 progress_log = logging.getLogger(PROGRESS_LOGGER)
@@ -147,10 +150,11 @@ def run_step(
     _check_labels(adata, request.label_key)
     _check_free_space(request, adata, params)
     before = adata.obsm[params.basis]
-    with _phase(seconds, "compute", started):
+    threads = request.threads or available_cpus()
+    with _phase(seconds, "compute", started), cpu_threads(threads):
         integrate(adata, request.keys, params)
     harmony = adata.uns["harmony"]
-    with _phase(seconds, "metrics", started):
+    with _phase(seconds, "metrics", started), threadpool_limits(threads):
         harmony["metrics"] = _integration_metrics(request, adata, before, params, harmony)
     with _phase(seconds, "hash", started):  # the wait for the background hash, if any
         input_sha256 = input_hash.result() if input_hash is not None else ""

@@ -43,4 +43,4 @@ rule harmony:
         "harmony-step run --input {input.h5ad:q} --output {output.h5ad:q} "
         "{params.batch_keys} {params.label_key} --params {output.settings:q} "
         "--convergence {output.convergence:q} --summary {output.summary:q} "
-        "{params.embedding_only} > {log:q} 2>&1"
+        "{params.embedding_only} --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,529 @@
+"""The CPU hot path: numba kernels mirroring the CuPy ones in ``kernels``, each with a NumPy reference.
+
+Imported lazily (``kernels.cpu()``), only when the array namespace is NumPy, so the package imports
+without numba's compile step and runs on the GPU without it. Every kernel is compiled once per
+dtype and cached on disk (``cache=True``).
+
+Determinism and threads: no result depends on the number of threads.
+
+* Per-row results (R, each row's entropy, the corrected embedding, k-means labels) are computed
+  by one thread each, in a fixed order within the row.
+* O is summed in int64 fixed point (``kernels.FIXED_POINT_SCALE``): integer sums are exact, so
+  partial sums per thread, added in any order, give the same bits.
+* Floating-point sums over cells (per-level moments, Lloyd's cluster sums) run over fixed chunks
+  of ``SUM_CHUNK_ROWS`` rows, whatever the thread count, and the chunks' partial sums are added in
+  chunk order.
+* The BLAS products (similarities, R^T Z, k-means distances) run single-threaded on fixed chunks
+  of rows (``matmul``, ``cross_sums``), the chunks spread over a pool of threads: a threaded BLAS
+  changes its rounding with its thread count (OpenBLAS does for these shapes).
+
+``tests/test_cpu_kernels.py`` checks that 1 and 2 threads give bitwise-identical output.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import math
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+from harmony_step._core.kernels import ENTROPY_EPS, FIXED_POINT_SCALE
+from harmony_step._threads import prepare_numba
+
+prepare_numba()  # before the first parallel loop starts numba's threads
+
+# Rows per chunk of the floating-point sums over cells; fixed so that results do not depend on the
+# thread count. Partial sums of a chunk are K x d (or K x d per level) float64.
+SUM_CHUNK_ROWS = 4096
+# Fewest rows a thread takes in the row-parallel kernels: below this the threads cost more than
+# they save.
+MIN_ROWS_PER_TASK = 256
+# Rows per chunk of a BLAS product (``matmul``): fixed, so results do not depend on the thread count.
+MATMUL_ROWS = 2048
+# Rows per product of ``cross_sums``: enough chunks to share among the threads.
+CROSS_CHUNK_ROWS = 1 << 14
+# Bits per pass of the radix sort of the 32-bit permutation keys.
+RADIX_BITS = 8
+
+
+# --- exp and log that the compiler can vectorise -------------------------------------------------
+# numba calls the C library's scalar exp and log, which cost several times more than the rest of
+# the softmax. These are written in plain arithmetic, so the loops around them vectorise. Both are
+# within 2 ulp of the C library's (``tests/test_cpu_kernels.py``).
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI is exact (Cody-Waite)
+_LN2_LO = 1.90821492927058770002e-10
+_SQRT2 = math.sqrt(2.0)
+_MANTISSA = 0x000FFFFFFFFFFFFF
+_ONE_BITS = 0x3FF0000000000000
+
+
+@intrinsic
+def _as_float(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _as_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def exp(x):
+    """e^x: x = n ln 2 + r with |r| <= ln(2)/2, e^r by its Taylor polynomial to r^13, times 2^n
+    (as two factors, so results down to the smallest subnormal are right)."""
+    x = min(max(x, -745.2), 709.7)
+    n = math.floor(x * _LOG2E + 0.5)
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    whole = np.int64(n)
+    half = whole >> 1
+    return p * _as_float((half + 1023) << 52) * _as_float((whole - half + 1023) << 52)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def log(y):
+    """ln y for finite y > 0 (normal): y = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s)
+    with s = (m - 1)/(m + 1), |s| < 0.172, by its series to s^21."""
+    bits = _as_bits(y)
+    e = (bits >> 52) - 1023
+    m = _as_float((bits & _MANTISSA) | _ONE_BITS)
+    big = m > _SQRT2
+    m = m * 0.5 if big else m
+    e = e + 1 if big else e
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    p = 1.0 / 21.0
+    p = p * z + 1.0 / 19.0
+    p = p * z + 1.0 / 17.0
+    p = p * z + 1.0 / 15.0
+    p = p * z + 1.0 / 13.0
+    p = p * z + 1.0 / 11.0
+    p = p * z + 1.0 / 9.0
+    p = p * z + 1.0 / 7.0
+    p = p * z + 1.0 / 5.0
+    p = p * z + 1.0 / 3.0
+    p = p * z + 1.0
+    fe = np.float64(e)
+    return fe * _LN2_HI + (2.0 * s * p + fe * _LN2_LO)
+
+
+# Sums and maxima of one row. Written as a plain loop, a sum is a chain of dependent additions that
+# the compiler keeps in order and does not vectorise; ``reassoc`` lets it keep several partial sums
+# in vector lanes. The order is then fixed by the compiled code: the same on every run on a machine.
+# The flags apply to these functions alone, not to the arithmetic of exp and log.
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _sum(values):
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+@njit(cache=True, error_model="numpy", fastmath={"nnan", "ninf", "nsz"})
+def _max(values):
+    best = values[0]
+    for v in values[1:]:
+        best = max(best, v)
+    return best
+
+
+def _tasks(n_rows: int) -> int:
+    """Row ranges for a row-parallel kernel whose result does not depend on the split."""
+    return max(1, min(numba.get_num_threads(), -(-n_rows // MIN_ROWS_PER_TASK)))
+
+
+# --- BLAS products in fixed row chunks --------------------------------------------------------------
+# A threaded BLAS splits one product over its threads in ways that change the rounding with the
+# thread count (OpenBLAS does for the similarity products). Here BLAS runs single-threaded
+# (``harmony_step._threads``), each product is cut into fixed chunks of rows, and the chunks run
+# in parallel on a pool of Python threads (NumPy releases the GIL in BLAS calls): the same bits for
+# any thread count, and no BLAS threads spinning beside numba's.
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="harmony-blas")
+
+
+def _run_chunks(task, n_chunks: int) -> None:
+    workers = min(numba.get_num_threads(), n_chunks)
+    if workers <= 1:
+        for i in range(n_chunks):
+            task(i)
+        return
+    for future in [_pool(workers).submit(task, i) for i in range(n_chunks)]:
+        future.result()
+
+
+def matmul(left, right):
+    """left @ right, (n, m) from (n, p) and (p, m), in chunks of ``MATMUL_ROWS`` rows."""
+    out = np.empty((left.shape[0], right.shape[1]), dtype=np.result_type(left, right))
+
+    def task(i):
+        rows = slice(i * MATMUL_ROWS, (i + 1) * MATMUL_ROWS)
+        np.matmul(left[rows], right, out=out[rows])
+
+    _run_chunks(task, -(-left.shape[0] // MATMUL_ROWS))
+    return out
+
+
+def cross_sums(left, right, chunk_rows=CROSS_CHUNK_ROWS):
+    """left^T @ right, (m1, m2) float64: one product per chunk of ``chunk_rows`` rows in the
+    working dtype, the partial products added in float64 in chunk order (``sums.cross_sums``)."""
+    n = left.shape[0]
+    n_chunks = -(-n // chunk_rows)
+    parts = np.empty((n_chunks, left.shape[1], right.shape[1]), dtype=np.result_type(left, right))
+
+    def task(i):
+        rows = slice(i * chunk_rows, (i + 1) * chunk_rows)
+        np.matmul(left[rows].T, right[rows], out=parts[i])
+
+    _run_chunks(task, n_chunks)
+    out = np.zeros((left.shape[1], right.shape[1]))
+    for i in range(n_chunks):
+        out += parts[i]
+    return out
+
+
+# --- clustering step -----------------------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _fixed_point(r: float) -> np.int64:
+    return np.int64(np.rint(r * FIXED_POINT_SCALE))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _add_mass(partial, cell_codes, quanta):
+    for c in range(cell_codes.shape[0]):
+        row = partial[cell_codes[c]]
+        for k in range(quanta.shape[0]):
+            row[k] += quanta[k]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _block_update(
+    similarity, log_penalty, codes, cells, identity, n_update, n_rows, assignments, row_entropy,
+    observed, scale, other_sign, n_tasks,
+):  # fmt: skip
+    n_levels, n_clusters = observed.shape
+    n_keys = codes.shape[1]
+    partial = np.zeros((n_tasks, n_levels, n_clusters), dtype=np.int64)
+    per_task = -(-n_rows // n_tasks)
+    for t in prange(n_tasks):
+        logits = np.empty(n_clusters, dtype=np.float64)
+        quanta = np.empty(n_clusters, dtype=np.int64)
+        mass = partial[t]
+        for row in range(t * per_task, min((t + 1) * per_task, n_rows)):
+            cell = row if identity else cells[row]
+            r = assignments[cell]
+            if row >= n_update:
+                for k in range(n_clusters):
+                    quanta[k] = other_sign * _fixed_point(np.float64(r[k]))
+                _add_mass(mass, codes[cell], quanta)
+                continue
+            s = similarity[row]
+            for k in range(n_clusters):
+                logits[k] = scale * (np.float64(s[k]) - 1.0)
+            for c in range(n_keys):
+                penalty = log_penalty[codes[cell, c]]
+                for k in range(n_clusters):
+                    logits[k] += penalty[k]
+            row_max = _max(logits)
+            for k in range(n_clusters):
+                logits[k] = exp(logits[k] - row_max)
+            total = _sum(logits)
+            for k in range(n_clusters):
+                r[k] = logits[k] / total
+                r64 = np.float64(r[k])
+                logits[k] = r64 * log(r64 + ENTROPY_EPS)
+                quanta[k] = _fixed_point(r64)
+            entropy = _sum(logits)
+            row_entropy[cell] = entropy
+            _add_mass(mass, codes[cell], quanta)
+    # Integer partial sums: exact, so their order does not matter.
+    for k in prange(n_clusters):
+        for b in range(n_levels):
+            total_mass = observed[b, k]
+            for t in range(n_tasks):
+                total_mass += partial[t, b, k]
+            observed[b, k] = total_mass
+
+
+def block_update(
+    similarity, log_penalty, codes, cells, n_update, assignments, row_entropy, observed, scale,
+    other_sign,
+):  # fmt: skip
+    """``kernels.block_update`` on the CPU (same arguments, without ``xp``)."""
+    n_rows = assignments.shape[0] if cells is None else int(cells.shape[0])
+    if n_rows == 0:
+        return
+    empty_float = np.empty((0, assignments.shape[1]), dtype=np.float64)
+    _block_update(
+        empty_float.astype(assignments.dtype) if similarity is None else similarity,
+        empty_float if log_penalty is None else log_penalty,
+        codes,
+        np.empty(0, dtype=np.int64) if cells is None else cells,
+        cells is None,
+        n_update,
+        n_rows,
+        assignments,
+        np.empty(0) if row_entropy is None else row_entropy,
+        observed,
+        float(scale),
+        np.int64(other_sign),
+        _tasks(n_rows),
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def log_penalty_table(observed, level_share, theta, first_key_levels, stabilized):
+    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O."""
+    n_levels, n_clusters = observed.shape
+    out = np.empty((n_levels, n_clusters), dtype=np.float64)
+    for k in range(n_clusters):
+        size = np.int64(0)
+        for b in range(first_key_levels):
+            size += observed[b, k]
+        n_k = np.float64(size) / FIXED_POINT_SCALE
+        for b in range(n_levels):
+            e = level_share[b] * n_k
+            o = np.float64(observed[b, k]) / FIXED_POINT_SCALE
+            out[b, k] = theta[b] * (math.log1p(e) - math.log1p(o + e if stabilized else o))
+    return out
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def softmax_rows(logits, scale):
+    """Row softmax of scale * (logits - 1), in place, max-shifted (``init.softmax_rows``)."""
+    n, k_total = logits.shape
+    for i in prange(n):
+        row = logits[i]
+        row_max = -np.inf
+        for k in range(k_total):
+            row[k] = (row[k] - 1) * scale
+            row_max = max(row_max, row[k])
+        total = 0.0
+        for k in range(k_total):
+            row[k] = exp(row[k] - row_max)
+            total += row[k]
+        for k in range(k_total):
+            row[k] = row[k] / total
+    return logits
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _row_entropy(assignments, out):
+    for i in prange(assignments.shape[0]):
+        entropy = 0.0
+        for k in range(assignments.shape[1]):
+            r = np.float64(assignments[i, k])
+            entropy += r * log(r + ENTROPY_EPS)
+        out[i] = entropy
+
+
+def entropy_sum(assignments) -> float:
+    """sum R log(R + eps): per row in one thread, then the rows in NumPy's fixed (pairwise) order."""
+    rows = np.empty(assignments.shape[0])
+    _row_entropy(assignments, rows)
+    return rows.sum()
+
+
+# --- the cell order of an iteration ---------------------------------------------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def _pcg_keys(n, seed):
+    """``permutation.pcg_keys``: 32-bit arithmetic done in 64 bits and masked (numba widens)."""
+    keys = np.empty(n, dtype=np.uint32)
+    mask = np.uint64(0xFFFFFFFF)
+    s = np.uint64(seed)
+    for j in range(n):
+        state = ((np.uint64(j) ^ s) * np.uint64(747796405) + np.uint64(2891336453)) & mask
+        shift = (state >> np.uint64(28)) + np.uint64(4)
+        word = (((state >> shift) ^ state) * np.uint64(277803737)) & mask
+        keys[j] = np.uint32((word >> np.uint64(22)) ^ word)
+    return keys
+
+
+@njit(cache=True, error_model="numpy")
+def cell_order(n, seed):
+    """Cells sorted by their PCG hash key (``permutation.cell_order``), by an LSD radix sort.
+
+    The keys of distinct cells are distinct, so this is exactly NumPy's argsort of the keys.
+    """
+    keys = _pcg_keys(n, seed)
+    order = np.arange(n, dtype=np.int64)
+    next_keys = np.empty_like(keys)
+    next_order = np.empty_like(order)
+    buckets = 1 << RADIX_BITS
+    for shift in range(0, 32, RADIX_BITS):
+        count = np.zeros(buckets + 1, dtype=np.int64)
+        for j in range(n):
+            count[((keys[j] >> shift) & (buckets - 1)) + 1] += 1
+        for b in range(buckets):
+            count[b + 1] += count[b]
+        for j in range(n):
+            digit = (keys[j] >> shift) & (buckets - 1)
+            at = count[digit]
+            count[digit] = at + 1
+            next_keys[at] = keys[j]
+            next_order[at] = order[j]
+        keys, next_keys = next_keys, keys
+        order, next_order = next_order, order
+    return order
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def group_blocks_by_level(order, levels, n_levels, block_size):
+    """Each block's cells regrouped by level, stably (``permutation.group_blocks_by_level``)."""
+    n = order.shape[0]
+    out = np.empty_like(order)
+    n_blocks = -(-n // block_size)
+    for block in prange(n_blocks):
+        start = block * block_size
+        stop = min(start + block_size, n)
+        count = np.zeros(n_levels + 1, dtype=np.int64)
+        for j in range(start, stop):
+            count[levels[order[j]] + 1] += 1
+        count[0] = start
+        for b in range(n_levels):
+            count[b + 1] += count[b]
+        for j in range(start, stop):
+            level = levels[order[j]]
+            out[count[level]] = order[j]
+            count[level] += 1
+    return out
+
+
+# --- initialisation: k-means++ and Lloyd ----------------------------------------------------------
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def nearest_update(points, centre, nearest):
+    """nearest = min(nearest, |points - centre|^2), the squared distances computed directly."""
+    for i in prange(points.shape[0]):
+        distance = 0.0
+        for j in range(points.shape[1]):
+            diff = points[i, j] - centre[j]
+            distance += diff * diff
+        nearest[i] = min(nearest[i], distance)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def assign_chunk(dots, centre_sq, points, centres, labels, distance):
+    """Nearest centre of each point by |c|^2 - 2 x.c (``dots`` = x.c from BLAS), and the squared
+    distance to it, recomputed directly (no cancellation)."""
+    for i in prange(dots.shape[0]):
+        best, best_value = 0, centre_sq[0] - 2.0 * dots[i, 0]
+        for k in range(1, dots.shape[1]):
+            value = centre_sq[k] - 2.0 * dots[i, k]
+            if value < best_value:
+                best, best_value = k, value
+        labels[i] = best
+        d = 0.0
+        for j in range(points.shape[1]):
+            diff = points[i, j] - centres[best, j]
+            d += diff * diff
+        distance[i] = d
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def cluster_sums(points, labels, n_clusters):
+    """sum of the points of each cluster, (K, d) float64: fixed row chunks, added in chunk order."""
+    n, d = points.shape
+    n_chunks = -(-n // SUM_CHUNK_ROWS)
+    partial = np.zeros((n_chunks, n_clusters, d))
+    for chunk in prange(n_chunks):
+        for i in range(chunk * SUM_CHUNK_ROWS, min((chunk + 1) * SUM_CHUNK_ROWS, n)):
+            for j in range(d):
+                partial[chunk, labels[i], j] += points[i, j]
+    out = np.zeros((n_clusters, d))
+    for chunk in range(n_chunks):
+        out += partial[chunk]
+    return out
+
+
+# --- correction ------------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def level_moments(x, assignments, level_cells, level_starts):
+    """M[b, k] = sum over cells of level b of R_ik x_i, (B, K, d) float64.
+
+    ``level_cells`` holds the cells of level 0, then level 1, ...; level b's are
+    ``level_cells[level_starts[b]:level_starts[b + 1]]``. Each level is cut into fixed chunks of
+    ``SUM_CHUNK_ROWS`` cells; the chunks' partial sums are added in order.
+    """
+    n_levels = level_starts.shape[0] - 1
+    n_clusters, d = assignments.shape[1], x.shape[1]
+    first_chunk = np.zeros(n_levels + 1, dtype=np.int64)
+    for b in range(n_levels):
+        size = level_starts[b + 1] - level_starts[b]
+        first_chunk[b + 1] = first_chunk[b] + -(-size // SUM_CHUNK_ROWS)
+    n_chunks = first_chunk[n_levels]
+    partial = np.zeros((n_chunks, n_clusters, d))
+    for chunk in prange(n_chunks):
+        b = np.searchsorted(first_chunk, chunk, side="right") - 1
+        start = level_starts[b] + (chunk - first_chunk[b]) * SUM_CHUNK_ROWS
+        stop = min(start + SUM_CHUNK_ROWS, level_starts[b + 1])
+        acc = partial[chunk]
+        row = np.empty(d)
+        for at in range(start, stop):
+            i = level_cells[at]
+            for j in range(d):
+                row[j] = x[i, j]
+            for k in range(n_clusters):
+                r = np.float64(assignments[i, k])
+                for j in range(d):
+                    acc[k, j] += r * row[j]
+    out = np.zeros((n_levels, n_clusters, d))
+    for b in prange(n_levels):
+        for chunk in range(first_chunk[b], first_chunk[b + 1]):
+            out[b] += partial[chunk]
+    return out
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def correct_rows(x, assignments, weights, codes, out):
+    """out_i = x_i - sum_c sum_k R_ik W[b_c(i), k] for every cell (``kernels.correct_rows``),
+    summed in float64; ``weights`` (B, K, d)."""
+    n, d = x.shape
+    n_clusters, n_keys = assignments.shape[1], codes.shape[1]
+    for i in prange(n):
+        shift = np.zeros(d)
+        for c in range(n_keys):
+            w = weights[codes[i, c]]
+            for k in range(n_clusters):
+                r = np.float64(assignments[i, k])
+                for j in range(d):
+                    shift[j] += r * np.float64(w[k, j])
+        for j in range(d):
+            out[i, j] = x[i, j] - shift[j]

@@ -1,0 +1,84 @@
+"""CPU threads of the NumPy backend.
+
+The numba kernels run on ``n`` threads, and so do the BLAS products, cut into fixed chunks of rows
+on a pool of ``n`` Python threads while the BLAS library itself is held at one thread
+(``harmony_step._core.cpu_kernels``): a threaded BLAS changes its rounding with its thread count,
+and its spinning threads would compete with numba's.
+
+By default Harmony uses the CPUs this process may run on: Slurm's ``SLURM_CPUS_PER_TASK`` when it
+is set, else the process's CPU affinity (``os.sched_getaffinity``: taskset, cgroups, Slurm's
+binding), never more. ``cpu_threads(n)`` sets another count for a block of code; the
+``harmony-step run --threads`` flag uses it. Results do not depend on the thread count
+(``harmony_step._core.cpu_kernels``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+_requested: int | None = None
+
+
+def prepare_numba() -> None:
+    """Settings that must precede numba's first parallel loop (which starts its threads).
+
+    numba's OpenMP threads busy-wait for new work after each parallel loop by default. Between the
+    loops the BLAS library's threads run, and on a machine shared with other jobs the spinning
+    threads take their cores: on two busy cores a run took three to four times as long. Sleeping
+    threads cost microseconds per loop instead. A value the user set wins.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: ``SLURM_CPUS_PER_TASK`` if set (at most the affinity), else the
+    affinity, else ``os.cpu_count()``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return min(int(slurm), cpus)
+    return cpus
+
+
+def check_threads(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"The thread count must be an integer of at least 1. Got {value!r} instead."
+        )
+    return value
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None = None) -> Iterator[int]:
+    """Run the enclosed code with ``n`` CPU threads (numba and BLAS); ``None`` keeps an enclosing
+    ``cpu_threads`` count, or else uses :func:`available_cpus`. Yields the count in force."""
+    global _requested
+    count = check_threads(n) if n is not None else (_requested or available_cpus())
+    previous = _requested
+    _requested = count
+    try:
+        with _limits(count):
+            yield count
+    finally:
+        _requested = previous
+
+
+@contextlib.contextmanager
+def _limits(count: int) -> Iterator[None]:
+    prepare_numba()
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    # numba cannot start more threads than its pool holds (NUMBA_NUM_THREADS, all CPUs by default).
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        numba.set_num_threads(previous)

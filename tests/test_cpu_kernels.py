@@ -1,0 +1,286 @@
+"""The numba CPU kernels against their NumPy references, both dtypes, edge shapes; thread counts.
+
+The references are the array code the GPU runs, executed on NumPy through ``XP``: a stand-in for
+the NumPy module that is not ``numpy`` itself, so the dispatch to the numba kernels is bypassed.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import numba
+import numpy as np
+import pytest
+from test_kernels import SHAPES, block_inputs, expected_observed
+
+from harmony_step._core import correction, cpu_kernels, init, kernels, permutation
+from harmony_step._core.objective import entropy_sum
+from harmony_step._core.sums import counts, level_sums
+from harmony_step._threads import available_cpus, cpu_threads
+
+XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if name[:2] != "__"})
+"""NumPy under another name: the generic (GPU) code path, run on the host."""
+
+
+def test_reference_namespace_is_not_numpy():
+    assert XP is not np
+    assert XP.zeros(2).sum() == 0
+
+
+def tolerance(dtype):
+    return 5e-7 if dtype == np.float32 else 1e-14
+
+
+# --- clustering step -------------------------------------------------------------------------------
+
+
+def run_both(inputs, n, other_sign=-1):
+    out = []
+    for update in (cpu_kernels.block_update, kernels._block_update_reference):
+        sim, pen, codes, cells, r, observed = (np.array(a, copy=True) for a in inputs)
+        entropy = np.full(r.shape[0], np.nan)
+        update(sim, pen, codes, cells, n, r, entropy, observed, 20.0, other_sign)
+        out.append((r, entropy, observed))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "k", "levels"), SHAPES)
+def test_block_update_matches_reference(n, k, levels, dtype):
+    inputs = block_inputs(n, k, levels, dtype)
+    (r, entropy, observed), (r_ref, entropy_ref, observed_ref) = run_both(inputs, n)
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(r, r_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(entropy, entropy_ref, rtol=1e-12, atol=1e-12)
+    # O is exact for the R the kernel stored, and within rounding of the reference's.
+    np.testing.assert_array_equal(observed, expected_observed(inputs, r, n))
+    np.testing.assert_allclose(counts(np, observed), counts(np, observed_ref), rtol=tol, atol=tol)
+    untouched = np.setdiff1d(np.arange(r.shape[0]), inputs[3][:n])
+    np.testing.assert_array_equal(r[untouched], inputs[4][untouched])
+    assert np.isnan(entropy[untouched]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_update_of_the_same_r_gives_exactly_the_reference_o(dtype):
+    """Mass added or removed for a given R (the other rows) is bit-for-bit the reference's."""
+    inputs = block_inputs(300, 130, (3, 2), dtype)
+    for sign in (-1, 1):
+        (_, _, observed), (_, _, observed_ref) = run_both(inputs, 0, other_sign=sign)
+        np.testing.assert_array_equal(observed, observed_ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n", "levels"), [(1, (1,)), (20_000, (8,)), (777, (3, 4, 2))])
+def test_level_sums_equal_reference_exactly(n, levels, dtype):
+    rng = np.random.default_rng(2)
+    offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
+    codes = np.stack(
+        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+    ).astype(np.int32)
+    r = rng.dirichlet(np.ones(30), n).astype(dtype)
+    expected = np.zeros((sum(levels), 30), dtype=np.int64)
+    kernels._block_update_reference(None, None, codes, None, 0, r, None, expected, 0.0, 1)
+    np.testing.assert_array_equal(level_sums(np, codes, r, sum(levels)), expected)
+
+
+@pytest.mark.parametrize("flavor", ["harmony1", "harmony2"])
+@pytest.mark.parametrize(
+    ("levels", "clusters", "first"), [((1,), 1, 1), ((8,), 100, 8), ((3, 2), 300, 3)]
+)
+def test_penalty_matches_reference(flavor, levels, clusters, first):
+    rng = np.random.default_rng(1)
+    b = sum(levels)
+    observed = kernels.fixed_point(rng.uniform(0, 100, (b, clusters)))
+    observed[0, 0] = 0
+    share, theta = rng.uniform(0, 1, b), rng.uniform(0, 3, b)
+    table = kernels.log_penalty_table(np, observed, share, theta, first, flavor)
+    reference = kernels._log_penalty_reference(observed, share, theta, first, flavor)
+    np.testing.assert_allclose(table, reference, rtol=1e-14, atol=1e-14)
+
+
+@numba.njit
+def apply_exp(values):
+    out = np.empty_like(values)
+    for i in range(values.size):
+        out[i] = cpu_kernels.exp(values[i])
+    return out
+
+
+@numba.njit
+def apply_log(values):
+    out = np.empty_like(values)
+    for i in range(values.size):
+        out[i] = cpu_kernels.log(values[i])
+    return out
+
+
+def test_exp_and_log_within_two_ulp_of_numpy():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-rng.exponential(20, 100_000), [0.0, -1e-300, -700.0, -740.0, -746.0]])
+    y = np.concatenate([rng.uniform(0, 1, 100_000) + 1e-12, [1e-12, 1.0, 0.5, 2.0, 1e300]])
+    exp_out, log_out = apply_exp(x), apply_log(y)
+    normal = np.exp(x) > 1e-300
+    np.testing.assert_allclose(exp_out[normal], np.exp(x[normal]), rtol=4.5e-16, atol=0)
+    np.testing.assert_allclose(exp_out[~normal], np.exp(x[~normal]), rtol=0, atol=1e-300)
+    np.testing.assert_allclose(log_out, np.log(y), rtol=4.5e-16, atol=2.3e-16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 300), (5000, 100)])
+def test_softmax_and_entropy_match_reference(shape, dtype):
+    rng = np.random.default_rng(3)
+    similarity = rng.uniform(-1, 1, shape).astype(dtype)
+    got = init.softmax_rows(np, similarity.copy(), 20.0)
+    expected = init.softmax_rows(XP, similarity.copy(), 20.0)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+    np.testing.assert_allclose(entropy_sum(np, got), entropy_sum(XP, got), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("n", "block", "levels"), [(1, 1, 1), (1000, 50, 7), (12_345, 617, 64)])
+def test_cell_order_and_grouping_match_reference(n, block, levels):
+    for seed in (0, 2**32 - 1):
+        order = permutation.cell_order(np, n, seed)
+        keys = permutation.pcg_keys(np, n, seed)
+        np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+        rng = np.random.default_rng(seed)
+        codes = np.stack([rng.integers(0, levels, n), rng.integers(levels, levels + 2, n)], 1)
+        codes = codes.astype(np.int32)
+        np.testing.assert_array_equal(
+            permutation.group_blocks_by_level(np, order, codes, levels, block),
+            permutation._group_blocks_reference(order, codes, levels, block),
+        )
+
+
+# --- initialisation ---------------------------------------------------------------------------------
+
+
+def kmeans_points(n=3000, d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, d)) * 4
+    return centres[rng.integers(0, 12, n)] + rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_kmeans_plus_plus_and_lloyd_match_reference(k):
+    points = kmeans_points()
+    seeds = init.kmeans_plus_plus(np, points, k, np.random.default_rng(1))
+    expected = init.kmeans_plus_plus(XP, points, k, np.random.default_rng(1))
+    np.testing.assert_array_equal(seeds, expected)
+    labels, distance = init._assign(np, points, seeds)
+    labels_ref, distance_ref = init._assign(XP, points, seeds)
+    np.testing.assert_array_equal(labels, labels_ref)
+    np.testing.assert_allclose(distance, distance_ref, rtol=1e-13, atol=1e-13)
+    sums = init._cluster_sums(np, points, labels, k)
+    expected_sums = np.zeros((k, points.shape[1]))
+    np.add.at(expected_sums, labels, points)
+    np.testing.assert_allclose(sums, expected_sums, rtol=1e-12, atol=1e-10)
+
+
+# --- correction -------------------------------------------------------------------------------------
+
+
+def correction_inputs(n, k, levels, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
+    codes = np.stack(
+        [rng.integers(0, L, n) + o for L, o in zip(levels, offsets, strict=True)], 1
+    ).astype(np.int32)
+    x = rng.normal(size=(n, 30)).astype(dtype)
+    r = rng.dirichlet(np.ones(k), n).astype(dtype)
+    weights = rng.normal(size=(k, sum(levels), 30))
+    return codes, x, r, weights
+
+
+def level_index(codes, levels):
+    offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
+    cells = []
+    for c, (count, offset) in enumerate(zip(levels, offsets, strict=True)):
+        cells.extend(np.flatnonzero(codes[:, c] == offset + j) for j in range(count))
+    return correction.LevelIndex(tuple(cells), levels[0], None, None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("n", "k", "levels"), [(1, 1, (1,)), (9000, 20, (5,)), (3000, 300, (3, 4)), (600, 7, (400,))]
+)
+def test_correction_kernels_match_reference(n, k, levels, dtype):
+    codes, x, r, weights = correction_inputs(n, k, levels, dtype)
+    index = level_index(codes, levels)
+    moments = correction.level_moments(np, x, r, index)
+    expected = correction.level_moments(XP, x, r, index)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(moments, expected, rtol=tol, atol=tol * 10)
+    out, out_ref = np.empty_like(x), np.empty_like(x)
+    per_level = np.ascontiguousarray(weights.transpose(1, 0, 2)).astype(dtype)  # (B, K, d)
+    kernels.correct_rows(np, x, r, per_level, codes, index.cells, out)
+    kernels._correct_rows_reference(x, r, per_level, index.cells, out_ref)
+    np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol * 10)
+
+
+# --- threads ----------------------------------------------------------------------------------------
+
+
+def synthetic(n=4000, seed=0):
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    batch = rng.integers(0, 3, n)
+    kind = rng.integers(0, 4, n)
+    x = (
+        rng.normal(size=(4, 20))[kind] * 3
+        + rng.normal(size=(3, 20))[batch]
+        + rng.normal(size=(n, 20))
+    )
+    obs = pd.DataFrame(
+        {"batch": pd.Categorical(batch.astype(str))}, index=[f"c{i}" for i in range(n)]
+    )
+    return ad.AnnData(obs=obs, obsm={"X_pca": x})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_results_do_not_depend_on_the_thread_count(dtype):
+    from harmony_step import harmony_integrate
+
+    outputs = []
+    for threads in (1, 2, 1):
+        adata = synthetic()
+        with cpu_threads(threads):
+            harmony_integrate(
+                adata, "batch", device="cpu", dtype=dtype, max_iter_harmony=3,
+                max_iter_clustering=5, n_clusters=300,
+            )  # fmt: skip
+        outputs.append(adata.obsm["X_pca_harmony"])
+    assert np.array_equal(outputs[0], outputs[1])
+    assert np.array_equal(outputs[0], outputs[2])
+
+
+def test_cpu_threads_limits_numba_and_blas():
+    from threadpoolctl import threadpool_info
+
+    with cpu_threads(1) as count:
+        assert count == 1
+        assert numba.get_num_threads() == 1
+        assert all(
+            pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas"
+        )
+        with cpu_threads() as inner:  # None keeps the enclosing count
+            assert inner == 1
+
+
+def test_available_cpus_follows_slurm_and_affinity(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert available_cpus() == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "100000")  # never more than the affinity
+    assert available_cpus() == affinity
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert available_cpus() == affinity
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_cpu_threads_rejects_bad_counts(bad):
+    with pytest.raises(ValueError, match="thread count"), cpu_threads(bad):
+        pass
