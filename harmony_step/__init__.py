@@ -18,6 +18,7 @@ from harmony_step._params import (
     HarmonyParams,
     ObjectiveRoseWarning,
 )
+from harmony_step._threads import cpu_threads
 from harmony_step._version import __version__
 from harmony_step.api import harmony_integrate
 
@@ -31,5 +32,6 @@ __all__ = [
     "ObjectiveRoseWarning",
     "WrongTypeError",
     "__version__",
+    "cpu_threads",
     "harmony_integrate",
 ]

@@ -16,6 +16,11 @@ from tests.reference import min_pc_correlation, relative_frobenius
 DATASETS = {"pbmc_3500": "donor", "cell_lines": "dataset"}
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
 DTYPES = [pytest.param(np.float64, id="float64"), pytest.param(np.float32, id="float32")]
+# The larger dataset's runs are in the slow set; `pytest -m "not slow"` checks pbmc_3500 alone.
+NAMES = [
+    pytest.param(name, id=name, marks=[pytest.mark.slow] * (name == "cell_lines"))
+    for name in DATASETS
+]
 
 
 def load(data_dir, name: str) -> ad.AnnData:
@@ -52,7 +57,7 @@ def test_signature_is_the_published_one():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", list(DATASETS))
+@pytest.mark.parametrize("name", NAMES)
 def test_harmony2_agrees_with_r_harmony_2(data_dir, name, dtype, device):
     adata = load(data_dir, name)
     ours = integrate(adata, DATASETS[name], dtype=dtype, device=device)
@@ -104,6 +109,7 @@ def test_colsum_algo_does_not_change_results(data_dir, algo):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reruns_are_bitwise_identical(data_dir, device, dtype):
@@ -176,7 +182,10 @@ def test_verbose_prints_rounds(data_dir, capsys):
     assert "objective" in out
 
 
-@pytest.mark.parametrize(("name", "r_ilisi"), [("pbmc_3500", 2.32), ("cell_lines", 1.73)])
+@pytest.mark.parametrize(
+    ("name", "r_ilisi"),
+    [("pbmc_3500", 2.32), pytest.param("cell_lines", 1.73, marks=pytest.mark.slow)],
+)
 def test_mixing_matches_r_harmony(data_dir, name, r_ilisi):
     """Median iLISI (perplexity 30) within 0.05 of R harmony 2.0.4's; cell types stay apart."""
     from harmony_step._step.metrics import lisi

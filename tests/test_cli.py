@@ -570,6 +570,7 @@ def test_embedding_only_writes_a_small_file_with_the_same_result(full_run, pbmc,
     assert list(small.obs_names) == list(ad.read_h5ad(pbmc).obs_names)
 
 
+@pytest.mark.slow
 def test_flags_override_the_params_file_which_overrides_defaults(pbmc, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -637,6 +638,7 @@ def _run_on_a_terminal(args: list) -> tuple[int, str]:
     return code, shown.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_label_key_several_keys_and_a_progress_bar_on_a_terminal(labelled, tmp_path):
     summary_path = tmp_path / "summary.json"
     code, shown = _run_on_a_terminal(
@@ -699,6 +701,7 @@ BIG_RUN = ("--key", "batch", "--n-clusters", "2", "--max-iter-harmony", "1",
            "--max-iter-clustering", "2", "--metrics-cells", "1000", "--quiet")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_large_x_is_never_loaded(big_input, tmp_path):
     x_bytes = BIG_CELLS * BIG_GENES * 4
     digest = sha256(big_input)
@@ -728,6 +731,7 @@ def test_a_large_x_is_never_loaded(big_input, tmp_path):
         np.testing.assert_array_equal(handle["X"][19_000:19_010], handle["X"][0:10])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_run_leaves_no_output(sig, big_input, tmp_path):
     target = tmp_path / "out.h5ad"

@@ -134,6 +134,10 @@ def log(y):
     return fe * _LN2_HI + (2.0 * s * p + fe * _LN2_LO)
 
 
+# Lets the compiler reorder a sum of squares into vector lanes (fixed by the compiled code).
+_REORDER = {"reassoc", "nsz", "contract"}
+
+
 # Sums and maxima of one row. Written as a plain loop, a sum is a chain of dependent additions that
 # the compiler keeps in order and does not vectorise; ``reassoc`` lets it keep several partial sums
 # in vector lanes. The order is then fixed by the compiled code: the same on every run on a machine.
@@ -426,7 +430,7 @@ def group_blocks_by_level(order, levels, n_levels, block_size):
 # --- initialisation: k-means++ and Lloyd ----------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_REORDER)
 def nearest_update(points, centre, nearest):
     """nearest = min(nearest, |points - centre|^2), the squared distances computed directly."""
     for i in prange(points.shape[0]):
@@ -437,7 +441,7 @@ def nearest_update(points, centre, nearest):
         nearest[i] = min(nearest[i], distance)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_REORDER)
 def assign_chunk(dots, centre_sq, points, centres, labels, distance):
     """Nearest centre of each point by |c|^2 - 2 x.c (``dots`` = x.c from BLAS), and the squared
     distance to it, recomputed directly (no cancellation)."""
