@@ -593,7 +593,7 @@ def test_rendered_command_for_the_test_meta_map() -> None:
     meta = {"id": "cells", "batch_key": ["dataset", "donor"], "label_key": "cell_type"}
     values = script_values(meta, "cells.h5ad", ext_args="--theta 1.5 --random-state 3")
     script = bash_script(template, values)
-    assert script.splitlines()[:11] == [
+    assert script.splitlines()[:12] == [
         "export OMP_NUM_THREADS=2",
         "harmony-step run \\",
         "    --input cells.h5ad \\",
@@ -604,6 +604,7 @@ def test_rendered_command_for_the_test_meta_map() -> None:
         "    --summary cells_harmony.summary.json \\",
         "    --plot cells_harmony.convergence.png \\",
         "    --device cpu \\",
+        "    --threads 2 \\",
         "    --theta 1.5 --random-state 3",
     ]
     gpu = bash_script(template, script_values(meta, "cells.h5ad", accelerator_request=1))

@@ -41,6 +41,7 @@ process HARMONY_STEP {
         --summary ${prefix}.summary.json \\
         ${plot} \\
         --device ${device} \\
+        --threads ${task.cpus} \\
         ${args}
     """
 
