@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import sys
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realistic_data import generate
-from run_realistic import batch_r2_within_type, rel_frobenius, subsample
+from run_realistic import TimingsCatcher, batch_r2_within_type, rel_frobenius, subsample
 
 import harmony_step
 from harmony_step._threads import available_cpus, cpu_threads
@@ -63,17 +64,25 @@ def log(message: str) -> None:
 
 def run_ours(data, dtype: str, threads: int) -> dict:
     adata = data.to_anndata()
-    with warnings.catch_warnings(), cpu_threads(threads):
-        warnings.simplefilter("ignore")
-        start = time.perf_counter()
-        harmony_step.harmony_integrate(
-            adata, "batch", device="cpu", flavor="harmony2", dtype=dtype, **PARAMS
-        )
-        seconds = time.perf_counter() - start
+    logger = logging.getLogger("harmony_step.progress")
+    catcher, level = TimingsCatcher(), logger.level
+    logger.addHandler(catcher)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(), cpu_threads(threads):
+            warnings.simplefilter("ignore")
+            start = time.perf_counter()
+            harmony_step.harmony_integrate(
+                adata, "batch", device="cpu", flavor="harmony2", dtype=dtype, **PARAMS
+            )
+            seconds = time.perf_counter() - start
+    finally:
+        logger.removeHandler(catcher)
+        logger.setLevel(level)
     record = adata.uns["harmony"]
     return {
         "seconds": seconds,
-        "phases": {k: float(v) for k, v in record["timings"].items()},
+        "phases": dict(catcher.timings),
         "rounds": int(record["n_rounds"]),
         "converged": bool(record["converged"]),
         "embedding": adata.obsm["X_pca_harmony"],
