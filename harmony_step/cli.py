@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harmony_step._params import PARAMETERS, HarmonyParams, ParameterSpec, count_flag
+from harmony_step._params import (
+    PARAMETERS,
+    HarmonyParams,
+    ParameterSpec,
+    count_flag,
+    integer_flag,
+)
 from harmony_step._step import StepRequest, run_step
 from harmony_step._step.metrics import SAMPLE_SIZE
 from harmony_step._step.progress import PROG, ProgressDisplay, attached
