@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -54,14 +55,25 @@ class BatchDesign:
 
 def normalize_keys(key: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The batch keys as a tuple of column names; an empty list or a repeated name is an error."""
-    keys = (key,) if isinstance(key, str) else tuple(key)
+    if isinstance(key, str):
+        keys: tuple[str, ...] = (key,)
+    elif isinstance(key, Iterable) and not isinstance(key, (bytes, Mapping)):
+        keys = tuple(key)
+    else:
+        raise WrongTypeError(
+            "The 'key' parameter must be the name of an obs column (a str) or a list of names. "
+            f"Got {key!r} ({type(key).__name__})."
+        )
     if not keys:
         raise ValueError(
             "The 'key' parameter must name at least one obs column. Got an empty list."
         )
     for k in keys:
         if not isinstance(k, str):
-            raise WrongTypeError(f"The 'key' parameter must be a str or a list of str. Got {k!r}.")
+            raise WrongTypeError(
+                "The 'key' parameter must be the name of an obs column (a str) or a list of "
+                f"names. Got {k!r} ({type(k).__name__}) in the list."
+            )
     repeated = [k for k, n in Counter(keys).items() if n > 1]
     if repeated:
         raise ValueError(

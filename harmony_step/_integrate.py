@@ -60,6 +60,14 @@ def _checked_inputs(
 
     theta's length is checked against the design where it is expanded, at the start of the run.
     """
+    from anndata import AnnData
+
+    if not isinstance(adata, AnnData):
+        raise WrongTypeError(
+            "The 'adata' parameter must be an AnnData object (or a view of one), with the "
+            f"embedding in adata.obsm. Got {type(adata).__name__}: read an h5ad file with "
+            "anndata.read_h5ad, or wrap an array with anndata.AnnData(obsm={'X_pca': array})."
+        )
     keys = normalize_keys(key)
     if params.basis not in adata.obsm:
         raise MissingBasisError(

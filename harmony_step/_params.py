@@ -72,6 +72,14 @@ def integer_flag(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def count_flag(text: str) -> int:
+    """A whole-number flag value, 0 or more; argparse reports anything else as a usage error."""
+    value = integer_flag(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -500,7 +508,10 @@ class HarmonyParams:
         "integer seed in [0, 2**32); the same seed gives bitwise-identical output; null = random",
     )
     verbose: bool = _parameter(
-        False, Switch(), "print one line per round and the convergence outcome"
+        False,
+        Switch(),
+        "print one line per round and the convergence outcome (the command and the workflow "
+        "always log them)",
     )
     device: str = _parameter(
         "auto",

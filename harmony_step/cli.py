@@ -19,7 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harmony_step._params import PARAMETERS, HarmonyParams, integer_flag
+from harmony_step._params import (
+    PARAMETERS,
+    HarmonyParams,
+    ParameterSpec,
+    count_flag,
+    integer_flag,
+)
 from harmony_step._step import StepRequest, run_step
 from harmony_step._step.metrics import SAMPLE_SIZE
 from harmony_step._step.progress import PROG, ProgressDisplay, attached
@@ -55,6 +61,13 @@ class Terminated(BaseException):
 def flag_name(parameter: str) -> str:
     """The command-line flag of a Harmony parameter: ``max_iter_harmony`` -> ``--max-iter-harmony``."""
     return "--" + parameter.replace("_", "-")
+
+
+def flag_help(spec: ParameterSpec) -> str:
+    """The help of a parameter's flag: its description, in the command line's spelling (``none``,
+    where a YAML file says ``null``), and its default."""
+    text = re.sub(r"\bnull\b", "none", spec.help)
+    return f"{text} (default: {_show_default(spec.default)})"
 
 
 def _show_default(value: Any) -> str:
@@ -130,7 +143,7 @@ def _add_io_arguments(run: argparse.ArgumentParser) -> None:
     )
     files.add_argument(
         "--metrics-cells",
-        type=integer_flag,
+        type=count_flag,
         default=SAMPLE_SIZE,
         metavar="N",
         help="most cells used for the integration metrics (iLISI, silhouette; cLISI with "
@@ -157,7 +170,7 @@ def _add_parameter_arguments(run: argparse.ArgumentParser) -> None:
         "Defaults apply unless set in --params or here (flags win over --params).",
     )
     for spec in PARAMETERS:
-        help_text = f"{spec.help} (default: {_show_default(spec.default)})".replace("%", "%%")
+        help_text = flag_help(spec).replace("%", "%%")
         group.add_argument(
             flag_name(spec.name),
             dest=spec.name,

@@ -31,7 +31,7 @@ from anndata.io import write_elem
 from harmony_step import __version__
 from harmony_step._params import PARAMETERS
 from harmony_step._step.files import _host_tag, _pid_namespace
-from harmony_step.cli import _show_default, exit_code, flag_name
+from harmony_step.cli import exit_code, flag_help, flag_name
 
 COMMAND = Path(sys.executable).with_name("harmony-step")
 FAST = ("--max-iter-harmony", "2", "--max-iter-clustering", "5")
@@ -178,6 +178,13 @@ def _bad_case(name: str, small: ad.AnnData, folder: Path, out: Path) -> tuple[li
             r"--tol-harmony: expected a number, got 'small'",
             {},
         )
+    if name == "negative --metrics-cells":
+        return (
+            [*base, "--metrics-cells", "-1"],
+            2,
+            r"argument --metrics-cells: expected an integer >= 0, got '-1'",
+            {},
+        )
     if name == "theta of wrong length":
         return [*base, "--theta", "1", "2", "3", "4"], 2, r"'theta' parameter .* Got 4 values", {}
     if name == "more clusters than cells":
@@ -272,6 +279,7 @@ BAD_CASES = [
     "YAML file missing",
     "flag out of range",
     "flag not a number",
+    "negative --metrics-cells",
     "theta of wrong length",
     "more clusters than cells",
     "missing output folder",
@@ -409,8 +417,12 @@ def test_help_documents_every_parameter_with_its_default():
     text = " ".join(result.stdout.split())  # undo argparse's line wrapping
     for spec in PARAMETERS:
         assert flag_name(spec.name) in text, spec.name
-        described = f"{' '.join(spec.help.split())} (default: {_show_default(spec.default)})"
+        described = " ".join(flag_help(spec).split())
         assert described in text, described
+    # the command line spells "no value" as its flags accept it, never as YAML's null
+    assert "--correction-method {original,fast,batched,none}" in text
+    assert "batched or none (chosen by memory)" in text
+    assert re.search(r"\bnull\b", text) is None
     for option in ("--input", "--output", "--key", "--label-key", "--params", "--convergence",
                    "--summary", "--plot", "--embedding-only", "--quiet", "--debug"):  # fmt: skip
         assert option in text, option
@@ -470,6 +482,21 @@ def test_full_run_succeeds_with_progress_per_round(full_run):
         )
         for line in lines
     )
+
+
+@pytest.mark.parametrize("verbose", [(), ("--verbose",)], ids=["default", "verbose"])
+def test_one_line_per_round_with_or_without_verbose(verbose, small, tmp_path):
+    source = tmp_path / "in.h5ad"
+    small.write_h5ad(source)
+    result = harmony_step(
+        "run", "--input", source, "--output", tmp_path / "o.h5ad", "--key", "donor",
+        "--metrics-cells", "0", *FAST, *verbose,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    both = (result.stdout + result.stderr).splitlines()
+    assert len([line for line in both if re.search(r"round \d+/2:", line)]) == 2, both
+    assert len([line for line in both if "converged in" in line]) <= 1, both
+    assert result.stdout == ""
 
 
 def test_full_run_leaves_the_input_untouched_and_no_temporary_files(full_run, pbmc):

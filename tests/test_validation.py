@@ -19,6 +19,7 @@ from harmony_step import (
     harmony_integrate,
 )
 from harmony_step._backend import GPUUnavailableError, gpu_available
+from harmony_step._errors import WrongTypeError
 
 
 def small_adata(n: int = 60, d: int = 5, seed: int = 0) -> ad.AnnData:
@@ -146,6 +147,30 @@ def test_missing_key_lists_obs_columns():
 def test_empty_key_list():
     with pytest.raises(ValueError, match="at least one obs column"):
         harmony_integrate(small_adata(), [])
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [(None, r"None \(NoneType\)"), (3, r"3 \(int\)"), (b"batch", r"b'batch' \(bytes\)"),
+     ({"batch": 1}, r"\{'batch': 1\} \(dict\)"), (["batch", 3], r"3 \(int\) in the list")],
+)  # fmt: skip
+def test_key_of_a_wrong_type_names_key_and_what_is_accepted(key, shown):
+    adata = small_adata()
+    before = snapshot(adata)
+    with pytest.raises(WrongTypeError, match=r"'key' parameter must be the name of an obs column "
+                       r"\(a str\) or a list of names\. Got " + shown):  # fmt: skip
+        harmony_integrate(adata, key)
+    assert_unchanged(adata, before)
+
+
+@pytest.mark.parametrize(
+    "adata", [None, np.zeros((10, 3)), pd.DataFrame({"batch": ["a", "b"]})], ids=repr
+)
+def test_adata_that_is_not_an_anndata_names_adata(adata):
+    with pytest.raises(WrongTypeError, match=r"^The 'adata' parameter must be an AnnData object"):
+        harmony_integrate(adata, "batch")
+    with pytest.raises(ValueError, match=type(adata).__name__):  # catchable as scanpy's error
+        harmony_integrate(adata, "batch")
 
 
 def test_missing_values_in_a_key():

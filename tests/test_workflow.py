@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pytest
 import yaml
@@ -463,8 +464,13 @@ def set_dataset(name: str, **values: Any) -> Callable[[dict], None]:
             set_dataset("pbmc", input=str(REPO / "README.md")),
             r"Dataset 'pbmc': input '[^']*README.md' is not an h5ad file \(not HDF5\)\.",
         ),
+        (
+            set_dataset("pbmc", adjusted_basis="X_pca"),
+            r"Dataset 'pbmc': adjusted_basis 'X_pca' is the same as basis; the corrected "
+            r"embedding would replace the original\.",
+        ),
     ],
-    ids=["key", "one-of-two-keys", "label-key", "basis", "missing-file", "not-hdf5"],
+    ids=["key", "one-of-two-keys", "label-key", "basis", "missing-file", "not-hdf5", "same-basis"],
 )
 def test_inputs_are_checked_before_any_job(
     tmp_path: Path, edit: Callable[[dict], None], message: str
@@ -474,6 +480,47 @@ def test_inputs_are_checked_before_any_job(
     assert re.search(message, output), output
     assert "Fix the datasets section of the config" in output
     assert not (workdir / "results").exists()  # nothing ran
+
+
+def test_a_key_listed_twice_in_the_config_file_stops_the_run_before_any_job(
+    tmp_path: Path,
+) -> None:
+    workdir = write_workdir(tmp_path)
+    path = workdir / "config" / "config.yaml"
+    lines = path.read_text().splitlines()
+    first = lines.index("  pbmc:")
+    # pbmc_theta1 renamed pbmc: the same dataset name twice, and dtype twice in the harmony section
+    text = "\n".join(lines).replace("  pbmc_theta1:", "  pbmc:") + "\n  dtype: float64\n"
+    path.write_text(text)
+    second = text.splitlines().index("  pbmc:", first + 1)
+    output = snakemake(workdir, succeed=False)
+    assert re.search(
+        rf"Config file '[^']*config.yaml': dataset name 'pbmc' is listed more than once "
+        rf"\(lines {first + 1} and {second + 1}\); only the last would be used\.",
+        output,
+    ), output
+    assert re.search(r"key 'harmony.dtype' is listed more than once \(lines \d+ and \d+\)", output)
+    assert "Traceback" not in output
+    assert not (workdir / "results").exists()
+
+
+def test_an_error_found_inside_a_job_is_shown_on_the_console(tmp_path: Path) -> None:
+    source = ad.read_h5ad(REPO / "tests" / "data" / "pbmc_3500" / "pbmc_3500.h5ad")
+    source.obs["donor"] = source.obs["donor"].astype(object)
+    source.obs.iloc[5, source.obs.columns.get_loc("donor")] = None
+    bad = tmp_path / "nan_donor.h5ad"
+    source.write_h5ad(bad)
+
+    def only_bad(config: dict) -> None:
+        config["datasets"] = {"pbmc": {"input": str(bad), "key": "donor"}}
+
+    workdir = write_workdir(tmp_path / "work", only_bad)
+    output = snakemake(workdir, succeed=False)
+    assert re.search(
+        r"Dataset 'pbmc' failed: harmony-step: error: Batch key 'donor' has 1 missing value\(s\)"
+        r".* \(log: results/logs/harmony/pbmc.log\)",
+        output,
+    ), output
 
 
 def test_a_truncated_input_stops_the_run_before_any_job(tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ def _report_round(params: HarmonyParams, record: RoundRecord) -> None:
     progress_log.info(
         line, extra={"harmony_round": record.round, "harmony_max_rounds": params.max_iter_harmony}
     )
-    if params.verbose:
+    if params.verbose and not progress_log.handlers:  # the command shows the line already
         print(line)
 
 
@@ -204,7 +204,7 @@ def _report_outcome(params: HarmonyParams, converged: bool, n_rounds: int) -> No
     if converged:
         message = f"Harmony converged in {n_rounds} rounds."
         progress_log.info(message)
-        if params.verbose:
+        if params.verbose and not progress_log.handlers:
             print(message)
         return
     warnings.warn(

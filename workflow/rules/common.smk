@@ -1,10 +1,14 @@
 """Config validation and the helpers shared by the rules: per-dataset parameters, flags, targets."""
 
+import os
 import re
 import shlex
+import time
+from collections import Counter
 
 import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 SCHEMA = "../schemas/config.schema.yaml"
@@ -25,6 +29,65 @@ def schema_description(schema, path):
             return ""
     texts = [node.get("description", ""), referenced(node).get("description", "")]
     return " ".join(dict.fromkeys(text for text in texts if text))
+
+
+class DuplicateKeyLoader(yaml.SafeLoader):
+    """A YAML loader that records every mapping key listed more than once, with its lines.
+
+    Plain YAML loading keeps the last of two equal keys without a word, so a dataset listed
+    twice would silently replace the earlier one, and its earlier results with it.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates = []
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    lines.setdefault(key_node.value, []).append(key_node.start_mark.line + 1)
+            path = getattr(node, "config_path", ())
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    value_node.config_path = (*path, key_node.value)
+            self.duplicates += [
+                ((*path, key), found) for key, found in lines.items() if len(found) > 1
+            ]
+        return super().construct_mapping(node, deep=deep)
+
+
+def duplicate_keys(path):
+    """``[(key path, [line numbers])]`` of the keys listed more than once in the YAML file."""
+    try:
+        with open(path) as stream:
+            loader = DuplicateKeyLoader(stream)
+            try:
+                loader.get_single_data()
+            finally:
+                loader.dispose()
+    except (OSError, yaml.YAMLError):
+        return []  # Snakemake itself reports a file it cannot read
+    return loader.duplicates
+
+
+def check_duplicate_keys():
+    """Stop when a config file given with --configfile (or configfile:) lists a key twice."""
+    problems = []
+    for path in dict.fromkeys(str(path) for path in workflow.configfiles):
+        for keys, lines in duplicate_keys(path):
+            if len(keys) == 2 and keys[0] == "datasets":
+                what = f"dataset name {keys[1]!r}"
+            else:
+                what = f"key {'.'.join(keys)!r}"
+            where = ", ".join(str(line) for line in lines[:-1]) + f" and {lines[-1]}"
+            problems.append(
+                f"Config file {path!r}: {what} is listed more than once (lines {where}); "
+                "only the last would be used. Give each its own name, or remove the extra one."
+            )
+    if problems:
+        raise WorkflowError("\n".join(problems))
 
 
 def validate_config():
@@ -57,6 +120,7 @@ def validate_config():
         ) from None
 
 
+check_duplicate_keys()
 validate_config()
 
 RESULTS = config["results"]
@@ -128,3 +192,27 @@ def all_results():
     """Every file the workflow delivers, for every dataset."""
     names = HARMONY_FILES + REPORT_FILES + (PLOT_FILES if config["plot"] else [])
     return [dataset_result(name, filename) for name in DATASETS for filename in names]
+
+
+# Job logs written after this moment belong to this run (rules/harmony.smk truncates them).
+WORKFLOW_STARTED = time.time()
+ERROR_PREFIX = "harmony-step: error:"
+
+
+def report_job_errors():
+    """Show on the console the error line of each dataset whose job failed in this run.
+
+    Called by the Snakefile's ``onerror`` handler, in the main Snakemake process, so it works the
+    same for local jobs and for cluster jobs (whose logs are on the shared file system).
+    """
+    for name in DATASETS:
+        log = f"{RESULTS}/logs/harmony/{name}.log"
+        try:
+            if os.path.getmtime(log) < WORKFLOW_STARTED:
+                continue
+            with open(log, errors="replace") as stream:
+                errors = [line.strip() for line in stream if line.startswith(ERROR_PREFIX)]
+        except OSError:
+            continue
+        for line in errors:
+            logger.error(f"Dataset {name!r} failed: {line} (log: {log})")

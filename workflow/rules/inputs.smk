@@ -68,8 +68,22 @@ def input_problems(name, dataset):
     return problems
 
 
+def naming_problems(name):
+    """What is wrong with the obsm names of one dataset, whatever its input holds."""
+    settings = harmony_settings(name)
+    if settings["adjusted_basis"] == settings["basis"]:
+        return [
+            f"Dataset {name!r}: adjusted_basis {settings['adjusted_basis']!r} is the same as "
+            "basis; the corrected embedding would replace the original. Choose another name "
+            "(the default is 'X_pca_harmony')."
+        ]
+    return []
+
+
 def check_inputs():
-    """Stop before any job when an input file, batch key, label key or basis is missing."""
+    """Stop before any job when an input file, batch key, label key or basis is missing, or when
+    adjusted_basis would replace basis (Snakemake would remove the earlier results first)."""
+    problems = [line for name in DATASETS for line in naming_problems(name)]
     try:
         import h5py  # noqa: F401
     except ImportError:
@@ -77,8 +91,8 @@ def check_inputs():
             "h5py is not installed where Snakemake runs: the inputs are checked by each job "
             "instead of before the run (pip install 'harmony-step[workflow]' adds it)."
         )
-        return
-    problems = [line for name in DATASETS for line in input_problems(name, DATASETS[name])]
+    else:
+        problems += [line for name in DATASETS for line in input_problems(name, DATASETS[name])]
     if problems:
         raise WorkflowError(
             "\n".join(problems) + "\nFix the datasets section of the config (config/README.md)."
