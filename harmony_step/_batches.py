@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from harmony_step._errors import BatchKeyWarning, MissingColumnError, WrongTypeError
+from harmony_step._params import warn_at_caller
 
 # A key with fewer cells per used level than this, and at least MANY_LEVELS levels, is flagged:
 # Harmony would treat almost every cell as a batch of its own.
@@ -153,12 +153,11 @@ def _warn_one_cell_per_level(key: str, codes: np.ndarray, n_cells: int) -> None:
     used = len(np.unique(codes))
     if used < MANY_LEVELS or n_cells >= FEW_CELLS_PER_LEVEL * used:
         return
-    warnings.warn(
+    warn_at_caller(
         f"Batch key {key!r} has {used} levels for {n_cells} cells (about "
         f"{n_cells / used:.1f} cells per level), so nearly every cell is a batch of its own. "
         "Each level gets its own correction in every cluster: the run takes many times longer "
         "and more memory, and removes per-cell variation instead of batch effects. Check that "
         f"{key!r} is the batch column (sample, donor, library).",
         BatchKeyWarning,
-        stacklevel=6,  # the caller of harmony_integrate
     )

@@ -7,7 +7,6 @@ back. It moves data and does no arithmetic.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from harmony_step._batches import BatchDesign, encode_batches, normalize_keys
 from harmony_step._core import run_harmony
 from harmony_step._core.result import RoundRecord
 from harmony_step._errors import MissingBasisError, WrongTypeError
-from harmony_step._params import HarmonyParams, ObjectiveRoseWarning
+from harmony_step._params import HarmonyParams, ObjectiveRoseWarning, warn_at_caller
 from harmony_step._provenance import (
     build_provenance,
     log_timings,
@@ -161,12 +160,11 @@ def _in_container_of(raw: Any, corrected: np.ndarray) -> Any:
 
 def _warn_objective_rose(rounds: list[RoundRecord]) -> None:
     before, last = rounds[-2].objective.total, rounds[-1].objective.total
-    warnings.warn(
+    warn_at_caller(
         f"Harmony stopped as converged after {len(rounds) - 1} round(s) because the objective "
         f"rose in the last round ({before:.6g} -> {last:.6g}), not because it settled (the "
         "stopping rule of R harmony and rapids-singlecell). The result may not be settled: "
         "check uns['harmony']['rounds'], or try another random_state or more "
         "max_iter_clustering.",
         ObjectiveRoseWarning,
-        stacklevel=4,  # the caller of harmony_integrate
     )

@@ -17,6 +17,8 @@ import argparse
 import dataclasses
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -29,6 +31,16 @@ FLAVORS = ("harmony1", "harmony2")
 CORRECTION_METHODS = ("original", "fast", "batched")
 DEVICES = ("auto", "gpu", "cpu")
 DTYPES = ("float32", "float64")
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside this package (the user's call),
+    however many of the package's frames lie between."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 class HarmonyConvergenceWarning(UserWarning):

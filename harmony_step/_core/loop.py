@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
 from harmony_step._core.setup import Problem, load_embedding, make_problem
 from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums, row_normalize
-from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
+from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams, warn_at_caller
 from harmony_step._threads import cpu_threads
 
 progress_log = logging.getLogger("harmony_step.progress")
@@ -207,9 +206,8 @@ def _report_outcome(params: HarmonyParams, converged: bool, n_rounds: int) -> No
         if params.verbose and not progress_log.handlers:
             print(message)
         return
-    warnings.warn(
+    warn_at_caller(
         f"Harmony did not converge in max_iter_harmony={params.max_iter_harmony} rounds "
         f"(tol_harmony={params.tol_harmony}); raise max_iter_harmony for a settled result.",
         HarmonyConvergenceWarning,
-        stacklevel=5,  # the caller of harmony_integrate
     )
