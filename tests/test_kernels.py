@@ -112,7 +112,9 @@ def test_gpu_block_update_matches_reference(n, k, levels, dtype):
     r_ref, ent_ref, obs_ref = run(np, inputs, n)
     tol = 1e-6 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(r_gpu.get(), r_ref, rtol=tol, atol=tol)
-    np.testing.assert_allclose(ent_gpu.get(), ent_ref, rtol=1e-6, atol=1e-9)
+    # float32 runs take the softmax and entropy terms in float math, the reference in float64
+    ent_tol = 1e-5 if dtype == np.float32 else 1e-6
+    np.testing.assert_allclose(ent_gpu.get(), ent_ref, rtol=ent_tol, atol=1e-9)
     # O is exact for the R the GPU stored, and within rounding of the reference's.
     np.testing.assert_array_equal(obs_gpu.get(), expected_observed(inputs, r_gpu.get(), n))
     np.testing.assert_allclose(counts(np, obs_gpu.get()), counts(np, obs_ref), rtol=1e-5, atol=1e-5)

@@ -100,35 +100,34 @@ __device__ double softmax_row(
 {
     double entropy = 0.0;
     if (cached) {
-        // The softmax runs in float64 whatever T, as the CPU path does: GPU and CPU results
-        // then differ only by rounding, in float32 runs too.
-        double v[VALUES_PER_LANE];
-        double row_max = -1.7976931348623157e308;
+        // The softmax runs in the working dtype T (float math for float32 runs: R is stored
+        // in T anyway); the logits' penalty sum and the entropy total stay in float64.
+        T v[VALUES_PER_LANE];
+        T row_max = -3.0e38;
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             const int k = lane + LANES * j;
-            v[j] = 0.0;
+            v[j] = 0;
             if (k < n_clusters) {
-                v[j] = logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale);
+                v[j] = (T)logit_at<T>(sim, log_penalty, code, n_keys, n_clusters, k, scale);
                 row_max = fmax(row_max, v[j]);
             }
         }
-        row_max = warp_max<double>(row_max);
-        double total = 0.0;
+        row_max = warp_max<T>(row_max);
+        T total = 0;
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             if (lane + LANES * j < n_clusters) { v[j] = exp(v[j] - row_max); total += v[j]; }
         }
-        total = warp_sum<double>(total);
+        total = warp_sum<T>(total);
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             const int k = lane + LANES * j;
             if (k < n_clusters) {
-                const T stored = (T)(v[j] / total);
-                const double r64 = (double)stored;
+                const T stored = v[j] / total;
                 r[k] = stored;
-                entropy += r64 * log(r64 + ENTROPY_EPS);
-                const long long q = fixed_point(r64);
+                entropy += (double)(stored * log(stored + (T)ENTROPY_EPS));
+                const long long q = fixed_point((double)stored);
                 mass[j] += q;
                 add_mass(observed, code + 1, n_keys - 1, n_clusters, k, q);
             }
