@@ -214,5 +214,9 @@ def test_a_wrong_type_is_a_type_error_and_a_value_error(kwargs, caught_as):
 
 
 def test_a_key_of_the_wrong_type_is_a_type_error_and_a_value_error():
-    with pytest.raises(ValueError, match="must be a str or a list of str"):
+    with pytest.raises(
+        ValueError, match=r"must be the name of an obs column \(a str\) or a list of names"
+    ):
+        harmony_integrate(make_adata(), ["batch", 3])
+    with pytest.raises(TypeError):
         harmony_integrate(make_adata(), ["batch", 3])
