@@ -33,7 +33,13 @@ TIMED = {
         "soft_assignments",
         "stratified_sample",
     ],
-    clustering: ["_iterate", "_update_block", "cell_order", "level_sums"],
+    clustering: [
+        "_iterate",
+        "block_update",
+        "log_penalty_table",
+        "cell_order",
+        "group_blocks_by_level",
+    ],
     correction: ["level_moments", "apply_correction", "coefficients", "cross_counts"],
     loop: [
         "_initialise",
