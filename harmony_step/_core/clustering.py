@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from harmony_step._core.graphs import LaunchReplay, address
 from harmony_step._core.kernels import block_update, log_penalty_table
 from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
 from harmony_step._core.permutation import cell_order, group_blocks_by_level, iteration_seed
@@ -22,6 +23,9 @@ from harmony_step._core.sums import counts, cross_sums, matmul, row_normalize
 
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
+# Similarities (rows x K, working dtype) formed by one GEMM: at most this many bytes, and at least
+# one block. Small inputs then need one GEMM per iteration, large ones one per block.
+SIMILARITY_SPAN_BYTES = 1 << 27
 
 
 @dataclasses.dataclass
@@ -34,6 +38,40 @@ class ClusteringState:
     observed: Any  # O, (B, K) int64 fixed point (kernels.FIXED_POINT_SCALE per cell)
     centroid_sums: Any  # (K, d) float64
     row_entropy: Any  # (N,) float64, sum_k R log(R + eps) of each cell
+    work: BlockWork | None = None  # scratch of the block loop, made on first use
+
+
+@dataclasses.dataclass
+class BlockWork:
+    """Scratch of the block loop, kept for the whole run so that recorded launches stay valid.
+
+    ``span`` rows (a whole number of blocks) get their similarities from one GEMM into
+    ``similarity``; ``order`` holds the iteration's visiting order at a fixed address.
+    """
+
+    order: Any  # (N,) int64
+    gathered: Any  # (span, d) working dtype: Z_hat rows in visiting order
+    similarity: Any  # (span, K) working dtype
+    penalty: Any  # (B, K) float64
+    span: int
+    replay: LaunchReplay
+
+    @classmethod
+    def allocate(cls, xp: Any, state: ClusteringState, block_size: int) -> BlockWork:
+        n_cells, n_pcs = state.z_hat.shape
+        n_clusters = state.assignments.shape[1]
+        row_bytes = n_clusters * state.assignments.dtype.itemsize
+        blocks = max(1, SIMILARITY_SPAN_BYTES // (block_size * row_bytes))
+        span = min(n_cells, blocks * block_size)
+        dtype = state.z_hat.dtype
+        return cls(
+            order=xp.empty(n_cells, dtype=xp.int64),
+            gathered=xp.empty((span, n_pcs), dtype=dtype),
+            similarity=xp.empty((span, n_clusters), dtype=dtype),
+            penalty=xp.empty(state.observed.shape, dtype=xp.float64),
+            span=span,
+            replay=LaunchReplay(xp),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,30 +106,51 @@ def objective(
 
 def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed: int) -> Any:
     """One pass over all cells in blocks; returns the objective parts (device, float64)."""
+    if state.work is None:
+        state.work = BlockWork.allocate(xp, state, consts.block_size)
+    work = state.work
     centroids64 = row_normalize(xp, state.centroid_sums)
     # A contiguous copy: NumPy multiplies by a transposed view far more slowly.
     centroids_t = xp.ascontiguousarray(centroids64.astype(state.z_hat.dtype).T)
-    size, scale = consts.block_size, 2.0 / consts.sigma
-    order = group_blocks_by_level(
-        xp, cell_order(xp, state.z_hat.shape[0], seed), state.codes,
-        consts.first_key_levels, size,
-    )  # fmt: skip
-    # The first block's old mass leaves O here; each launch below removes the next block's.
-    block_update(xp, None, None, state.codes, order[:size], 0, state.assignments, None,
-                 state.observed, scale)  # fmt: skip
-    for start in range(0, order.shape[0], size):
-        cells = order[start : start + size]
-        penalty = log_penalty_table(
-            xp, state.observed, consts.level_share, consts.theta, consts.first_key_levels,
-            consts.flavor,
-        )  # fmt: skip
-        block_update(
-            xp, matmul(xp, state.z_hat[cells], centroids_t), penalty, state.codes,
-            order[start : start + 2 * size], cells.shape[0], state.assignments,
-            state.row_entropy, state.observed, scale,
-        )  # fmt: skip
+    n_cells = state.z_hat.shape[0]
+    work.order[...] = group_blocks_by_level(
+        xp, cell_order(xp, n_cells, seed), state.codes, consts.first_key_levels, consts.block_size
+    )
+    for start in range(0, n_cells, work.span):
+        stop = min(start + work.span, n_cells)
+        gathered, similarity = work.gathered[: stop - start], work.similarity[: stop - start]
+        xp.take(state.z_hat, work.order[start:stop], axis=0, out=gathered)
+        matmul(xp, gathered, centroids_t, out=similarity)
+        key = (start, stop, *map(address, (work.order, work.similarity, work.penalty,
+               state.assignments, state.observed, state.row_entropy, state.codes)))  # fmt: skip
+        work.replay.run(key, lambda a=start, b=stop: _update_blocks(xp, state, consts, a, b))
     state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
     return objective(xp, state, consts, centroids64, state.row_entropy.sum())
+
+
+def _update_blocks(
+    xp: Any, state: ClusteringState, consts: ClusteringConstants, start: int, stop: int
+) -> None:
+    """The block updates of order[start:stop], whose similarities are in ``work.similarity``.
+
+    Only kernel launches on fixed buffers: on the GPU this sequence is recorded and replayed.
+    """
+    work, size, scale = state.work, consts.block_size, 2.0 / consts.sigma
+    order = work.order
+    if start == 0:  # the first block's old mass leaves O here; each update removes the next one's
+        block_update(xp, None, None, state.codes, order[:size], 0, state.assignments, None,
+                     state.observed, scale)  # fmt: skip
+    for first in range(start, stop, size):
+        n_update = min(size, stop - first)
+        log_penalty_table(
+            xp, state.observed, consts.level_share, consts.theta, consts.first_key_levels,
+            consts.flavor, out=work.penalty,
+        )  # fmt: skip
+        block_update(
+            xp, work.similarity[first - start : first - start + n_update], work.penalty,
+            state.codes, order[first : first + n_update + size], n_update, state.assignments,
+            state.row_entropy, state.observed, scale,
+        )  # fmt: skip
 
 
 def inner_converged(history: list[float], tol: float) -> bool:

@@ -44,6 +44,12 @@ __device__ __forceinline__ long long fixed_point(const double r) {
     return __double2ll_rn(r * FIXED_POINT_SCALE);
 }
 
+// The same value as the double overload: scaling by a power of two is exact in float, and the
+// rounding to the nearest integer (ties to even) is the same, without a conversion to double.
+__device__ __forceinline__ long long fixed_point(const float r) {
+    return __float2ll_rn(r * (float)FIXED_POINT_SCALE);
+}
+
 template <typename M>
 __device__ __forceinline__ M warp_sum(M v) {
 #pragma unroll
@@ -101,7 +107,9 @@ __device__ double softmax_row(
     double entropy = 0.0;
     if (cached) {
         // The softmax runs in the working dtype T (float math for float32 runs: R is stored
-        // in T anyway); the logits' penalty sum and the entropy total stay in float64.
+        // in T anyway); the logits' penalty sum stays in float64. The entropy term needs no
+        // logarithm per entry: log R_k = (v_k - max) - log(total), so
+        // sum_k R_k log R_k = sum_k R_k (v_k - max) - (sum_k R_k) log(total), with the stored R.
         T v[VALUES_PER_LANE];
         T row_max = -3.0e38;
 #pragma unroll
@@ -114,25 +122,30 @@ __device__ double softmax_row(
             }
         }
         row_max = warp_max<T>(row_max);
-        T total = 0;
+        T total = 0, e[VALUES_PER_LANE];
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
-            if (lane + LANES * j < n_clusters) { v[j] = exp(v[j] - row_max); total += v[j]; }
+            v[j] -= row_max;
+            e[j] = lane + LANES * j < n_clusters ? exp(v[j]) : (T)0;
+            total += e[j];
         }
         total = warp_sum<T>(total);
+        const T inverse = (T)1 / total;
+        T weighted = 0, mass_sum = 0;
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) {
             const int k = lane + LANES * j;
             if (k < n_clusters) {
-                const T stored = v[j] / total;
+                const T stored = e[j] * inverse;
                 r[k] = stored;
-                entropy += (double)(stored * log(stored + (T)ENTROPY_EPS));
-                const long long q = fixed_point((double)stored);
+                weighted += stored * v[j];
+                mass_sum += stored;
+                const long long q = fixed_point(stored);
                 mass[j] += q;
                 add_mass(observed, code + 1, n_keys - 1, n_clusters, k, q);
             }
         }
-        return warp_sum<double>(entropy);
+        return (double)warp_sum<T>(weighted) - (double)warp_sum<T>(mass_sum) * log((double)total);
     }
     // Many clusters: recompute the logits in each pass rather than keep them.
     double row_max = -1.7976931348623157e308;
@@ -178,15 +191,20 @@ __device__ void block_update(
 #pragma unroll
     for (int j = 0; j < VALUES_PER_LANE; ++j) mass[j] = 0;
     int run_level = -1;
-    // The next row's cell index is loaded one row ahead, so its latency overlaps this row's work.
+    // Loads run ahead of the rows that use them: the cell index two rows ahead, its key-0 level
+    // one row ahead, so their latencies overlap this row's work.
     long long cell = first < last ? (identity ? first : cells[first]) : 0;
+    long long cell_after = first + 1 < last ? (identity ? first + 1 : cells[first + 1]) : 0;
+    int level = first < last ? codes[cell * n_keys] : 0;
     for (long long row = first; row < last; ++row) {
-        const long long next = row + 1 < last ? (identity ? row + 1 : cells[row + 1]) : 0;
+        const long long ahead = row + 2;
+        const long long cell_later = ahead < last ? (identity ? ahead : cells[ahead]) : 0;
+        const int level_after = row + 1 < last ? codes[cell_after * n_keys] : 0;
         T* r = assignments + cell * n_clusters;
         const int* code = codes + cell * n_keys;
-        if (cached && code[0] != run_level) {
+        if (cached && level != run_level) {
             flush_mass(observed, mass, run_level, n_clusters, lane);
-            run_level = code[0];
+            run_level = level;
         }
         if (row < n_update) {
             const double entropy = softmax_row<T>(
@@ -198,16 +216,18 @@ __device__ void block_update(
             for (int j = 0; j < VALUES_PER_LANE; ++j) {
                 const int k = lane + LANES * j;
                 if (k < n_clusters) {
-                    const long long q = other_sign * fixed_point((double)r[k]);
+                    const long long q = other_sign * fixed_point(r[k]);
                     mass[j] += q;
                     add_mass(observed, code + 1, n_keys - 1, n_clusters, k, q);
                 }
             }
         } else {
             for (int k = lane; k < n_clusters; k += LANES)
-                add_mass(observed, code, n_keys, n_clusters, k, other_sign * fixed_point((double)r[k]));
+                add_mass(observed, code, n_keys, n_clusters, k, other_sign * fixed_point(r[k]));
         }
-        cell = next;
+        cell = cell_after;
+        cell_after = cell_later;
+        level = level_after;
     }
     if (cached) flush_mass(observed, mass, run_level, n_clusters, lane);
 }
@@ -254,7 +274,9 @@ def cpu() -> Any:
 
 
 @functools.cache
-def _kernel(device_id: int, name: str, values_per_lane: int = VALUES_PER_LANE[0]) -> Any:
+def _kernel(
+    device_id: int, name: str, values_per_lane: int = VALUES_PER_LANE[0], min_blocks: int = 1
+) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_id):
@@ -265,9 +287,7 @@ def _kernel(device_id: int, name: str, values_per_lane: int = VALUES_PER_LANE[0]
                 "--std=c++14",
                 f"-DVALUES_PER_LANE={values_per_lane}",
                 f"-DBLOCK_THREADS={32 * WARPS_PER_BLOCK}",
-                # Register cap: 64 per thread for the narrowest width (8 blocks of 128 threads
-                # resident per multiprocessor), more for wider ones.
-                f"-DMIN_BLOCKS={32 // values_per_lane}",
+                f"-DMIN_BLOCKS={min_blocks}",
                 f"-DENTROPY_EPS={ENTROPY_EPS!r}",
                 f"-DFIXED_POINT_SCALE={FIXED_POINT_SCALE!r}",
             ),
@@ -280,7 +300,10 @@ def _block_update_kernel(device_id: int, dtype_name: str, n_clusters: int) -> tu
     import cupy
 
     width = next((v for v in VALUES_PER_LANE if 32 * v >= n_clusters), VALUES_PER_LANE[0])
-    kernel = _kernel(device_id, f"block_update_{dtype_name}", width)
+    # Register cap: 64 per thread for the narrowest width (8 blocks of 128 threads resident per
+    # multiprocessor), more for wider ones; double rows need 72 at the narrowest, or they spill.
+    min_blocks = 32 // width - (1 if dtype_name == "double" and width == VALUES_PER_LANE[0] else 0)
+    kernel = _kernel(device_id, f"block_update_{dtype_name}", width, min_blocks)
     attributes = cupy.cuda.Device(device_id).attributes
     threads = 32 * WARPS_PER_BLOCK
     registers = max(int(kernel.attributes["num_regs"]), 1)
@@ -382,19 +405,26 @@ def _block_update_reference(
 
 
 def log_penalty_table(
-    xp: Any, observed: Any, level_share: Any, theta: Any, first_key_levels: int, flavor: str
+    xp: Any, observed: Any, level_share: Any, theta: Any, first_key_levels: int, flavor: str,
+    out: Any = None,
 ) -> Any:
     """log P (B, K) from fixed-point O: theta_b [log(E+1) - log(O+1)] (harmony1) or
     theta_b [log(E+1) - log(O+E+1)] (harmony2), with E_bk = Pr_b n_k (docs/algorithm.md §6).
 
-    ``observed`` is (B, K) int64 fixed point; n_k is summed exactly over key 0's levels.
+    ``observed`` is (B, K) int64 fixed point; n_k is summed exactly over key 0's levels. ``out``,
+    if given, is a (B, K) float64 array to write into (no allocation: the launch can be recorded).
     """
     if xp is np:
-        return cpu().log_penalty_table(
+        table = cpu().log_penalty_table(
             observed, level_share, theta, first_key_levels, flavor == "harmony2"
         )
+        if out is None:
+            return table
+        out[...] = table
+        return out
     n_levels, n_clusters = observed.shape
-    out = xp.empty(observed.shape, dtype=xp.float64)
+    if out is None:
+        out = xp.empty(observed.shape, dtype=xp.float64)
     _kernel(xp.cuda.Device().id, "log_penalty_table")(
         (-(-n_clusters // PENALTY_THREADS),), (PENALTY_THREADS,),
         (observed, level_share, theta, out, np.int32(n_levels), np.int32(n_clusters),

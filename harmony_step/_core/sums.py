@@ -69,11 +69,16 @@ def cross_sums(xp: Any, left: Any, right: Any) -> Any:
     return out
 
 
-def matmul(xp: Any, left: Any, right: Any) -> Any:
-    """left @ right; on the CPU in fixed row chunks on the run's threads (``cpu_kernels.matmul``)."""
+def matmul(xp: Any, left: Any, right: Any, out: Any = None) -> Any:
+    """left @ right, into ``out`` if given; on the CPU in fixed row chunks on the run's threads
+    (``cpu_kernels.matmul``)."""
     if xp is np:
-        return kernels.cpu().matmul(left, right)
-    return left @ right
+        product = kernels.cpu().matmul(left, right)
+        if out is None:
+            return product
+        out[...] = product
+        return out
+    return xp.matmul(left, right, out=out)
 
 
 def row_normalize(xp: Any, x: Any, out: Any = None) -> Any:
