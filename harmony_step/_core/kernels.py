@@ -405,7 +405,12 @@ def _block_update_reference(
 
 
 def log_penalty_table(
-    xp: Any, observed: Any, level_share: Any, theta: Any, first_key_levels: int, flavor: str,
+    xp: Any,
+    observed: Any,
+    level_share: Any,
+    theta: Any,
+    first_key_levels: int,
+    flavor: str,
     out: Any = None,
 ) -> Any:
     """log P (B, K) from fixed-point O: theta_b [log(E+1) - log(O+1)] (harmony1) or
