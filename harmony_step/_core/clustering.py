@@ -11,14 +11,18 @@ recovered from R^T Z (see ``objective.kmeans_term``), computed once per iteratio
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from harmony_step._core.graphs import LaunchReplay, address
 from harmony_step._core.kernels import block_update, log_penalty_table
 from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
 from harmony_step._core.permutation import cell_order, group_blocks_by_level, iteration_seed
 from harmony_step._core.result import ObjectiveParts
+from harmony_step._core.shard import Shard
 from harmony_step._core.sums import counts, cross_sums, matmul, row_normalize
 
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
@@ -53,12 +57,13 @@ class BlockWork:
     gathered: Any  # (span, d) working dtype: Z_hat rows in visiting order
     similarity: Any  # (span, K) working dtype
     penalty: Any  # (B, K) float64
+    observed_total: Any  # (B, K) int64: O summed over ranks (sharded runs only)
     span: int
     replay: LaunchReplay
 
     @classmethod
     def allocate(cls, xp: Any, state: ClusteringState, block_size: int) -> BlockWork:
-        n_cells, n_pcs = state.z_hat.shape
+        n_cells, n_pcs = state.z_hat.shape  # this rank's cells
         n_clusters = state.assignments.shape[1]
         row_bytes = n_clusters * state.assignments.dtype.itemsize
         blocks = max(1, SIMILARITY_SPAN_BYTES // (block_size * row_bytes))
@@ -69,6 +74,7 @@ class BlockWork:
             gathered=xp.empty((span, n_pcs), dtype=dtype),
             similarity=xp.empty((span, n_clusters), dtype=dtype),
             penalty=xp.empty(state.observed.shape, dtype=xp.float64),
+            observed_total=xp.empty_like(state.observed),
             span=span,
             replay=LaunchReplay(xp),
         )
@@ -86,22 +92,46 @@ class ClusteringConstants:
     flavor: str
     block_size: int
     random_state: int
+    shard: Shard | None = None  # this rank's cells when the run is spread over several GPUs
+
+
+def total_observed(xp: Any, state: ClusteringState, consts: ClusteringConstants, out: Any = None):
+    """O over all cells: the carried O itself, or on a sharded run its sum over ranks (exact)."""
+    if consts.shard is None:
+        return state.observed
+    out = xp.empty_like(state.observed) if out is None else out
+    out[...] = state.observed
+    consts.shard.comm.all_sum(out)
+    return out
+
+
+def all_ranks(consts: ClusteringConstants, value: Any) -> Any:
+    """A device array summed over ranks in place (a sharded run), else unchanged."""
+    if consts.shard is not None:
+        consts.shard.comm.all_sum(value)
+    return value
 
 
 def objective(
     xp: Any, state: ClusteringState, consts: ClusteringConstants, centroids: Any, entropy: Any
 ) -> Any:
-    """(kmeans, entropy, diversity) as a float64 device vector, from carried sums."""
-    observed = counts(xp, state.observed)
+    """(kmeans, entropy, diversity) as a float64 device vector, from carried sums.
+
+    ``state.centroid_sums`` and ``entropy`` are over all cells already; O is summed here.
+    """
+    observed = counts(xp, total_observed(xp, state, consts))
     expected = expected_counts(xp, observed, consts.level_share, consts.first_key_levels)
     mass = observed[: consts.first_key_levels].sum()
-    return xp.stack(
+    parts = xp.stack(
         [
             kmeans_term(xp, centroids, state.centroid_sums, mass),
             consts.sigma * entropy,
             diversity_term(xp, observed, expected, consts.theta, consts.sigma, consts.flavor),
         ]
     )
+    if consts.shard is not None:  # every rank takes the same convergence decisions
+        consts.shard.comm.broadcast(parts)
+    return parts
 
 
 def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed: int) -> Any:
@@ -112,44 +142,94 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
     centroids64 = row_normalize(xp, state.centroid_sums)
     # A contiguous copy: NumPy multiplies by a transposed view far more slowly.
     centroids_t = xp.ascontiguousarray(centroids64.astype(state.z_hat.dtype).T)
-    n_cells = state.z_hat.shape[0]
-    work.order[...] = group_blocks_by_level(
-        xp, cell_order(xp, n_cells, seed), state.codes, consts.first_key_levels, consts.block_size
-    )
-    for start in range(0, n_cells, work.span):
-        stop = min(start + work.span, n_cells)
+    offsets = _visiting_order(xp, state, consts, seed)
+    for first, last in _spans(offsets, work.span):
+        start, stop = offsets[first], offsets[last]
         gathered, similarity = work.gathered[: stop - start], work.similarity[: stop - start]
         xp.take(state.z_hat, work.order[start:stop], axis=0, out=gathered)
         matmul(xp, gathered, centroids_t, out=similarity)
-        key = (start, stop, *map(address, (work.order, work.similarity, work.penalty,
-               state.assignments, state.observed, state.row_entropy, state.codes)))  # fmt: skip
-        work.replay.run(key, lambda a=start, b=stop: _update_blocks(xp, state, consts, a, b))
-    state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
-    return objective(xp, state, consts, centroids64, state.row_entropy.sum())
+        launches = functools.partial(_update_blocks, xp, state, consts, offsets, first, last)
+        if consts.shard is not None:  # collectives inside: run, never record
+            launches()
+            continue
+        key = (first, last, stop - start, *map(address, (work.order, work.similarity,
+               work.penalty, state.assignments, state.observed, state.row_entropy, state.codes)))  # fmt: skip
+        work.replay.run(key, launches)
+    state.centroid_sums = all_ranks(consts, cross_sums(xp, state.assignments, state.z_hat))
+    entropy = all_ranks(consts, state.row_entropy.sum(keepdims=True))[0]
+    return objective(xp, state, consts, centroids64, entropy)
+
+
+def _visiting_order(
+    xp: Any, state: ClusteringState, consts: ClusteringConstants, seed: int
+) -> list[int]:
+    """Writes this iteration's visiting order of this rank's cells into ``work.order``, each
+    block's cells grouped by key-0 level; returns the block boundaries in it (host ints).
+
+    Blocks are those of the one-GPU run: consecutive ``block_size`` positions of the hash order
+    of all cells. A rank visits its own cells of each block, so every rank walks the same blocks.
+    """
+    size, order = consts.block_size, state.work.order
+    n_local = order.shape[0]
+    if consts.shard is None:
+        order[...] = group_blocks_by_level(
+            xp, cell_order(xp, n_local, seed), state.codes, consts.first_key_levels, size
+        )
+        return [*range(0, n_local, size), n_local]
+    shard = consts.shard
+    everyone = cell_order(xp, shard.n_cells, seed)
+    positions = xp.flatnonzero((everyone >= shard.start) & (everyone < shard.start + n_local))
+    blocks = positions // size
+    mine = everyone[positions] - shard.start
+    keys = blocks * consts.first_key_levels + state.codes[mine, 0]
+    # stable: CuPy's argsort is a radix sort; NumPy's is asked to be
+    order[...] = mine[xp.argsort(keys) if xp is not np else np.argsort(keys, kind="stable")]
+    n_blocks = -(-shard.n_cells // size)
+    ends = xp.cumsum(xp.bincount(blocks, minlength=n_blocks))
+    return [0, *(int(v) for v in (ends if xp is np else ends.get()))]
+
+
+def _spans(offsets: list[int], span: int) -> list[tuple[int, int]]:
+    """Consecutive runs of blocks [first, last) of at most ``span`` cells (at least one block)."""
+    runs, first = [], 0
+    for last in range(1, len(offsets)):
+        if offsets[last] - offsets[first] > span and last - 1 > first:
+            runs.append((first, last - 1))
+            first = last - 1
+    runs.append((first, len(offsets) - 1))
+    return runs
 
 
 def _update_blocks(
-    xp: Any, state: ClusteringState, consts: ClusteringConstants, start: int, stop: int
+    xp: Any,
+    state: ClusteringState,
+    consts: ClusteringConstants,
+    offsets: list[int],
+    first: int,
+    last: int,
 ) -> None:
-    """The block updates of order[start:stop], whose similarities are in ``work.similarity``.
+    """The updates of blocks [first, last), whose similarities are in ``work.similarity``.
 
-    Only kernel launches on fixed buffers: on the GPU this sequence is recorded and replayed.
+    One GPU: kernel launches on fixed buffers only, so the sequence can be recorded and replayed.
+    Sharded: O is summed over ranks after every block, so each penalty sees all cells.
     """
-    work, size, scale = state.work, consts.block_size, 2.0 / consts.sigma
-    order = work.order
-    if start == 0:  # the first block's old mass leaves O here; each update removes the next one's
-        block_update(xp, None, None, state.codes, order[:size], 0, state.assignments, None,
-                     state.observed, scale)  # fmt: skip
-    for first in range(start, stop, size):
-        n_update = min(size, stop - first)
+    work, scale, order = state.work, 2.0 / consts.sigma, state.work.order
+    n_blocks = len(offsets) - 1
+    if first == 0:  # the first block's old mass leaves O here; each update removes the next one's
+        block_update(xp, None, None, state.codes, order[: offsets[1]], 0, state.assignments,
+                     None, state.observed, scale)  # fmt: skip
+    for b in range(first, last):
+        start, stop, then = offsets[b], offsets[b + 1], offsets[min(b + 2, n_blocks)]
+        observed = total_observed(xp, state, consts, out=work.observed_total)
         log_penalty_table(
-            xp, state.observed, consts.level_share, consts.theta, consts.first_key_levels,
+            xp, observed, consts.level_share, consts.theta, consts.first_key_levels,
             consts.flavor, out=work.penalty,
         )  # fmt: skip
+        base = offsets[first]
         block_update(
-            xp, work.similarity[first - start : first - start + n_update], work.penalty,
-            state.codes, order[first : first + n_update + size], n_update, state.assignments,
-            state.row_entropy, state.observed, scale,
+            xp, work.similarity[start - base : stop - base], work.penalty, state.codes,
+            order[start:then], stop - start, state.assignments, state.row_entropy,
+            state.observed, scale,
         )  # fmt: skip
 
 

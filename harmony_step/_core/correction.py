@@ -38,9 +38,16 @@ class LevelIndex:
     joint_membership: np.ndarray | None  # (J, B) 0/1 levels of each observed combination
 
     @classmethod
-    def build(cls, xp: Any, codes: Any, design: BatchDesign) -> LevelIndex:
-        """Per-level cell lists from a stable sort of each key's codes on the device."""
-        counts = design.level_counts()
+    def build(
+        cls, xp: Any, codes: Any, design: BatchDesign, rows: slice | None = None
+    ) -> LevelIndex:
+        """Per-level cell lists from a stable sort of each key's codes on the device.
+
+        ``codes`` are the design's codes of ``rows`` (all cells by default), and the lists index
+        those rows; the level combinations of several keys are those of all cells.
+        """
+        rows = slice(None) if rows is None else rows
+        counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
         cells = []
         for c, offset in enumerate(design.offsets):
             order = xp.argsort(codes[:, c], kind="stable") if xp is np else xp.argsort(codes[:, c])
@@ -49,6 +56,7 @@ class LevelIndex:
         joint_codes, membership = None, None
         if design.n_keys > 1:
             joint, table = design.joint_codes()
+            joint = joint[rows]
             membership = np.zeros((table.shape[0], design.n_levels_total))
             for c in range(design.n_keys):
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
@@ -216,9 +224,12 @@ def coefficients(method: str, stats: CorrectionInputs, n_cells: int) -> np.ndarr
 
 
 def cross_counts(
-    xp: Any, assignments: Any, observed: np.ndarray, index: LevelIndex, to_host
+    xp: Any, assignments: Any, observed: np.ndarray, index: LevelIndex, to_host, over_ranks=None
 ) -> np.ndarray:
-    """sum_i R_ik Phi_ib Phi_ib' (K, B, B): diagonal O with one key; via level combinations with several."""
+    """sum_i R_ik Phi_ib Phi_ib' (K, B, B): diagonal O with one key; via level combinations with several.
+
+    ``over_ranks`` sums the per-combination counts over ranks on a sharded run.
+    """
     if index.joint_membership is None:
         n_clusters = observed.shape[1]
         cross = np.zeros((n_clusters, observed.shape[0], observed.shape[0]))
@@ -226,7 +237,8 @@ def cross_counts(
         cross[:, diag, diag] = observed.T
         return cross
     membership = index.joint_membership
-    joint = to_host(counts(xp, level_sums(xp, index.joint_codes, assignments, membership.shape[0])))
+    fixed = level_sums(xp, index.joint_codes, assignments, membership.shape[0])
+    joint = to_host(counts(xp, fixed if over_ranks is None else over_ranks(fixed)))
     return np.einsum("jb,jk,jc->kbc", membership, joint, membership)
 
 

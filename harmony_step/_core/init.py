@@ -12,6 +12,7 @@ import numpy as np
 
 from harmony_step._core import kernels
 from harmony_step._core.permutation import pcg_keys
+from harmony_step._core.shard import Shard
 from harmony_step._core.sums import chunk_rows, matmul, one_hot, row_normalize
 
 SAMPLES_PER_CLUSTER = 5000
@@ -170,13 +171,42 @@ def softmax_rows(xp: Any, similarity: Any, scale: float, penalty: Any = None) ->
 
 
 def initial_centroids(
-    xp: Any, z_hat: Any, strata: np.ndarray, n_clusters: int, random_state: int
+    xp: Any,
+    z_hat: Any,
+    strata: np.ndarray,
+    n_clusters: int,
+    random_state: int,
+    shard: Shard | None = None,
 ) -> Any:
-    """Unit centroids (K, d) in the working dtype from k-means on a stratified sample."""
+    """Unit centroids (K, d) in the working dtype from k-means on a stratified sample.
+
+    ``strata`` covers all cells. On a sharded run ``z_hat`` holds this rank's rows: the sampled
+    rows are collected from every rank, rank 0 runs the k-means and its centroids are shared.
+    """
     rng = np.random.default_rng(random_state)
     n_strata = int(np.count_nonzero(np.bincount(strata)))
-    size = sample_size(z_hat.shape[0], n_clusters, n_strata)
+    size = sample_size(strata.shape[0], n_clusters, n_strata)
     sample = stratified_sample(xp, strata, size, int(rng.integers(1 << 32)))
-    points = z_hat[sample].astype(xp.float64)
-    centres = lloyd(xp, points, kmeans_plus_plus(xp, points, n_clusters, rng))
+    if shard is None:
+        points = z_hat[sample].astype(xp.float64)
+        centres = lloyd(xp, points, kmeans_plus_plus(xp, points, n_clusters, rng))
+        return row_normalize(xp, centres).astype(z_hat.dtype)
+    points = _sampled_rows(xp, z_hat, sample, shard)
+    if shard.comm.rank == 0:
+        centres = lloyd(xp, points, kmeans_plus_plus(xp, points, n_clusters, rng))
+    else:
+        centres = xp.empty((n_clusters, z_hat.shape[1]), dtype=xp.float64)
+    shard.comm.broadcast(centres)
     return row_normalize(xp, centres).astype(z_hat.dtype)
+
+
+def _sampled_rows(xp: Any, z_hat: Any, sample: Any, shard: Shard) -> Any:
+    """Rows ``sample`` (global indices) of the sharded Z_hat, in float64, on every rank.
+
+    Each rank fills the rows it holds and leaves zeros elsewhere; the sum over ranks is exact.
+    """
+    points = xp.zeros((sample.shape[0], z_hat.shape[1]), dtype=xp.float64)
+    local = xp.flatnonzero((sample >= shard.start) & (sample < shard.start + z_hat.shape[0]))
+    points[local] = z_hat[sample[local] - shard.start]
+    shard.comm.all_sum(points)
+    return points

@@ -10,7 +10,14 @@ import numpy as np
 
 from harmony_step._backend import Backend
 from harmony_step._batches import BatchDesign
-from harmony_step._core.clustering import ClusteringConstants, ClusteringState, cluster, objective
+from harmony_step._core.clustering import (
+    ClusteringConstants,
+    ClusteringState,
+    all_ranks,
+    cluster,
+    objective,
+    total_observed,
+)
 from harmony_step._core.correction import (
     CorrectionInputs,
     LevelIndex,
@@ -25,6 +32,7 @@ from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
 from harmony_step._core.setup import Problem, load_embedding, make_problem
+from harmony_step._core.shard import Shard
 from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums, row_normalize
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams, warn_at_caller
 from harmony_step._threads import cpu_threads
@@ -56,38 +64,65 @@ class _Clock:
 
 
 def run_harmony(
-    embedding: np.ndarray, design: BatchDesign, params: HarmonyParams, backend: Backend
+    embedding: np.ndarray,
+    design: BatchDesign,
+    params: HarmonyParams,
+    backend: Backend,
+    shard: Shard | None = None,
 ) -> HarmonyResult:
     """Harmony on a validated (n_cells, n_pcs) embedding of the working dtype; returns the corrected copy.
 
     On the CPU it runs with the thread count of an enclosing ``cpu_threads`` block, or on every CPU
     the process may use (``harmony_step._threads``).
+
+    With ``shard`` (one rank of a run spread over several GPUs), ``embedding`` holds this rank's
+    rows ``[shard.start, shard.start + n)`` of ``shard.n_cells`` and ``design`` all cells; the
+    result's embedding is this rank's corrected rows, and every other field is the same on all
+    ranks.
     """
     if backend.is_gpu:
-        return _run(embedding, design, params, backend)
+        return _run(embedding, design, params, backend, shard)
     with cpu_threads():
-        return _run(embedding, design, params, backend)
+        return _run(embedding, design, params, backend, shard)
+
+
+def _shared_seed(xp: Any, random_state: int | None, shard: Shard | None) -> int:
+    """The run's seed; a seed drawn from OS entropy is rank 0's on every rank."""
+    seed = _seed(random_state)
+    if shard is None or random_state is not None:
+        return seed
+    value = xp.asarray([seed], dtype=xp.int64)
+    shard.comm.broadcast(value)
+    return int(value.get()[0])
 
 
 def _run(
-    embedding: np.ndarray, design: BatchDesign, params: HarmonyParams, backend: Backend
+    embedding: np.ndarray,
+    design: BatchDesign,
+    params: HarmonyParams,
+    backend: Backend,
+    shard: Shard | None,
 ) -> HarmonyResult:
     clock = _Clock()
     xp = backend.xp
-    problem = make_problem(*embedding.shape, design, params, _seed(params.random_state))
+    rows = slice(0, embedding.shape[0]) if shard is None else (
+        slice(shard.start, shard.start + embedding.shape[0]))  # fmt: skip
+    n_cells = embedding.shape[0] if shard is None else shard.n_cells
+    seed = _shared_seed(xp, params.random_state, shard)
+    problem = make_problem(n_cells, embedding.shape[1], design, params, seed)
     method = resolve_method(
         params.correction_method, design.n_keys, problem.n_clusters, design.n_levels_total,
         params.numpy_dtype.itemsize,
     )  # fmt: skip
     host_output = backend.prepare_host_output(embedding.shape, params.numpy_dtype)
     x = load_embedding(xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]")
-    codes = backend.asarray(design.codes)
-    index = LevelIndex.build(xp, codes, design)
+    codes = backend.asarray(design.codes[rows])
+    index = LevelIndex.build(xp, codes, design, rows)
     consts = ClusteringConstants(
         theta=xp.asarray(problem.theta), level_share=xp.asarray(problem.level_share),
         first_key_levels=problem.first_key_levels, n_levels=design.n_levels_total,
         sigma=params.sigma, flavor=params.flavor, block_size=problem.block_size,
-        random_state=problem.random_state,
+        random_state=problem.random_state, shard=shard,
     )  # fmt: skip
     backend.synchronize()
     mark = clock.add("setup", 0.0)
@@ -106,7 +141,7 @@ def _run(
         )  # fmt: skip
         rounds.append(RoundRecord(i + 1, n_iter, fired, parts))
         mark = clock.add("clustering", mark)
-        _correct(xp, x, state, index, problem, params, method, backend)
+        _correct(xp, x, state, index, problem, params, method, backend, consts)
         peak = max(peak, backend.pool_bytes())
         backend.synchronize()
         mark = clock.add("correction", mark)
@@ -117,7 +152,7 @@ def _run(
             break
         if i + 1 < params.max_iter_harmony:
             row_normalize(xp, state.z_hat, out=state.z_hat)
-            state.centroid_sums = cross_sums(xp, state.assignments, state.z_hat)
+            state.centroid_sums = all_ranks(consts, cross_sums(xp, state.assignments, state.z_hat))
     corrected = backend.to_host(state.z_hat, out=host_output)
     _report_outcome(params, converged, len(rounds) - 1)
     clock.phases["total"] = clock.elapsed()
@@ -139,20 +174,22 @@ def _initialise(
 ):
     """Z_hat, initial centroids and assignments, O, R^T Z_hat, and the initial objective."""
     z_hat = row_normalize(xp, x)
+    n_local = z_hat.shape[0]
     strata = design.codes[:, 0] if design.n_keys == 1 else design.joint_codes()[0]
-    centroids = initial_centroids(xp, z_hat, strata, problem.n_clusters, problem.random_state)
-    assignments = xp.empty((problem.n_cells, problem.n_clusters), dtype=x.dtype)
+    centroids = initial_centroids(
+        xp, z_hat, strata, problem.n_clusters, problem.random_state, consts.shard
+    )
+    assignments = xp.empty((n_local, problem.n_clusters), dtype=x.dtype)
     soft_assignments(xp, z_hat, centroids, consts.sigma, out=assignments)
     state = ClusteringState(
         z_hat=z_hat, assignments=assignments, codes=codes,
         observed=level_sums(xp, codes, assignments, consts.n_levels),
-        centroid_sums=cross_sums(xp, assignments, z_hat),
-        row_entropy=xp.zeros(problem.n_cells, dtype=xp.float64),
+        centroid_sums=all_ranks(consts, cross_sums(xp, assignments, z_hat)),
+        row_entropy=xp.zeros(n_local, dtype=xp.float64),
     )  # fmt: skip
-    step = chunk_rows(problem.n_cells)
-    entropy = sum(
-        entropy_sum(xp, assignments[s : s + step]) for s in range(0, problem.n_cells, step)
-    )
+    step = chunk_rows(n_local)
+    entropy = sum(entropy_sum(xp, assignments[s : s + step]) for s in range(0, n_local, step))
+    entropy = all_ranks(consts, xp.asarray(entropy, dtype=xp.float64).reshape(1))[0]
     parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
     return state, to_parts(backend.to_host(parts))
 
@@ -166,22 +203,34 @@ def _correct(
     params: HarmonyParams,
     method: str,
     backend: Backend,
+    consts: ClusteringConstants,
 ) -> None:
-    """Fit the per-cluster ridge regressions on the raw input and write the corrected X into z_hat."""
+    """Fit the per-cluster ridge regressions on the raw input and write the corrected X into z_hat.
+
+    On a sharded run the sums over cells (O, the level moments, the cross-level counts) are added
+    over ranks, and rank 0's coefficients are used everywhere.
+    """
     # O is exact fixed point, kept current by every block update.
-    observed = backend.to_host(counts(xp, state.observed))
+    observed = backend.to_host(counts(xp, total_observed(xp, state, consts)))
     sizes = observed[: problem.first_key_levels].sum(axis=0)
     expected = problem.level_share[:, None] * sizes[None, :]
     ridge, active = ridge_and_active(observed, expected, problem.level_counts, params)
-    moments = backend.to_host(level_moments(xp, x, state.assignments, index))
+    moments = backend.to_host(all_ranks(consts, level_moments(xp, x, state.assignments, index)))
     cross = None
     if method in ("original", "general"):
-        cross = cross_counts(xp, state.assignments, observed, index, backend.to_host)
+        cross = cross_counts(
+            xp, state.assignments, observed, index, backend.to_host,
+            lambda joint: all_ranks(consts, joint),
+        )  # fmt: skip
     stats = CorrectionInputs(
         observed=observed, ridge=ridge, active=active, moments=moments,
         intercept=moments[: problem.first_key_levels].sum(axis=0), cluster_sizes=sizes, cross=cross,
     )  # fmt: skip
     weights = coefficients(method, stats, problem.n_cells)
+    if consts.shard is not None:  # the same bits everywhere, whatever each host's BLAS does
+        shared = xp.asarray(weights)
+        consts.shard.comm.broadcast(shared)
+        weights = backend.to_host(shared)
     apply_correction(xp, x, state.assignments, weights, state.codes, index, out=state.z_hat)
 
 
