@@ -247,3 +247,59 @@ def test_gpu_cell_order_and_level_grouping_match_reference():
     assert np.array_equal(gpu.get(), grouped)
     assert np.array_equal(np.sort(grouped[:500]), np.sort(order[:500]))  # same cells per block
     assert np.all(np.diff(codes[grouped[:500], 0]) >= 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flavor", ["harmony1", "harmony2"])
+@pytest.mark.parametrize(
+    ("levels", "clusters", "first"), [((1,), 1, 1), ((64,), 100, 64), ((3, 2), 300, 3)]
+)
+def test_gpu_objective_parts_match_the_formulas(flavor, levels, clusters, first):
+    import cupy
+
+    from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term
+
+    rng = np.random.default_rng(8)
+    b = sum(levels)
+    observed = kernels.fixed_point(rng.uniform(0, 100, (b, clusters)))
+    share, theta = rng.uniform(0, 1, b), rng.uniform(0, 3, b)
+    centroids = rng.normal(size=(clusters, 20))
+    sums = rng.normal(size=(clusters, 20))
+    entropy = np.array([-123.5])
+    gpu = kernels.objective_parts(
+        cupy, cupy.asarray(observed), cupy.asarray(share), cupy.asarray(theta),
+        cupy.asarray(centroids), cupy.asarray(sums), cupy.asarray(entropy), first, flavor, 0.1,
+    )  # fmt: skip
+    o = counts(np, observed)
+    expected = expected_counts(np, o, share, first)
+    ref = [
+        kmeans_term(np, centroids, sums, o[:first].sum()),
+        0.1 * entropy[0],
+        diversity_term(np, o, expected, theta, 0.1, flavor),
+    ]
+    np.testing.assert_allclose(gpu.get(), ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_unit_centroids_match_numpy(dtype):
+    import cupy
+
+    rng = np.random.default_rng(9)
+    sums = rng.normal(size=(130, 50))
+    sums[3] = 0.0  # a cluster without mass stays zero
+    unit, transposed = kernels.unit_centroids(cupy, cupy.asarray(sums), dtype)
+    ref_unit, ref_t = kernels.unit_centroids(np, sums, dtype)
+    np.testing.assert_allclose(unit.get(), ref_unit, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(transposed.get(), ref_t, rtol=1e-6 if dtype == np.float32 else 1e-14)
+    assert transposed.flags.c_contiguous
+    assert not np.any(unit.get()[3])
+
+
+def test_unit_centroids_on_numpy():
+    sums = np.array([[3.0, 4.0], [0.0, 0.0]])
+    unit, transposed = kernels.unit_centroids(np, sums, np.float32)
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
+    assert transposed.dtype == np.float32
+    assert transposed.shape == (2, 2)
+    assert transposed.flags.c_contiguous

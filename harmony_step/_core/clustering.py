@@ -18,12 +18,17 @@ from typing import Any
 import numpy as np
 
 from harmony_step._core.graphs import LaunchReplay, address
-from harmony_step._core.kernels import block_update, log_penalty_table
+from harmony_step._core.kernels import (
+    block_update,
+    log_penalty_table,
+    objective_parts,
+    unit_centroids,
+)
 from harmony_step._core.objective import diversity_term, expected_counts, kmeans_term, to_parts
 from harmony_step._core.permutation import cell_order, group_blocks_by_level, iteration_seed
 from harmony_step._core.result import ObjectiveParts
 from harmony_step._core.shard import Shard
-from harmony_step._core.sums import counts, cross_sums, matmul, row_normalize
+from harmony_step._core.sums import counts, cross_sums, matmul
 
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
@@ -117,18 +122,26 @@ def objective(
 ) -> Any:
     """(kmeans, entropy, diversity) as a float64 device vector, from carried sums.
 
-    ``state.centroid_sums`` and ``entropy`` are over all cells already; O is summed here.
+    ``state.centroid_sums`` and ``entropy`` (a one-element array) are over all cells already; O is
+    summed here. On the GPU it is one launch (``kernels.objective_parts``).
     """
-    observed = counts(xp, total_observed(xp, state, consts))
-    expected = expected_counts(xp, observed, consts.level_share, consts.first_key_levels)
-    mass = observed[: consts.first_key_levels].sum()
-    parts = xp.stack(
-        [
-            kmeans_term(xp, centroids, state.centroid_sums, mass),
-            consts.sigma * entropy,
-            diversity_term(xp, observed, expected, consts.theta, consts.sigma, consts.flavor),
-        ]
-    )
+    fixed = total_observed(xp, state, consts)
+    if xp is np:
+        observed = counts(xp, fixed)
+        expected = expected_counts(xp, observed, consts.level_share, consts.first_key_levels)
+        mass = observed[: consts.first_key_levels].sum()
+        parts = xp.stack(
+            [
+                kmeans_term(xp, centroids, state.centroid_sums, mass),
+                consts.sigma * entropy[0],
+                diversity_term(xp, observed, expected, consts.theta, consts.sigma, consts.flavor),
+            ]
+        )
+    else:
+        parts = objective_parts(
+            xp, fixed, consts.level_share, consts.theta, centroids, state.centroid_sums, entropy,
+            consts.first_key_levels, consts.flavor, consts.sigma,
+        )  # fmt: skip
     if consts.shard is not None:  # every rank takes the same convergence decisions
         consts.shard.comm.broadcast(parts)
     return parts
@@ -139,9 +152,7 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
     if state.work is None:
         state.work = BlockWork.allocate(xp, state, consts.block_size)
     work = state.work
-    centroids64 = row_normalize(xp, state.centroid_sums)
-    # A contiguous copy: NumPy multiplies by a transposed view far more slowly.
-    centroids_t = xp.ascontiguousarray(centroids64.astype(state.z_hat.dtype).T)
+    centroids64, centroids_t = unit_centroids(xp, state.centroid_sums, state.z_hat.dtype)
     offsets = _visiting_order(xp, state, consts, seed)
     for first, last in _spans(offsets, work.span):
         start, stop = offsets[first], offsets[last]
@@ -156,7 +167,7 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
                work.penalty, state.assignments, state.observed, state.row_entropy, state.codes)))  # fmt: skip
         work.replay.run(key, launches)
     state.centroid_sums = all_ranks(consts, cross_sums(xp, state.assignments, state.z_hat))
-    entropy = all_ranks(consts, state.row_entropy.sum(keepdims=True))[0]
+    entropy = all_ranks(consts, state.row_entropy.sum(keepdims=True))
     return objective(xp, state, consts, centroids64, entropy)
 
 

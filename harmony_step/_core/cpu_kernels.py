@@ -34,6 +34,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from harmony_step._core.kernels import ENTROPY_EPS, FIXED_POINT_SCALE
+from harmony_step._core.sums import CROSS_CHUNK_ROWS
 from harmony_step._threads import prepare_numba
 
 prepare_numba()  # before the first parallel loop starts numba's threads
@@ -46,8 +47,6 @@ SUM_CHUNK_ROWS = 4096
 MIN_ROWS_PER_TASK = 256
 # Rows per chunk of a BLAS product (``matmul``): fixed, so results do not depend on the thread count.
 MATMUL_ROWS = 2048
-# Rows per product of ``cross_sums``: enough chunks to share among the threads.
-CROSS_CHUNK_ROWS = 1 << 14
 # Bits per pass of the radix sort of the 32-bit permutation keys.
 RADIX_BITS = 8
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+# Guard for row normalisation: a zero row stays zero instead of becoming NaN.
+NORM_FLOOR = 1e-12
 # Added inside log(R + eps) of the entropy term (here and in the objective) so R = 0 gives 0, not NaN.
 ENTROPY_EPS = 1e-12
 # One unit of R mass in O is 2^32 integer units: int64 then holds the mass of 2^31 cells exactly.
@@ -169,7 +171,9 @@ __device__ double softmax_row(
 
 // Rows [0, n_update) of ``cells`` get new assignments; rows [n_update, n_rows) add
 // ``other_sign`` times their current mass to O. ``identity`` means row i is cell i.
-// Each warp takes one contiguous run of rows. Rows arrive grouped by their key-0 level
+// Each warp takes one contiguous run of the updated rows and one of the other rows (an update
+// costs several times a removal, so splitting all rows evenly would leave the warps that drew
+// updates working while the others wait). Rows arrive grouped by their key-0 level
 // (``permutation.cell_order``), so the key-0 mass of a run of equal levels is summed in registers
 // and flushed with one atomic per cluster when the level changes; other keys add per row.
 template <typename T>
@@ -183,14 +187,16 @@ __device__ void block_update(
     const int lane = threadIdx.x & (LANES - 1);
     const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / LANES;
     const long long n_warps = (long long)gridDim.x * blockDim.x / LANES;
-    const long long per_warp = (n_rows + n_warps - 1) / n_warps;
-    const long long first = warp * per_warp;
-    const long long last = min(first + per_warp, n_rows);
     const bool cached = n_clusters <= LANES * VALUES_PER_LANE;
     long long mass[VALUES_PER_LANE];
 #pragma unroll
     for (int j = 0; j < VALUES_PER_LANE; ++j) mass[j] = 0;
     int run_level = -1;
+    for (int part = 0; part < 2; ++part) {
+    const long long begin = part == 0 ? 0 : n_update, end = part == 0 ? n_update : n_rows;
+    const long long per_warp = (end - begin + n_warps - 1) / n_warps;
+    const long long first = begin + warp * per_warp;
+    const long long last = min(first + per_warp, end);
     // Loads run ahead of the rows that use them: the cell index two rows ahead, its key-0 level
     // one row ahead, so their latencies overlap this row's work.
     long long cell = first < last ? (identity ? first : cells[first]) : 0;
@@ -229,6 +235,7 @@ __device__ void block_update(
         cell_after = cell_later;
         level = level_after;
     }
+    }
     if (cached) flush_mass(observed, mass, run_level, n_clusters, lane);
 }
 
@@ -241,6 +248,89 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) NAME(   
 
 BLOCK_UPDATE_ENTRY(block_update_float, float)
 BLOCK_UPDATE_ENTRY(block_update_double, double)
+
+// The three objective parts from carried sums, in one block of SMALL_THREADS threads with a fixed
+// reduction order: k-means 2 (sum_k n_k - sum_kd y_kd (R^T Z)_kd), sigma * entropy, and
+// -sigma sum_bk O_bk log P_bk. n_k (dynamic shared memory, K doubles) is summed exactly.
+extern "C" __global__ void objective_parts(
+    const long long* __restrict__ observed, const double* __restrict__ level_share,
+    const double* __restrict__ theta, const double* __restrict__ centroids,
+    const double* __restrict__ centroid_sums, const double* __restrict__ entropy,
+    double* __restrict__ out, const int n_levels, const int n_clusters, const int n_pcs,
+    const int first_key_levels, const int stabilized, const double sigma)
+{
+    extern __shared__ double cluster_size[];
+    __shared__ double dots[SMALL_THREADS], penalties[SMALL_THREADS];
+    __shared__ long long masses[SMALL_THREADS];
+    const int t = threadIdx.x;
+    long long mass = 0;
+    for (int k = t; k < n_clusters; k += SMALL_THREADS) {
+        long long size = 0;
+        for (int b = 0; b < first_key_levels; ++b) size += observed[(long long)b * n_clusters + k];
+        cluster_size[k] = (double)size / FIXED_POINT_SCALE;
+        mass += size;
+    }
+    __syncthreads();
+    double dot = 0.0, penalty = 0.0;
+    for (long long i = t; i < (long long)n_clusters * n_pcs; i += SMALL_THREADS)
+        dot += centroids[i] * centroid_sums[i];
+    for (long long at = t; at < (long long)n_levels * n_clusters; at += SMALL_THREADS) {
+        const int b = (int)(at / n_clusters), k = (int)(at % n_clusters);
+        const double e = level_share[b] * cluster_size[k];
+        const double o = (double)observed[at] / FIXED_POINT_SCALE;
+        penalty += o * theta[b] * (log1p(e) - log1p(stabilized ? o + e : o));
+    }
+    dots[t] = dot;
+    penalties[t] = penalty;
+    masses[t] = mass;
+    __syncthreads();
+    for (int half = SMALL_THREADS / 2; half > 0; half >>= 1) {
+        if (t < half) {
+            dots[t] += dots[t + half];
+            penalties[t] += penalties[t + half];
+            masses[t] += masses[t + half];
+        }
+        __syncthreads();
+    }
+    if (t == 0) {
+        out[0] = 2.0 * ((double)masses[0] / FIXED_POINT_SCALE - dots[0]);
+        out[1] = sigma * entropy[0];
+        out[2] = -sigma * penalties[0];
+    }
+}
+
+// Centroids from R^T Z: each row scaled to unit norm (a zero row stays zero), in float64 (K, d)
+// and transposed in the working dtype (d, K) for the similarity GEMM. One block per cluster.
+template <typename T>
+__device__ void unit_centroids(
+    const double* __restrict__ sums, double* __restrict__ unit, T* __restrict__ transposed,
+    const int n_clusters, const int n_pcs, const double floor)
+{
+    __shared__ double squares[SMALL_THREADS];
+    const int k = blockIdx.x, t = threadIdx.x;
+    double square = 0.0;
+    for (int j = t; j < n_pcs; j += SMALL_THREADS) square += sums[(long long)k * n_pcs + j] * sums[(long long)k * n_pcs + j];
+    squares[t] = square;
+    __syncthreads();
+    for (int half = SMALL_THREADS / 2; half > 0; half >>= 1) {
+        if (t < half) squares[t] += squares[t + half];
+        __syncthreads();
+    }
+    const double norm = fmax(sqrt(squares[0]), floor);
+    for (int j = t; j < n_pcs; j += SMALL_THREADS) {
+        const double y = sums[(long long)k * n_pcs + j] / norm;
+        unit[(long long)k * n_pcs + j] = y;
+        transposed[(long long)j * n_clusters + k] = (T)y;
+    }
+}
+
+extern "C" __global__ void unit_centroids_float(
+    const double* a, double* b, float* c, const int d, const int e, const double f)
+{ unit_centroids<float>(a, b, c, d, e, f); }
+
+extern "C" __global__ void unit_centroids_double(
+    const double* a, double* b, double* c, const int d, const int e, const double f)
+{ unit_centroids<double>(a, b, c, d, e, f); }
 
 // log P (B, K) from fixed-point O; n_k is summed exactly in integers over key 0's levels.
 extern "C" __global__ void log_penalty_table(
@@ -263,6 +353,8 @@ extern "C" __global__ void log_penalty_table(
 """
 
 PENALTY_THREADS = 128
+# Threads of the one-block kernels over K x d and B x K sums (a power of two).
+SMALL_THREADS = 256
 
 
 @functools.cache
@@ -288,6 +380,7 @@ def _kernel(
                 f"-DVALUES_PER_LANE={values_per_lane}",
                 f"-DBLOCK_THREADS={32 * WARPS_PER_BLOCK}",
                 f"-DMIN_BLOCKS={min_blocks}",
+                f"-DSMALL_THREADS={SMALL_THREADS}",
                 f"-DENTROPY_EPS={ENTROPY_EPS!r}",
                 f"-DFIXED_POINT_SCALE={FIXED_POINT_SCALE!r}",
             ),
@@ -300,9 +393,9 @@ def _block_update_kernel(device_id: int, dtype_name: str, n_clusters: int) -> tu
     import cupy
 
     width = next((v for v in VALUES_PER_LANE if 32 * v >= n_clusters), VALUES_PER_LANE[0])
-    # Register cap: 64 per thread for the narrowest width (8 blocks of 128 threads resident per
-    # multiprocessor), more for wider ones; double rows need 72 at the narrowest, or they spill.
-    min_blocks = 32 // width - (1 if dtype_name == "double" and width == VALUES_PER_LANE[0] else 0)
+    # Register cap from the blocks of 128 threads kept resident per multiprocessor: 72 registers
+    # per thread for the narrowest width (7 blocks; at 64 it spills), 128 and 256 for the wider.
+    min_blocks = 7 if width == VALUES_PER_LANE[0] else 32 // width
     kernel = _kernel(device_id, f"block_update_{dtype_name}", width, min_blocks)
     attributes = cupy.cuda.Device(device_id).attributes
     threads = 32 * WARPS_PER_BLOCK
@@ -444,6 +537,46 @@ def _log_penalty_reference(observed, level_share, theta, first_key_levels, flavo
     expected = level_share[:, None] * size[None, :]
     denominator = counts + expected if flavor == "harmony2" else counts
     return theta[:, None] * (np.log1p(expected) - np.log1p(denominator))
+
+
+def objective_parts(
+    xp: Any, observed: Any, level_share: Any, theta: Any, centroids: Any, centroid_sums: Any,
+    entropy: Any, first_key_levels: int, flavor: str, sigma: float,
+) -> Any:  # fmt: skip
+    """(k-means, entropy, diversity) float64 (3,) on the GPU in one launch (``objective`` has the
+    formulas and the NumPy form). ``observed`` (B, K) int64 fixed point, ``centroids`` and
+    ``centroid_sums`` (K, d) float64, ``entropy`` a one-element float64 array."""
+    n_levels, n_clusters = observed.shape
+    out = xp.empty(3, dtype=xp.float64)
+    _kernel(xp.cuda.Device().id, "objective_parts")(
+        (1,), (SMALL_THREADS,),
+        (observed, level_share, theta, centroids, centroid_sums, entropy, out,
+         np.int32(n_levels), np.int32(n_clusters), np.int32(centroids.shape[1]),
+         np.int32(first_key_levels), np.int32(flavor == "harmony2"), np.float64(sigma)),
+        shared_mem=8 * n_clusters,
+    )  # fmt: skip
+    return out
+
+
+def unit_centroids(xp: Any, sums: Any, dtype: Any) -> tuple[Any, Any]:
+    """Rows of ``sums`` (K, d) float64 scaled to unit norm (zero rows stay zero): the float64
+    centroids (K, d) and their contiguous transpose (d, K) in ``dtype``; one launch on the GPU."""
+    if xp is np:
+        norms = np.sqrt((sums * sums).sum(axis=1, keepdims=True))
+        unit = sums / np.maximum(norms, NORM_FLOOR)
+        # A contiguous copy: NumPy multiplies by a transposed view far more slowly.
+        return unit, np.ascontiguousarray(unit.astype(dtype).T)
+    floor = NORM_FLOOR
+    n_clusters, n_pcs = sums.shape
+    unit = xp.empty((n_clusters, n_pcs), dtype=xp.float64)
+    transposed = xp.empty((n_pcs, n_clusters), dtype=dtype)
+    name = "unit_centroids_" + ("double" if transposed.dtype == xp.float64 else "float")
+    _kernel(xp.cuda.Device().id, name)(
+        (n_clusters,), (SMALL_THREADS,),
+        (xp.ascontiguousarray(sums), unit, transposed, np.int32(n_clusters), np.int32(n_pcs),
+         np.float64(floor)),
+    )  # fmt: skip
+    return unit, transposed
 
 
 @functools.cache

@@ -189,7 +189,7 @@ def _initialise(
     )  # fmt: skip
     step = chunk_rows(n_local)
     entropy = sum(entropy_sum(xp, assignments[s : s + step]) for s in range(0, n_local, step))
-    entropy = all_ranks(consts, xp.asarray(entropy, dtype=xp.float64).reshape(1))[0]
+    entropy = all_ranks(consts, xp.asarray(entropy, dtype=xp.float64).reshape(1))
     parts = objective(xp, state, consts, centroids.astype(xp.float64), entropy)
     return state, to_parts(backend.to_host(parts))
 
