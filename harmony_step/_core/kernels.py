@@ -36,8 +36,9 @@ FIXED_POINT_SCALE = float(1 << FIXED_POINT_BITS)
 # flight). Beyond 32 * 16 clusters it recomputes the logits in each pass instead of caching them.
 VALUES_PER_LANE = (4, 8, 16)
 WARPS_PER_BLOCK = 4
-# Each warp takes one contiguous run of rows, at least this many.
-MIN_ROWS_PER_WARP = 16
+# Each warp takes one contiguous run of rows, at least this many: a warp's rows run one after
+# another, so small blocks are spread thinly to keep their latency short.
+MIN_ROWS_PER_WARP = 2
 
 _SOURCE = r"""
 #define LANES 32
@@ -332,23 +333,21 @@ extern "C" __global__ void unit_centroids_double(
     const double* a, double* b, double* c, const int d, const int e, const double f)
 { unit_centroids<double>(a, b, c, d, e, f); }
 
-// log P (B, K) from fixed-point O; n_k is summed exactly in integers over key 0's levels.
+// log P (B, K) from fixed-point O, one thread per entry; n_k is summed exactly in integers over
+// key 0's levels (by each thread of the cluster: B x K threads keep the latency short).
 extern "C" __global__ void log_penalty_table(
     const long long* __restrict__ observed, const double* __restrict__ level_share,
     const double* __restrict__ theta, double* __restrict__ out,
     const int n_levels, const int n_clusters, const int first_key_levels, const int stabilized)
 {
-    const int k = blockIdx.x * blockDim.x + threadIdx.x;
-    if (k >= n_clusters) return;
+    const long long at = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (at >= (long long)n_levels * n_clusters) return;
+    const int b = (int)(at / n_clusters), k = (int)(at % n_clusters);
     long long size = 0;
-    for (int b = 0; b < first_key_levels; ++b) size += observed[(long long)b * n_clusters + k];
-    const double n_k = (double)size / FIXED_POINT_SCALE;
-    for (int b = 0; b < n_levels; ++b) {
-        const long long at = (long long)b * n_clusters + k;
-        const double e = level_share[b] * n_k;
-        const double o = (double)observed[at] / FIXED_POINT_SCALE;
-        out[at] = theta[b] * (log1p(e) - log1p(stabilized ? o + e : o));
-    }
+    for (int c = 0; c < first_key_levels; ++c) size += observed[(long long)c * n_clusters + k];
+    const double e = level_share[b] * ((double)size / FIXED_POINT_SCALE);
+    const double o = (double)observed[at] / FIXED_POINT_SCALE;
+    out[at] = theta[b] * (log1p(e) - log1p(stabilized ? o + e : o));
 }
 """
 
@@ -524,7 +523,7 @@ def log_penalty_table(
     if out is None:
         out = xp.empty(observed.shape, dtype=xp.float64)
     _kernel(xp.cuda.Device().id, "log_penalty_table")(
-        (-(-n_clusters // PENALTY_THREADS),), (PENALTY_THREADS,),
+        (-(-n_levels * n_clusters // PENALTY_THREADS),), (PENALTY_THREADS,),
         (observed, level_share, theta, out, np.int32(n_levels), np.int32(n_clusters),
          np.int32(first_key_levels), np.int32(flavor == "harmony2")),
     )  # fmt: skip
