@@ -122,16 +122,27 @@ def test_reruns_are_bitwise_identical(data_dir, device, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("dtype", "tolerance"), [(np.float64, 1e-6), (np.float32, 1e-3)])
 @pytest.mark.parametrize("name", list(DATASETS))
-def test_gpu_matches_cpu(data_dir, name, dtype, tolerance):
+def test_gpu_matches_cpu(data_dir, name):
+    """float64: the GPU and CPU results agree closely. float32: the two sum in different orders,
+    so they agree only to float32's own noise on these runs, measured as the distance of the CPU's
+    float32 result from the float64 one; the GPU's float32 result must be as close to float64."""
     adata = load(data_dir, name)
-    cpu = integrate(adata, DATASETS[name], dtype=dtype, device="cpu").copy()
-    gpu = integrate(adata, DATASETS[name], dtype=dtype, device="gpu")
-    difference = relative_frobenius(gpu, cpu)
-    print(f"{name} {np.dtype(dtype).name}: GPU vs CPU rel F {difference:.2e}")
-    assert difference <= tolerance
+    key = DATASETS[name]
+    cpu64 = integrate(adata, key, dtype=np.float64, device="cpu").copy()
+    gpu64 = integrate(adata, key, dtype=np.float64, device="gpu").copy()
     assert adata.uns["harmony"]["resolved"]["device"] == "gpu"
+    cpu32 = integrate(adata, key, dtype=np.float32, device="cpu").copy()
+    gpu32 = integrate(adata, key, dtype=np.float32, device="gpu").copy()
+    noise = relative_frobenius(cpu32, cpu64)
+    print(
+        f"{name}: GPU vs CPU rel F float64 {relative_frobenius(gpu64, cpu64):.2e}, float32 "
+        f"{relative_frobenius(gpu32, cpu32):.2e}; float32 vs float64: CPU {noise:.2e}, "
+        f"GPU {relative_frobenius(gpu32, gpu64):.2e}"
+    )
+    assert relative_frobenius(gpu64, cpu64) <= 1e-6
+    assert relative_frobenius(gpu32, gpu64) <= max(2 * noise, 1e-5)
+    assert relative_frobenius(gpu32, cpu32) <= max(3 * noise, 1e-5)
 
 
 def test_uns_records_parameters_history_and_versions(data_dir):
