@@ -16,6 +16,7 @@ from test_kernels import SHAPES, block_inputs, expected_observed
 
 from harmony_step._core import correction, cpu_kernels, init, kernels, permutation
 from harmony_step._core.objective import entropy_sum
+from harmony_step._core.raw import RawRows
 from harmony_step._core.sums import counts, level_sums
 from harmony_step._threads import available_cpus, cpu_threads
 
@@ -208,8 +209,8 @@ def level_index(codes, levels):
 def test_correction_kernels_match_reference(n, k, levels, dtype):
     codes, x, r, weights = correction_inputs(n, k, levels, dtype)
     index = level_index(codes, levels)
-    moments = correction.level_moments(np, x, r, index)
-    expected = correction.level_moments(XP, x, r, index)
+    moments = correction.level_moments(np, RawRows(np, x, dtype, x), r, codes, index)
+    expected = correction.level_moments(XP, RawRows(XP, x, dtype, x), r, codes, index)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(moments, expected, rtol=tol, atol=tol * 10)
     out, out_ref = np.empty_like(x), np.empty_like(x)
@@ -284,3 +285,31 @@ def test_available_cpus_follows_slurm_and_affinity(monkeypatch):
 def test_cpu_threads_rejects_bad_counts(bad):
     with pytest.raises(ValueError, match="thread count"), cpu_threads(bad):
         pass
+
+
+@pytest.mark.parametrize("levels", [(5,), (3, 4)])
+def test_streamed_input_gives_the_resident_sums(monkeypatch, levels):
+    """X streamed in row chunks: the same level moments and correction as X kept whole."""
+    from harmony_step._core import raw as raw_module
+
+    monkeypatch.setattr(raw_module, "CHUNK_ROWS", 700)
+    codes, x, r, weights = correction_inputs(3000, 20, levels, np.float64)
+    index = level_index(codes, levels)
+    resident = RawRows(XP, x, np.float64, x)
+    streamed = RawRows(XP, x, np.float64)
+    np.testing.assert_allclose(
+        correction.level_moments(XP, streamed, r, codes, index),
+        correction.level_moments(XP, resident, r, codes, index),
+        rtol=1e-12, atol=1e-10,
+    )  # fmt: skip
+    out_streamed, out_resident = np.empty_like(x), np.empty_like(x)
+    correction.apply_correction(
+        np, RawRows(np, x, np.float64), r, weights, codes, index, out_streamed
+    )
+    correction.apply_correction(
+        np, RawRows(np, x, np.float64, x), r, weights, codes, index, out_resident
+    )
+    np.testing.assert_allclose(out_streamed, out_resident, rtol=1e-12, atol=1e-12)
+    # rows stored in another dtype are cast chunk by chunk
+    rows, chunk = next(RawRows(XP, x.astype(np.float32), np.float64).chunks())
+    assert (rows, chunk.dtype, chunk.shape) == (slice(0, 700), np.float64, (700, x.shape[1]))

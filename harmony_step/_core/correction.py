@@ -20,6 +20,7 @@ import numpy as np
 
 from harmony_step._batches import BatchDesign
 from harmony_step._core import kernels
+from harmony_step._core.raw import RawRows
 from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums
 
 # A cluster whose total mass is below this fraction of N gets no correction (docs/algorithm.md §8.2).
@@ -103,20 +104,42 @@ def ridge_and_active(
     return ridge, active
 
 
-def level_moments(xp: Any, x: Any, assignments: Any, index: LevelIndex) -> Any:
-    """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64, chunked per level."""
+def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: LevelIndex) -> Any:
+    """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64.
+
+    X on the device: per level, the level's cells in fixed chunks. X streamed from the host: per
+    row chunk of X (``raw.CHUNK_ROWS``), its rows sorted by level, one product per level.
+    """
     if xp is np:
         sizes = [cells.shape[0] for cells in index.cells]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        return kernels.cpu().level_moments(x, assignments, np.concatenate(index.cells), starts)
-    n_clusters, n_pcs = assignments.shape[1], x.shape[1]
+        return kernels.cpu().level_moments(
+            raw.device, assignments, np.concatenate(index.cells), starts
+        )
+    n_clusters, n_pcs = assignments.shape[1], raw.shape[1]
     moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
-    step = chunk_rows(x.shape[0])
+    if not raw.resident:
+        _streamed_level_moments(xp, raw, assignments, codes, moments)
+        return moments
+    x, step = raw.device, chunk_rows(raw.shape[0])
     for b, cells in enumerate(index.cells):
         for start in range(0, cells.shape[0], step):
             chunk = cells[start : start + step]
             moments[b] += cross_sums(xp, assignments[chunk], x[chunk])
     return moments
+
+
+def _streamed_level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, out: Any) -> None:
+    for rows, x in raw.chunks():
+        for c in range(codes.shape[1]):
+            levels = codes[rows, c]
+            order = xp.argsort(levels)
+            r_sorted, x_sorted = assignments[rows][order], x[order]
+            sizes = xp.bincount(levels, minlength=out.shape[0])
+            ends = np.cumsum(sizes.get() if hasattr(sizes, "get") else sizes)
+            for b in np.flatnonzero(ends - np.concatenate([[0], ends[:-1]])):
+                start, stop = (ends[b - 1] if b else 0), ends[b]
+                out[b] += cross_sums(xp, r_sorted[start:stop], x_sorted[start:stop])
 
 
 def closed_form(
@@ -243,11 +266,17 @@ def cross_counts(
 
 
 def apply_correction(
-    xp: Any, x: Any, assignments: Any, weights: np.ndarray, codes: Any, index: LevelIndex, out: Any
-) -> None:
+    xp: Any, raw: RawRows, assignments: Any, weights: np.ndarray, codes: Any, index: LevelIndex,
+    out: Any,
+) -> None:  # fmt: skip
     """out = x - sum_c sum_k R_ik W_k[b_c(i)]: each cell's predicted batch effect removed, per key.
 
-    ``weights`` (K, B, d) host float64; ``codes`` (N, C) int32 on the device.
+    ``weights`` (K, B, d) host float64; ``codes`` (N, C) int32 on the device; X read chunk by
+    chunk (``raw.chunks``).
     """
-    per_level = xp.asarray(np.ascontiguousarray(weights.transpose(1, 0, 2)), dtype=x.dtype)
-    kernels.correct_rows(xp, x, assignments, per_level, codes, index.cells, out)
+    per_level = xp.asarray(np.ascontiguousarray(weights.transpose(1, 0, 2)), dtype=raw.dtype)
+    if raw.resident:
+        kernels.correct_rows(xp, raw.device, assignments, per_level, codes, index.cells, out)
+        return
+    for rows, x in raw.chunks():
+        kernels.correct_rows(xp, x, assignments[rows], per_level, codes[rows], None, out[rows])

@@ -30,6 +30,7 @@ from harmony_step._core.correction import (
 )
 from harmony_step._core.init import initial_centroids, soft_assignments
 from harmony_step._core.objective import entropy_sum, to_parts
+from harmony_step._core.raw import RawRows, keep_on_device
 from harmony_step._core.result import HarmonyResult, IterationRecord, RoundRecord
 from harmony_step._core.setup import Problem, load_embedding, make_problem
 from harmony_step._core.shard import Shard
@@ -115,7 +116,11 @@ def _run(
         params.numpy_dtype.itemsize,
     )  # fmt: skip
     host_output = backend.prepare_host_output(embedding.shape, params.numpy_dtype)
-    x = load_embedding(xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]")
+    keep = keep_on_device(xp, embedding.shape, problem.n_clusters, params.numpy_dtype)
+    x, z_hat = load_embedding(
+        xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]", keep
+    )
+    raw = RawRows(xp, embedding, params.numpy_dtype, x)
     codes = backend.asarray(design.codes[rows])
     index = LevelIndex.build(xp, codes, design, rows)
     consts = ClusteringConstants(
@@ -127,7 +132,7 @@ def _run(
     backend.synchronize()
     mark = clock.add("setup", 0.0)
 
-    state, init_parts = _initialise(xp, x, codes, design, problem, consts, backend)
+    state, init_parts = _initialise(xp, z_hat, codes, design, problem, consts, backend)
     backend.synchronize()
     mark = clock.add("init", mark)
     iterations = [IterationRecord(0, 0, init_parts, clock.elapsed())]
@@ -141,7 +146,7 @@ def _run(
         )  # fmt: skip
         rounds.append(RoundRecord(i + 1, n_iter, fired, parts))
         mark = clock.add("clustering", mark)
-        _correct(xp, x, state, index, problem, params, method, backend, consts)
+        _correct(xp, raw, state, index, problem, params, method, backend, consts)
         peak = max(peak, backend.pool_bytes())
         backend.synchronize()
         mark = clock.add("correction", mark)
@@ -165,21 +170,20 @@ def _run(
 
 def _initialise(
     xp: Any,
-    x: Any,
+    z_hat: Any,
     codes: Any,
     design: BatchDesign,
     problem: Problem,
     consts: ClusteringConstants,
     backend: Backend,
 ):
-    """Z_hat, initial centroids and assignments, O, R^T Z_hat, and the initial objective."""
-    z_hat = row_normalize(xp, x)
+    """Initial centroids and assignments, O, R^T Z_hat, and the initial objective."""
     n_local = z_hat.shape[0]
     strata = design.codes[:, 0] if design.n_keys == 1 else design.joint_codes()[0]
     centroids = initial_centroids(
         xp, z_hat, strata, problem.n_clusters, problem.random_state, consts.shard
     )
-    assignments = xp.empty((n_local, problem.n_clusters), dtype=x.dtype)
+    assignments = xp.empty((n_local, problem.n_clusters), dtype=z_hat.dtype)
     soft_assignments(xp, z_hat, centroids, consts.sigma, out=assignments)
     state = ClusteringState(
         z_hat=z_hat, assignments=assignments, codes=codes,
@@ -196,7 +200,7 @@ def _initialise(
 
 def _correct(
     xp,
-    x,
+    raw: RawRows,
     state: ClusteringState,
     index: LevelIndex,
     problem: Problem,
@@ -215,7 +219,8 @@ def _correct(
     sizes = observed[: problem.first_key_levels].sum(axis=0)
     expected = problem.level_share[:, None] * sizes[None, :]
     ridge, active = ridge_and_active(observed, expected, problem.level_counts, params)
-    moments = backend.to_host(all_ranks(consts, level_moments(xp, x, state.assignments, index)))
+    moments = level_moments(xp, raw, state.assignments, state.codes, index)
+    moments = backend.to_host(all_ranks(consts, moments))
     cross = None
     if method in ("original", "general"):
         cross = cross_counts(
@@ -231,7 +236,7 @@ def _correct(
         shared = xp.asarray(weights)
         consts.shard.comm.broadcast(shared)
         weights = backend.to_host(shared)
-    apply_correction(xp, x, state.assignments, weights, state.codes, index, out=state.z_hat)
+    apply_correction(xp, raw, state.assignments, weights, state.codes, index, out=state.z_hat)
 
 
 def _report_round(params: HarmonyParams, record: RoundRecord) -> None:

@@ -98,25 +98,36 @@ def largest_safe_value(dtype: np.dtype, n_pcs: int) -> float:
     return float(np.sqrt(np.finfo(dtype).max / n_pcs))
 
 
-def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any:
-    """The embedding on the device in the working dtype; rejects NaN/Inf, values the dtype cannot
-    hold and values whose squares overflow it (:func:`largest_safe_value`).
+def load_embedding(
+    xp: Any, host: np.ndarray, dtype: np.dtype, name: str, keep: bool = True
+) -> tuple[Any, Any]:
+    """(X, Z_hat) on the device in the working dtype, Z_hat = X with rows scaled to unit norm; X
+    is None unless ``keep``. Rejects NaN/Inf, values the dtype cannot hold and values whose
+    squares overflow it (:func:`largest_safe_value`).
 
     Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
     full-size staging array is needed, and the input is still checked before any work.
     """
-    x = xp.empty(host.shape, dtype=dtype)
+    from harmony_step._core.sums import row_normalize
+
+    x = xp.empty(host.shape, dtype=dtype) if keep else None
+    z_hat = xp.empty(host.shape, dtype=dtype)
     finite_input = xp.ones((), dtype=bool)
     finite_cast = xp.ones((), dtype=bool)
     largest = xp.zeros((), dtype=dtype)
     for start in range(0, host.shape[0], LOAD_ROWS):
-        part = xp.asarray(host[start : start + LOAD_ROWS])
+        rows = slice(start, start + LOAD_ROWS)
+        part = xp.asarray(host[rows])
         with np.errstate(over="ignore"):
-            x[start : start + LOAD_ROWS] = part
-        largest = xp.maximum(largest, xp.abs(x[start : start + LOAD_ROWS]).max())
+            cast = part.astype(dtype, copy=False)
+        if keep:
+            x[rows] = cast
+        largest = xp.maximum(largest, xp.abs(cast).max())
         if part.dtype.kind == "f":
             finite_input &= xp.isfinite(part).all()
-            finite_cast &= xp.isfinite(x[start : start + LOAD_ROWS]).all()
+            finite_cast &= xp.isfinite(cast).all()
+        with np.errstate(over="ignore", invalid="ignore"):  # bad values are reported below
+            row_normalize(xp, cast, out=z_hat[rows])
     if not bool(finite_input):
         bad = ~np.isfinite(host)
         rows = np.flatnonzero(bad.any(axis=1))
@@ -136,4 +147,4 @@ def load_embedding(xp: Any, host: np.ndarray, dtype: np.dtype, name: str) -> Any
             f"magnitude whose squares {dtype.name} can sum over {host.shape[1]} columns; such "
             f"rows would become zero. Rescale the embedding{wider}."
         )
-    return x
+    return x, z_hat
