@@ -303,3 +303,19 @@ def test_unit_centroids_on_numpy():
     assert transposed.dtype == np.float32
     assert transposed.shape == (2, 2)
     assert transposed.flags.c_contiguous
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("n", "d", "picked"), [(1, 1, 1), (1000, 50, 777), (70, 3, 0), (5000, 33, 5000)]
+)
+def test_gpu_gather_rows_matches_take(dtype, n, d, picked):
+    import cupy
+
+    rng = np.random.default_rng(10)
+    src = rng.normal(size=(n, d)).astype(dtype)
+    rows = rng.integers(0, n, picked).astype(np.int64)
+    out = cupy.full((picked, d), np.nan, dtype=dtype)
+    kernels.gather_rows(cupy, cupy.asarray(src), cupy.asarray(rows), out)
+    np.testing.assert_array_equal(out.get(), src[rows])

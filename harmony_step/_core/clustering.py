@@ -20,6 +20,7 @@ import numpy as np
 from harmony_step._core.graphs import LaunchReplay, address
 from harmony_step._core.kernels import (
     block_update,
+    gather_rows,
     log_penalty_table,
     objective_parts,
     unit_centroids,
@@ -157,7 +158,7 @@ def _iterate(xp: Any, state: ClusteringState, consts: ClusteringConstants, seed:
     for first, last in _spans(offsets, work.span):
         start, stop = offsets[first], offsets[last]
         gathered, similarity = work.gathered[: stop - start], work.similarity[: stop - start]
-        xp.take(state.z_hat, work.order[start:stop], axis=0, out=gathered)
+        gather_rows(xp, state.z_hat, work.order[start:stop], gathered)
         matmul(xp, gathered, centroids_t, out=similarity)
         launches = functools.partial(_update_blocks, xp, state, consts, offsets, first, last)
         if consts.shard is not None:  # collectives inside: run, never record

@@ -250,6 +250,29 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, MIN_BLOCKS) NAME(   
 BLOCK_UPDATE_ENTRY(block_update_float, float)
 BLOCK_UPDATE_ENTRY(block_update_double, double)
 
+// dst[i] = src[rows[i]] for rows of n_cols values: each block copies GATHER_ROWS consecutive
+// output rows, its threads striding over their elements (int32 index arithmetic within a block).
+template <typename T>
+__device__ void gather_rows(
+    const T* __restrict__ src, const long long* __restrict__ rows, T* __restrict__ dst,
+    const long long n_rows, const int n_cols)
+{
+    const long long first = (long long)blockIdx.x * GATHER_ROWS;
+    const int count = (int)min((long long)GATHER_ROWS, n_rows - first);
+    for (int e = threadIdx.x; e < count * n_cols; e += blockDim.x) {
+        const int r = e / n_cols, c = e - r * n_cols;
+        dst[(first + r) * n_cols + c] = src[rows[first + r] * n_cols + c];
+    }
+}
+
+extern "C" __global__ void gather_rows_float(
+    const float* a, const long long* b, float* c, const long long d, const int e)
+{ gather_rows<float>(a, b, c, d, e); }
+
+extern "C" __global__ void gather_rows_double(
+    const double* a, const long long* b, double* c, const long long d, const int e)
+{ gather_rows<double>(a, b, c, d, e); }
+
 // The three objective parts from carried sums, in one block of SMALL_THREADS threads with a fixed
 // reduction order: k-means 2 (sum_k n_k - sum_kd y_kd (R^T Z)_kd), sigma * entropy, and
 // -sigma sum_bk O_bk log P_bk. n_k (dynamic shared memory, K doubles) is summed exactly.
@@ -354,6 +377,8 @@ extern "C" __global__ void log_penalty_table(
 PENALTY_THREADS = 128
 # Threads of the one-block kernels over K x d and B x K sums (a power of two).
 SMALL_THREADS = 256
+# Rows copied by one block of ``gather_rows`` (GATHER_THREADS threads).
+GATHER_ROWS, GATHER_THREADS = 32, 256
 
 
 @functools.cache
@@ -380,6 +405,7 @@ def _kernel(
                 f"-DBLOCK_THREADS={32 * WARPS_PER_BLOCK}",
                 f"-DMIN_BLOCKS={min_blocks}",
                 f"-DSMALL_THREADS={SMALL_THREADS}",
+                f"-DGATHER_ROWS={GATHER_ROWS}",
                 f"-DENTROPY_EPS={ENTROPY_EPS!r}",
                 f"-DFIXED_POINT_SCALE={FIXED_POINT_SCALE!r}",
             ),
@@ -536,6 +562,19 @@ def _log_penalty_reference(observed, level_share, theta, first_key_levels, flavo
     expected = level_share[:, None] * size[None, :]
     denominator = counts + expected if flavor == "harmony2" else counts
     return theta[:, None] * (np.log1p(expected) - np.log1p(denominator))
+
+
+def gather_rows(xp: Any, src: Any, rows: Any, out: Any) -> Any:
+    """out[i] = src[rows[i]]: ``src`` (N, d) C-contiguous, ``rows`` (n,) int64, ``out`` (n, d)."""
+    if xp is np:
+        return np.take(src, rows, axis=0, out=out)
+    if rows.shape[0]:
+        name = "gather_rows_" + ("double" if src.dtype == xp.float64 else "float")
+        _kernel(xp.cuda.Device().id, name)(
+            (-(-rows.shape[0] // GATHER_ROWS),), (GATHER_THREADS,),
+            (src, rows, out, np.int64(rows.shape[0]), np.int32(src.shape[1])),
+        )  # fmt: skip
+    return out
 
 
 def objective_parts(
