@@ -505,7 +505,7 @@ def test_a_task_uses_its_bound_gpu_or_its_index_on_the_node(local_rank, visible,
 )
 def test_a_task_without_its_gpu_is_refused(local_rank, visible, message):
     task = slurm.SlurmTask(rank=1, size=8, local_rank=local_rank, host="h", port=1)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(TooFewGPUsError, match=message):
         slurm.local_device(task, visible)
 
 

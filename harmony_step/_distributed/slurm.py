@@ -30,6 +30,8 @@ import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 
+from harmony_step._errors import TooFewGPUsError
+
 PORT_BASE = 20000
 PORT_SPAN = 20000
 
@@ -140,18 +142,18 @@ def local_device(task: SlurmTask, visible: int) -> int:
 
     Raises
     ------
-    ValueError
+    TooFewGPUsError
         No GPU is visible, or fewer than the task's index on its node needs.
     """
     if visible < 1:
-        raise ValueError(
+        raise TooFewGPUsError(
             f"Slurm task {task.rank} sees no GPU: request one per task "
             "(srun --gpus-per-task=1, or --gpus-per-node with one task per GPU)."
         )
     if visible == 1:
         return 0
     if task.local_rank >= visible:
-        raise ValueError(
+        raise TooFewGPUsError(
             f"Slurm task {task.rank} is task {task.local_rank} on its node but sees only "
             f"{visible} GPU(s): start at most one task per GPU on each node."
         )

@@ -51,15 +51,17 @@ def join(task: SlurmTask, n_gpus: int, *, own_process: bool = True) -> NcclComm:
     Raises
     ------
     ValueError
-        ``n_gpus`` differs from the number of tasks, or the task sees no GPU.
+        ``n_gpus`` differs from the number of tasks.
+    TooFewGPUsError
+        The task sees no GPU, or fewer than its index on its node.
     NCCLUnavailableError, RendezvousTimeoutError, MultiGPUError
         As :func:`~harmony_step._distributed.comm.connect`.
     """
+    _check_size(task, n_gpus)
+    device = local_device(task, visible_gpus())
+    check_nccl()
     import cupy
 
-    _check_size(task, n_gpus)
-    check_nccl()
-    device = local_device(task, visible_gpus())
     cupy.cuda.Device(device).use()
     return connect(
         task.size,
@@ -144,7 +146,9 @@ def serve_task(task: SlurmTask, n_gpus: int | None = None) -> None:
     Raises
     ------
     ValueError
-        This is task 0, ``n_gpus`` differs from the number of tasks, or no GPU is visible.
+        This is task 0, or ``n_gpus`` differs from the number of tasks.
+    TooFewGPUsError, NCCLUnavailableError, RendezvousTimeoutError, MultiGPUError
+        As :func:`join`.
     """
     if task.rank == 0:
         raise ValueError("Task 0 drives the run: run harmony-step (or the Python program) there.")
