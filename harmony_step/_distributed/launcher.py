@@ -100,9 +100,11 @@ def run_on_this_node(
     params: HarmonyParams,
     backend: Backend,
     *,
-    command_for: CommandFor = worker_command,
+    command_for: CommandFor | None = None,
 ) -> HarmonyResult:
-    """Rank 0 on GPU 0 of this machine, with one worker process per further GPU."""
+    """Rank 0 on GPU 0 of this machine, with one worker process per further GPU (started with
+    ``command_for(rank, size, host, port, timeout)``, by default :func:`worker_command`)."""
+    command_for = worker_command if command_for is None else command_for
     size = params.n_gpus
     check_gpu_count(size, visible_gpus())
     check_nccl()
