@@ -29,6 +29,7 @@ from harmony_step._backend import Backend, GPUUnavailableError, gpu_available
 from harmony_step._batches import BatchDesign
 from harmony_step._core.result import HarmonyResult
 from harmony_step._distributed import environment, launcher, processes, protocol, slurm, worker
+from harmony_step._distributed.comm import PeerLostError
 from harmony_step._distributed.rows import byte_chunks, row_range
 from harmony_step._errors import NCCLUnavailableError, TooFewGPUsError
 from harmony_step._params import HarmonyParams
@@ -672,3 +673,34 @@ def test_describe_exit_without_any_output():
         "GPU rank 3 (process 99) exited with status 7 during the run. The run was stopped on "
         "every GPU."
     )
+
+
+class _Watcher:
+    def __init__(self, failure):
+        self._failure, self.waited = failure, False
+
+    def wait_for_failure(self, seconds):
+        self.waited = True
+        return self._failure
+
+    def failure(self):
+        return self._failure
+
+
+@pytest.mark.parametrize(
+    ("error", "aborted", "reported"),
+    [
+        (ValueError("rank 0's own bad input"), False, False),
+        (KeyError("x"), False, False),
+        (type("OutOfMemoryError", (MemoryError,), {})("rank 0's GPU"), False, False),
+        (ValueError("computed on what an aborted collective left"), True, True),
+        (RuntimeError("NCCL error: remote process exited"), False, True),
+        (PeerLostError("cut short"), False, True),
+        (KeyboardInterrupt(), False, True),
+    ],
+)
+def test_rank_0_reports_the_worker_failure_behind_its_error(error, aborted, reported):
+    failure = WorkerFailedError("GPU rank 1 died", rank=1, returncode=-9)
+    watcher = _Watcher(failure)
+    found = launcher._worker_failure_behind(error, aborted, watcher)
+    assert (found is failure) == reported

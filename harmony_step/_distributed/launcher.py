@@ -19,7 +19,7 @@ from harmony_step._backend import Backend, GPUUnavailableError
 from harmony_step._batches import BatchDesign
 from harmony_step._core.result import HarmonyResult
 from harmony_step._distributed import srun
-from harmony_step._distributed.comm import connect
+from harmony_step._distributed.comm import PeerLostError, connect
 from harmony_step._distributed.environment import (
     check_gpu_count,
     check_nccl,
@@ -31,7 +31,7 @@ from harmony_step._distributed.environment import (
 from harmony_step._distributed.processes import WorkerProcesses, worker_command
 from harmony_step._distributed.protocol import lead
 from harmony_step._distributed.slurm import current_task
-from harmony_step._errors import MultiGPUError
+from harmony_step._errors import MultiGPUError, WorkerFailedError
 from harmony_step._params import HarmonyParams
 
 progress_log = logging.getLogger("harmony_step.progress")
@@ -129,11 +129,7 @@ def run_on_this_node(
             try:
                 result = lead(comm, embedding, design, params, backend)
             except BaseException as err:
-                failure = (
-                    workers.wait_for_failure(_FAILURE_GRACE_S)
-                    if isinstance(err, Exception)
-                    else workers.failure()
-                )
+                failure = _worker_failure_behind(err, comm.aborted, workers)
                 comm.abort()
                 if failure is not None:
                     raise failure from err
@@ -147,3 +143,26 @@ def run_on_this_node(
             comm.close()
     result.timings["start_workers"] = started
     return result
+
+
+def _worker_failure_behind(
+    error: BaseException, aborted: bool, workers: WorkerProcesses
+) -> WorkerFailedError | None:
+    """The worker failure that ``error`` of rank 0 is a consequence of, if any.
+
+    Rank 0's own bad input (ValueError, TypeError, KeyError) and its own GPU running out of
+    memory are reported as they are, unless the run had already been aborted; any other error
+    (NCCL's, CUDA's, a collective cut short) waits briefly for the watcher to name the worker
+    that died.
+    """
+    if aborted or isinstance(error, PeerLostError):
+        return workers.wait_for_failure(_FAILURE_GRACE_S)
+    if not isinstance(error, Exception):  # KeyboardInterrupt, the command's SIGTERM
+        return workers.failure()
+    if isinstance(error, ValueError | TypeError | KeyError) or _is_out_of_memory(error):
+        return None
+    return workers.wait_for_failure(_FAILURE_GRACE_S)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(error).__mro__)

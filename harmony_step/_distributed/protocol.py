@@ -251,9 +251,8 @@ def serve(
     params = job.harmony_params()
     start, stop = row_range(job.n_cells, comm.size, comm.rank)
     shape, dtype = (stop - start, job.n_pcs), np.dtype(job.embedding_dtype)
-    prepared = backend.prepare_host_output(
-        shape, dtype
-    )  # pages touched: the copy is not paced by faults
+    # Pages touched beforehand, so the copy from the device is not paced by page faults.
+    prepared = backend.prepare_host_output(shape, dtype)
     rows = prepared.result() if prepared is not None else np.empty(shape, dtype=dtype)
     recv_array(comm, rows, 0, chunk_bytes)
     comm.release_cached()
