@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--slurm",
         action="store_true",
-        help="take rank, size, GPU and rendezvous from srun's environment (every other option "
-        "is then refused)",
+        help="take rank, size, GPU and rendezvous from srun's environment (--rank, --size, "
+        "--host, --port and --device are then refused)",
     )
     parser.add_argument("--rank", type=int, help="this process's rank, 1 to size - 1")
     parser.add_argument("--size", type=int, help="processes (GPUs) of the run, 2 or more")
