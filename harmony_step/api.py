@@ -125,7 +125,7 @@ def harmony_integrate(
     n_gpus
         GPUs to spread the run over, for embeddings one GPU cannot hold or to finish sooner.
         1 (the default) runs in this process on one GPU. With more, this process drives the first
-        GPU and starts one helper process per further GPU (on this machine); each holds a
+        GPU and starts one worker process per further GPU (on this machine); each holds a
         contiguous, equal share of the cells, and the small sums that couple the cells (cluster
         counts, centroid sums, the correction's systems) are added over GPUs through NCCL
         (CuPy's ``cupyx.distributed``; needs the NCCL library, for example
@@ -169,7 +169,7 @@ def harmony_integrate(
         ``n_gpus`` is more than the GPUs visible here, or NCCL cannot be loaded; raised before
         any process is started.
     harmony_step.MultiGPUError
-        A helper process died or failed during the run (the message names its rank, exit status
+        A worker process died or failed during the run (the message names its rank, exit status
         and last error lines; the others are stopped, nothing hangs), or the processes did not
         all meet within the rendezvous timeout. ``adata`` is left as it was.
 
