@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bring up a one-node Slurm cluster on loopback, with a declared GPU, and run the Slurm test suite
-# against it (tests/integration/test_slurm.py and tests/test_profiles.py).
+# against it (tests/integration/test_slurm.py, tests/integration/test_srun.py and
+# tests/test_profiles.py).
 #
 # Run as root on Debian 12. Installs what it needs, can be re-run, bounds every step with
 # `timeout -s KILL`, and stops the daemons it started (by PID) when it exits, however it exits.
@@ -235,5 +236,5 @@ if (($#)); then
 else
     log "running the Slurm tests"
     timeout -s KILL 1500 "$VENV/bin/python" -m pytest -v -p no:cacheprovider \
-        tests/test_profiles.py tests/integration/test_slurm.py
+        tests/test_profiles.py tests/integration/test_slurm.py tests/integration/test_srun.py
 fi

@@ -10,6 +10,9 @@ from harmony_step._errors import (
     BatchKeyWarning,
     MissingBasisError,
     MissingColumnError,
+    MultiGPUError,
+    MultiGPUSetupError,
+    WorkerFailedError,
     WrongTypeError,
 )
 from harmony_step._params import (
@@ -29,7 +32,10 @@ __all__ = [
     "HarmonyParams",
     "MissingBasisError",
     "MissingColumnError",
+    "MultiGPUError",
+    "MultiGPUSetupError",
     "ObjectiveRoseWarning",
+    "WorkerFailedError",
     "WrongTypeError",
     "__version__",
     "cpu_threads",

@@ -29,3 +29,48 @@ class WrongTypeError(TypeError, ValueError):
 
 class BatchKeyWarning(UserWarning):
     """A batch key looks implausible as a batch variable (about one cell per level)."""
+
+
+class MultiGPUError(RuntimeError):
+    """A run spread over several GPUs (``n_gpus > 1``) could not start or did not finish."""
+
+
+class MultiGPUSetupError(MultiGPUError):
+    """This machine cannot run the requested multi-GPU run; raised before any process starts."""
+
+
+class TooFewGPUsError(MultiGPUSetupError):
+    """``n_gpus`` is more than the GPUs visible to this process."""
+
+
+class NCCLUnavailableError(MultiGPUSetupError):
+    """CuPy cannot load NCCL, which a run over several GPUs needs."""
+
+
+class RendezvousTimeoutError(MultiGPUError):
+    """Not every process of a multi-GPU run joined it within the rendezvous timeout."""
+
+
+class WorkerFailedError(MultiGPUError):
+    """Another process of a multi-GPU run died or raised; the run was stopped on every GPU.
+
+    ``rank`` is that process's rank, ``returncode`` its exit status (negative: the signal that
+    killed it; None: still running when it reported the error), ``error_type`` the class name of
+    the exception it raised (None when it died without saying), ``stderr_tail`` the last lines of
+    its error output.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rank: int,
+        returncode: int | None = None,
+        error_type: str | None = None,
+        stderr_tail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.returncode = returncode
+        self.error_type = error_type
+        self.stderr_tail = stderr_tail

@@ -42,7 +42,13 @@ def integrate(
     backend = select_backend(params.device)
     if backend.is_gpu or params.device == "cpu":  # a fall-back to the CPU has logged its own line
         progress_log.info(f"device: {backend.kind} ({backend.name}); {backend.reason}")
-    result = run_harmony(embedding, design, params, backend)
+    if params.n_gpus > 1:
+        # Imported only here: the one-GPU path starts no process and never imports NCCL.
+        from harmony_step._distributed import run_sharded
+
+        result = run_sharded(embedding, design, params, backend)
+    else:
+        result = run_harmony(embedding, design, params, backend)
     raw = adata.obsm[params.basis]
     adata.obsm[params.adjusted_basis] = _in_container_of(raw, result.embedding)
     adata.uns["harmony"] = build_provenance(result, design, params, backend)

@@ -421,16 +421,22 @@ class Switch(Kind):
 
 @dataclasses.dataclass(frozen=True)
 class ParameterSpec:
-    """One row of the table: name, default, help text and kind."""
+    """One row of the table: name, default, help text and kind.
+
+    ``key`` names the parameter on the command line (``--`` + key with ``-`` for ``_``) and in the
+    workflow config; it is the name itself unless the table gives a shorter one (``n_gpus`` is
+    ``--gpus`` and ``gpus:``). ``--params`` files use the name.
+    """
 
     name: str
     default: Any
     help: str
     kind: Kind
+    key: str
 
 
-def _parameter(default: Any, kind: Kind, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"kind": kind, "help": help})
+def _parameter(default: Any, kind: Kind, help: str, key: str | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "key": key})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -531,6 +537,14 @@ class HarmonyParams:
         "where Harmony runs: auto (the GPU when CuPy can use one, else the CPU), gpu (an error "
         "when no GPU is usable) or cpu",
     )
+    n_gpus: int = _parameter(
+        1,
+        Integer(1),
+        "GPUs one run is spread over: one process per GPU, each holding an equal share of the "
+        "cells, the sums between them added through NCCL; more than 1 needs device gpu or auto "
+        "and that many GPUs visible",
+        key="gpus",
+    )
 
     # Settings that a flavor ignores: (flavor, the parameters it ignores, the advice).
     _IGNORED: ClassVar[tuple[tuple[str, tuple[str, ...], str], ...]] = (
@@ -613,6 +627,7 @@ class HarmonyParams:
                 origins[name] = where
         params = cls(**checked)
         params._check_output_name(origins["adjusted_basis"] or origins["basis"])
+        params._check_gpus(origins["n_gpus"] or origins["device"])
         for message in params._ignored_settings():
             warnings.warn(message, HarmonyParameterWarning, stacklevel=stacklevel + 1)
         return params
@@ -626,6 +641,18 @@ class HarmonyParams:
                     f"The 'adjusted_basis' parameter must differ from 'basis' ({self.basis!r}): "
                     "the corrected embedding would overwrite the original. Choose another name, "
                     f"such as {self.basis + '_harmony'!r}.",
+                )
+            )
+
+    def _check_gpus(self, where: str) -> None:
+        """Several GPUs need the GPU backend: the CPU backend runs in one process."""
+        if self.n_gpus > 1 and self.device == "cpu":
+            raise ValueError(
+                _prefixed(
+                    where,
+                    f"The 'n_gpus' parameter must be 1 with device='cpu' (the CPU backend runs in "
+                    f"one process). Got {self.n_gpus} instead: use device='gpu' or 'auto' to "
+                    "spread the run over GPUs, or n_gpus=1.",
                 )
             )
 
@@ -655,10 +682,14 @@ def _prefixed(where: str, message: str) -> str:
 
 
 PARAMETERS: tuple[ParameterSpec, ...] = tuple(
-    ParameterSpec(f.name, f.default, f.metadata["help"], f.metadata["kind"])
+    ParameterSpec(
+        f.name, f.default, f.metadata["help"], f.metadata["kind"], f.metadata["key"] or f.name
+    )
     for f in dataclasses.fields(HarmonyParams)
 )
 """The table, in the order of the public signature of ``harmony_integrate``."""
 
 DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
 KINDS: dict[str, Kind] = {p.name: p.kind for p in PARAMETERS}
+KEYS: dict[str, str] = {p.name: p.key for p in PARAMETERS}
+"""The command-line and config name of each parameter, by parameter name."""

@@ -21,8 +21,9 @@ from harmony_step._params import PARAMETERS, ParameterSpec
 DATASET_LEVEL = ("basis", "adjusted_basis")
 """Parameters set per dataset, next to its input file, rather than in the ``harmony`` section."""
 
-TOP_LEVEL = ("device",)
-"""Parameters set once at the top of the config (a dataset's ``params`` may still override them)."""
+TOP_LEVEL = ("device", "n_gpus")
+"""Parameters set once at the top of the config (a dataset's ``params`` may still override them);
+the config names them by their key (``gpus`` for ``n_gpus``)."""
 
 _REGION = re.compile(
     r"^(?P<indent>[ ]*)# >>> generated: (?P<name>[a-z -]+)\n.*?^[ ]*# <<< generated: (?P=name)\n",
@@ -45,7 +46,7 @@ def _shared() -> list[ParameterSpec]:
 def blocks() -> dict[str, dict[str, Any]]:
     """The generated blocks by region name: each a mapping of config keys to their schemas."""
     top = {
-        spec.name: _entry(spec, f"{spec.help}.", default=True)
+        spec.key: _entry(spec, f"{spec.help}.", default=True)
         for spec in PARAMETERS
         if spec.name in TOP_LEVEL
     }
@@ -71,14 +72,14 @@ def blocks() -> dict[str, dict[str, Any]]:
     }
     for spec in PARAMETERS:
         if spec.name in TOP_LEVEL:
-            where = f"Overrides the top-level {spec.name} for this dataset."
-            overrides[spec.name] = _entry(spec, where, default=False)
+            where = f"Overrides the top-level {spec.key} for this dataset."
+            overrides[spec.key] = _entry(spec, where, default=False)
     dataset["params"] = {
         "type": "object",
         "additionalProperties": False,
         "description": "Harmony parameters for this dataset only; each replaces the value of the "
-        "same name in the `harmony` section (or the top-level `device`). Empty by default: the "
-        "dataset uses the shared values.",
+        "same name in the `harmony` section (or the top-level `device` and `gpus`). Empty by "
+        "default: the dataset uses the shared values.",
         # No defaults inside: validation would fill them in and override the shared values.
         "default": {},
         "properties": overrides,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from harmony_step._params import (
+    KEYS,
     PARAMETERS,
     HarmonyParams,
     ParameterSpec,
@@ -40,11 +41,20 @@ and renamed into place when all are complete; the input is never modified.
 
 Parameters: built-in defaults < --params YAML file < flags on the command line.
 
+--gpus N spreads the run over N GPUs of this machine (one process each, NCCL between them).
+Under srun with one task per GPU, every task runs this same command with --gpus N (N = the
+number of tasks): task 0 reads and writes the files, the others only compute.
+
 Exit codes: 0 success; 2 bad input (unreadable or malformed file, bad parameters, missing basis or
-key, unwritable output); 3 GPU requested but unavailable; 4 GPU out of memory; 5 internal error.
+key, unwritable output); 3 GPU requested but unavailable (or, with --gpus, fewer GPUs visible
+than asked for, or no NCCL); 4 GPU out of memory; 5 internal error; 6 a run over several GPUs
+failed (a GPU process died, or the processes did not all start).
 Errors are one 'harmony-step: error: ...' line on stderr (with a traceback under --debug).
 """
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NO_GPU, EXIT_GPU_MEMORY, EXIT_INTERNAL = 0, 2, 3, 4, 5
+EXIT_MULTI_GPU = 6
+# What a failed GPU process's own error means for the exit code (it reports the class name).
+_BAD_INPUT_ERRORS = frozenset({"ValueError", "TypeError", "KeyError", "WrongTypeError"})
 
 
 class UsageError(Exception):
@@ -59,8 +69,9 @@ class Terminated(BaseException):
 
 
 def flag_name(parameter: str) -> str:
-    """The command-line flag of a Harmony parameter: ``max_iter_harmony`` -> ``--max-iter-harmony``."""
-    return "--" + parameter.replace("_", "-")
+    """The command-line flag of a Harmony parameter: ``max_iter_harmony`` -> ``--max-iter-harmony``,
+    ``n_gpus`` -> ``--gpus`` (the table's key where it gives one)."""
+    return "--" + KEYS.get(parameter, parameter).replace("_", "-")
 
 
 def flag_help(spec: ParameterSpec) -> str:
@@ -268,9 +279,17 @@ def _is_gpu_out_of_memory(error: BaseException) -> bool:
 def exit_code(error: BaseException) -> int:
     """The exit code for an exception raised during a run (see the module documentation)."""
     from harmony_step._backend import GPUUnavailableError
+    from harmony_step._errors import MultiGPUError, MultiGPUSetupError, WorkerFailedError
 
-    if isinstance(error, GPUUnavailableError):
+    if isinstance(error, GPUUnavailableError | MultiGPUSetupError):
         return EXIT_NO_GPU
+    if isinstance(error, WorkerFailedError):
+        if error.error_type == "OutOfMemoryError":
+            return EXIT_GPU_MEMORY
+        if error.error_type in _BAD_INPUT_ERRORS:
+            return EXIT_BAD_INPUT
+    if isinstance(error, MultiGPUError):
+        return EXIT_MULTI_GPU
     if _is_gpu_out_of_memory(error):
         return EXIT_GPU_MEMORY
     if isinstance(error, UsageError | OSError | KeyError | ValueError | TypeError):
@@ -291,7 +310,8 @@ def _describe_error(error: BaseException, code: int) -> str:
     if code == EXIT_GPU_MEMORY:
         return (
             f"the GPU ran out of memory ({text}). Try --dtype float32, "
-            "--correction-method batched, a GPU with more memory, or --device cpu."
+            "--correction-method batched, more GPUs (--gpus), a GPU with more memory, or "
+            "--device cpu."
         )
     if code == EXIT_INTERNAL:
         return (
@@ -324,6 +344,23 @@ def step_request(args: argparse.Namespace, argv: Sequence[str]) -> StepRequest:
 # --- entry point -------------------------------------------------------------------------------
 
 
+def _run(request: StepRequest, params: HarmonyParams, started: float) -> None:
+    """The step; with several GPUs under ``srun``, this task's part of it (task 0 runs the step
+    with the run's communicator joined first; the other tasks only compute)."""
+    if params.n_gpus > 1:
+        from harmony_step._distributed import srun
+
+        task = srun.command_task()
+        if task is not None and task.rank > 0:
+            srun.serve_task(task, params.n_gpus)
+            return
+        if task is not None:
+            with srun.leader_session(task, params.n_gpus):
+                run_step(request, params, started=started)
+            return
+    run_step(request, params, started=started)
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
@@ -347,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with attached(display, debug=args.debug):
-            run_step(step_request(args, argv), resolve_parameters(args), started=started)
+            _run(step_request(args, argv), resolve_parameters(args), started)
         return EXIT_OK
     except Terminated:
         display.message("error", "terminated (SIGTERM); no output was written")

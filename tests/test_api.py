@@ -44,7 +44,7 @@ def test_signature_is_the_published_one():
         "ridge_lambda: 'float' = 1.0, alpha: 'float' = 0.2, batch_prune_threshold: 'float | None' = 1e-05, "
         "correction_method: 'str | None' = None, colsum_algo: 'str | None' = None, "
         "block_proportion: 'float' = 0.05, random_state: 'int | None' = 0, verbose: 'bool' = False, "
-        "device: 'str' = 'auto') -> 'None'"
+        "device: 'str' = 'auto', n_gpus: 'int' = 1) -> 'None'"
     )
     assert str(inspect.signature(harmony_integrate)) == expected
     names = list(inspect.signature(harmony_integrate).parameters)
@@ -53,6 +53,7 @@ def test_signature_is_the_published_one():
     assert defaults["dtype"] is np.float64
     assert defaults["tau"] == 0
     assert defaults["random_state"] == 0
+    assert defaults["n_gpus"] == 1
 
 
 @pytest.mark.parametrize("device", DEVICES)

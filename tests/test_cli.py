@@ -248,6 +248,24 @@ def _user_case(
             r"obsm\['X_pca'\] has values up to 1e\+200, above 2.45e\+153",
             {},
         )
+    if name == "several GPUs on the CPU":
+        return (
+            [*base, "--gpus", "2", "--device", "cpu"],
+            2,
+            r"'n_gpus' parameter must be 1 with device='cpu'",
+            {},
+        )
+    if name == "zero GPUs":
+        return [*base, "--gpus", "0"], 2, r"'n_gpus' parameter must be an int in the range", {}
+    if name == "GPUs not a number":
+        return [*base, "--gpus", "two"], 2, r"argument --gpus: expected an integer, got 'two'", {}
+    if name == "several GPUs but none usable":
+        return (
+            [*base, "--gpus", "2"],
+            3,
+            r"n_gpus=2 needs GPUs, but this run would be on the CPU",
+            {"CUDA_VISIBLE_DEVICES": ""},
+        )
     if name == "output is a device":
         return (
             [*base[:2], "--output", os.devnull, *base[4:]],
@@ -291,6 +309,10 @@ BAD_CASES = [
     "key listed twice",
     "continuous float key",
     "values whose squares overflow",
+    "several GPUs on the CPU",
+    "zero GPUs",
+    "GPUs not a number",
+    "several GPUs but none usable",
     "output is a device",
 ]
 

@@ -205,6 +205,23 @@ def test_only_datasets_that_run_on_a_gpu_ask_for_one(tmp_path, data_dir):
     assert "--cpus-per-task=4" in resource_options(calls["on_cpu", 1])
 
 
+def test_a_dataset_spread_over_two_gpus_asks_for_two_and_their_processes_memory(tmp_path, data_dir):
+    pbmc = data_dir / "pbmc_3500" / "pbmc_3500.h5ad"
+    calls = attempted_sbatch_calls(
+        tmp_path, {"two": pbmc, "one": pbmc}, params={"two": {"gpus": 2}}
+    )
+
+    # 4012 MB as for one GPU, plus 3000 MB for the second GPU's process
+    assert resource_options(calls["two", 1]) == {
+        "--gpus=2",
+        "--cpus-per-task=4",
+        "--mem 7012",
+        "-t 31",
+        "-p gpu",
+    }
+    assert "--gpus=1" in resource_options(calls["one", 1])
+
+
 def test_harmony_memory_and_time_grow_with_the_input_size(tmp_path, data_dir):
     # A real h5ad grown to 20 GiB with a sparse tail: the check before the run reads its names,
     # Snakemake its size, and the job never starts.

@@ -110,6 +110,13 @@ BAD_PARAMETERS = [
     ({"adjusted_basis": ""}, ValueError, "'adjusted_basis' parameter must be a non-empty str"),
     ({"adjusted_basis": 3}, TypeError, "'adjusted_basis' parameter must be a non-empty str"),
     ({"device": "tpu"}, ValueError, "'device'"),
+    ({"n_gpus": 0}, ValueError, r"'n_gpus' parameter must be an int in the range \[1, 2\*\*63\)"),
+    ({"n_gpus": 2.0}, TypeError, "'n_gpus'"),
+    (
+        {"n_gpus": 2, "device": "cpu"},
+        ValueError,
+        r"'n_gpus' parameter must be 1 with device='cpu' \(the CPU backend runs in one process\)",
+    ),
     ({"verbose": "yes"}, TypeError, "'verbose'"),
 ]
 

@@ -354,6 +354,22 @@ def test_gpu_request_follows_device_and_config(
     assert requests == [str(expected)] * len(DATASETS), plan
 
 
+def test_a_job_asks_for_the_gpus_its_run_is_spread_over(tmp_path: Path) -> None:
+    def spread(config: dict) -> None:
+        config["device"] = "auto"
+        config["gpus"] = 2
+        config["datasets"]["pbmc_theta1"].setdefault("params", {})["gpus"] = 3
+
+    plan = snakemake(write_workdir(tmp_path, spread), "--dry-run", "--printshellcmds")
+    found = re.findall(r"^    wildcards: dataset=(\S+)\n    resources: .*\bgpu=(\d+)", plan, re.M)
+    requests = {dataset: int(gpus) for dataset, gpus in found}
+    assert requests == {"pbmc": 2, "pbmc_theta1": 3}, plan
+    # the params file handed to harmony-step names the parameter, not the config key
+    assert "n_gpus: 2" in plan
+    assert "n_gpus: 3" in plan
+    assert "gpus: 3\n" not in plan.replace("n_gpus: 3", "")
+
+
 def test_plot_switched_off_is_neither_drawn_nor_expected(tmp_path: Path) -> None:
     def no_plot(config: dict) -> None:
         config["plot"] = False
@@ -469,8 +485,21 @@ def set_dataset(name: str, **values: Any) -> Callable[[dict], None]:
             r"Dataset 'pbmc': adjusted_basis 'X_pca' is the same as basis; the corrected "
             r"embedding would replace the original\.",
         ),
+        (
+            set_dataset("pbmc", params={"gpus": 2, "device": "cpu"}),
+            r"Dataset 'pbmc': gpus 2 with device cpu; the CPU backend runs in one process\.",
+        ),
     ],
-    ids=["key", "one-of-two-keys", "label-key", "basis", "missing-file", "not-hdf5", "same-basis"],
+    ids=[
+        "key",
+        "one-of-two-keys",
+        "label-key",
+        "basis",
+        "missing-file",
+        "not-hdf5",
+        "same-basis",
+        "gpus-on-cpu",
+    ],
 )
 def test_inputs_are_checked_before_any_job(
     tmp_path: Path, edit: Callable[[dict], None], message: str
@@ -585,6 +614,7 @@ def test_example_config_shows_every_key_with_its_default() -> None:
     assert example["harmony"] == {name: defaults[name] for name in example["harmony"]}
     assert set(example["harmony"]) == set(schema["properties"]["harmony"]["properties"])
     assert example["device"] == defaults["device"]
+    assert example["gpus"] == defaults["n_gpus"]
 
 
 @pytest.mark.parametrize(
@@ -653,6 +683,7 @@ def test_schema_accepts_what_the_parameters_accept(name: str, value: Any) -> Non
             r"at datasets\.pbmc_theta1\.params\.theta: 'high' .*Allowed: a number >= 0",
         ),
         (lambda c: c.update(device="tpu"), r"at device: 'tpu' is not one of"),
+        (lambda c: c.update(gpus=0), r"at gpus: 0 is less than the minimum of 1"),
         (
             lambda c: c["datasets"]["pbmc"].pop("key"),
             r"at datasets\.pbmc: 'key' is a required property",
@@ -665,6 +696,7 @@ def test_schema_accepts_what_the_parameters_accept(name: str, value: Any) -> Non
         "wrong-type",
         "wrong-theta",
         "bad-device",
+        "no-gpus",
         "missing-key",
     ],
 )

@@ -136,8 +136,13 @@ def dataset_result(name, filename):
     return f"{RESULTS}/{name}/{filename}"
 
 
+# Config keys that name a Harmony parameter differently (the command's flag is --gpus as well).
+PARAMETER_NAMES = {"gpus": "n_gpus"}
+
+
 def harmony_settings(name):
-    """Every Harmony parameter of dataset ``name``: shared values, then its own overrides.
+    """Every Harmony parameter of dataset ``name``, by parameter name: shared values, then its
+    own overrides.
 
     Keys are sorted so that reordering the config file does not look like a parameter change
     to Snakemake's params rerun trigger.
@@ -147,8 +152,9 @@ def harmony_settings(name):
         "basis": dataset["basis"],
         "adjusted_basis": dataset["adjusted_basis"],
         "device": config["device"],
+        "n_gpus": config["gpus"],
         **config["harmony"],
-        **dataset["params"],
+        **{PARAMETER_NAMES.get(key, key): value for key, value in dataset["params"].items()},
     }
     return dict(sorted(merged.items()))
 
@@ -175,11 +181,13 @@ def label_key_flag(name):
 
 
 def gpu_request(wildcards):
-    """GPUs for one dataset's job: the configured number, or one unless it runs on the CPU."""
+    """GPUs for one dataset's job: the configured number, or as many as its run is spread over
+    (gpus) unless it runs on the CPU."""
     requested = config["resources"]["gpu"]
     if requested is not None:
         return requested
-    return 0 if harmony_settings(wildcards.dataset)["device"] == "cpu" else 1
+    settings = harmony_settings(wildcards.dataset)
+    return 0 if settings["device"] == "cpu" else settings["n_gpus"]
 
 
 # Per dataset: the files of the harmony rule, then those drawn for the report (rules/report.smk).

@@ -68,22 +68,30 @@ def input_problems(name, dataset):
     return problems
 
 
-def naming_problems(name):
-    """What is wrong with the obsm names of one dataset, whatever its input holds."""
+def settings_problems(name):
+    """What is wrong with the settings of one dataset, whatever its input holds: an obsm name
+    that would replace the basis, or several GPUs for a run on the CPU."""
     settings = harmony_settings(name)
+    problems = []
     if settings["adjusted_basis"] == settings["basis"]:
-        return [
+        problems.append(
             f"Dataset {name!r}: adjusted_basis {settings['adjusted_basis']!r} is the same as "
             "basis; the corrected embedding would replace the original. Choose another name "
             "(the default is 'X_pca_harmony')."
-        ]
-    return []
+        )
+    if settings["n_gpus"] > 1 and settings["device"] == "cpu":
+        problems.append(
+            f"Dataset {name!r}: gpus {settings['n_gpus']} with device cpu; the CPU backend runs "
+            "in one process. Use device auto or gpu to spread the run over GPUs, or gpus 1."
+        )
+    return problems
 
 
 def check_inputs():
-    """Stop before any job when an input file, batch key, label key or basis is missing, or when
-    adjusted_basis would replace basis (Snakemake would remove the earlier results first)."""
-    problems = [line for name in DATASETS for line in naming_problems(name)]
+    """Stop before any job when an input file, batch key, label key or basis is missing, when
+    adjusted_basis would replace basis (Snakemake would remove the earlier results first), or when
+    a dataset asks for several GPUs on the CPU."""
+    problems = [line for name in DATASETS for line in settings_problems(name)]
     try:
         import h5py  # noqa: F401
     except ImportError:
