@@ -8,11 +8,12 @@ one-GPU run first, so that every run on more GPUs is compared with it.
 
 Per row (``benchmarks/results/multigpu.json``, rows replaced by gpus, cells, dtype and flavor):
 
-* ``seconds``: wall time of the ``harmony_integrate`` call (worker start, rendezvous, moving the
-  rows to the GPUs, the algorithm and collecting the result included), after a warm-up run on
-  ``--warmup-cells`` cells with the same GPU count (kernel compilation, library loading);
+* ``seconds``: wall time of one run of the engine under ``harmony_integrate`` (its AnnData
+  bookkeeping left out; worker start, rendezvous, moving the rows to the GPUs, the algorithm and
+  collecting the result included), after a warm-up run on ``--warmup-cells`` cells with the same
+  GPU count (kernel compilation, library loading);
 * ``peak_gpu_bytes``: the largest CuPy pool size any GPU of the run reached
-  (``uns['harmony']['peak_gpu_memory_bytes']``, the maximum over ranks);
+  (the run's ``peak_pool_bytes``, the maximum over ranks);
 * ``rel_diff_vs_one_gpu``: ``||E_G - E_1||_F / ||E_1||_F`` against the one-GPU run of the same
   size and dtype (None where there is none);
 * ``error``: None, or the one-line error of a run that failed (a one-GPU run out of memory is how
@@ -35,7 +36,6 @@ import argparse
 import datetime
 import gc
 import json
-import logging
 import os
 import platform
 import sys
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realistic_data import generate
-from run_realistic import PARAMS, TimingsCatcher, rel_frobenius
+from run_realistic import PARAMS, rel_frobenius
 
 import harmony_step
 
@@ -70,43 +70,47 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:600]
 
 
-def run(adata, gpus: int, dtype: str, flavor: str) -> tuple[dict, np.ndarray | None]:
-    """One harmony_integrate call; the row's fields and the corrected embedding (None on error)."""
-    logger = logging.getLogger("harmony_step.progress")
-    catcher, level = TimingsCatcher(), logger.level
-    logger.addHandler(catcher)
-    logger.setLevel(logging.INFO)
+def run(data, gpus: int, dtype: str, flavor: str) -> tuple[dict, np.ndarray | None]:
+    """One run of the engine under ``harmony_integrate`` on the generated arrays (no AnnData: at
+    10^8 cells building one takes minutes, all of it in string cell names); the row's fields and
+    the corrected embedding (None on error)."""
+    import pandas as pd
+
+    from harmony_step._backend import select_backend
+    from harmony_step._batches import encode_batches
+    from harmony_step._core import run_harmony
+    from harmony_step._distributed import run_sharded
+    from harmony_step._params import HarmonyParams
+
+    values = {k: v for k, v in PARAMS.items() if k != "colsum_algo"}
+    values.update(flavor=flavor, dtype=np.dtype(dtype).type, device="gpu", n_gpus=gpus)
+    params = HarmonyParams.resolve([("", values)], stacklevel=2)
+    obs = pd.DataFrame({BATCH_KEY: pd.Categorical.from_codes(data.batch, data.batch_names())})
+    design = encode_batches(obs, (BATCH_KEY,))
+    backend = select_backend("gpu")
     gc.collect()
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            harmony_step.harmony_integrate(
-                adata, BATCH_KEY, flavor=flavor, dtype=np.dtype(dtype).type, device="gpu",
-                n_gpus=gpus, **PARAMS,
-            )  # fmt: skip
+            engine = run_sharded if gpus > 1 else run_harmony
+            result = engine(data.embedding, design, params, backend)
     except Exception as err:
         seconds = time.perf_counter() - start
         _release_gpu_memory()
-        return {"seconds": seconds, "error": one_line(err), "timings": catcher.timings}, None
-    finally:
-        logger.removeHandler(catcher)
-        logger.setLevel(level)
+        return {"seconds": seconds, "error": one_line(err), "timings": {}}, None
     seconds = time.perf_counter() - start
-    record = adata.uns.pop("harmony")
-    corrected = adata.obsm.pop(PARAMS["adjusted_basis"])
-    per_round = [int(v) for v in np.asarray(record["rounds"]["inner_iterations"])[1:]]
     _release_gpu_memory()
     return {
         "seconds": seconds,
-        "peak_gpu_bytes": int(record["peak_gpu_memory_bytes"]),
+        "peak_gpu_bytes": int(result.peak_pool_bytes),
         "error": None,
-        "rounds": int(record["n_rounds"]),
-        "inner_iterations": int(sum(per_round)),
-        "converged": bool(record["converged"]),
-        "n_clusters": int(record["resolved"]["n_clusters"]),
-        "timings": catcher.timings,
-    }, corrected
+        "rounds": len(result.rounds) - 1,
+        "inner_iterations": int(sum(r.inner_iterations for r in result.rounds[1:])),
+        "converged": bool(result.converged),
+        "n_clusters": int(result.n_clusters),
+        "timings": {k: float(v) for k, v in result.timings.items()},
+    }, result.embedding
 
 
 def _release_gpu_memory() -> None:
@@ -332,7 +336,7 @@ def main() -> None:
     meta = machine()
     counts = sorted(set(args.gpus))
     log(f"{meta['gpus_visible']} x {meta['device_name']}; runs on {counts} GPU(s)")
-    warm = generate(args.warmup_cells, args.seed + 1).to_anndata()
+    warm = generate(args.warmup_cells, args.seed + 1)
     for gpus in counts:
         for dtype in args.dtypes:
             row, _ = run(warm, gpus, dtype, args.flavor)
@@ -341,12 +345,12 @@ def main() -> None:
 
     for cells in args.cells:
         start = time.perf_counter()
-        adata = generate(cells, args.seed).to_anndata()
+        data = generate(cells, args.seed)
         log(f"{cells:,} cells generated in {time.perf_counter() - start:.1f} s")
         for dtype in args.dtypes:
             reference = None
             for gpus in counts:
-                fields, corrected = run(adata, gpus, dtype, args.flavor)
+                fields, corrected = run(data, gpus, dtype, args.flavor)
                 if gpus == 1:
                     reference = corrected
                     rel = 0.0 if corrected is not None else None
@@ -371,7 +375,7 @@ def main() -> None:
                 )
                 del corrected
             del reference
-        del adata
+        del data
         gc.collect()
     log(f"results in {path}, {args.out / 'multigpu.md'}, {args.out / 'multigpu.png'}")
 

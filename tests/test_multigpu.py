@@ -197,13 +197,18 @@ def test_correction_strategies_agree_on_two_gpus(data_dir):
         assert relative_frobenius(runs[method], runs["batched"]) <= 1e-10, method
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(np.float64, 1e-6), (np.float32, 1e-3)])
 @pytest.mark.parametrize("name", list(DATASETS))
-def test_two_gpus_match_the_cpu(data_dir, name, dtype, tolerance):
+def test_two_gpus_match_the_cpu(data_dir, name):
+    """float64 closely; float32 within float32's own noise on these runs (its distance from
+    float64 on the CPU), as in test_api's one-GPU check."""
     adata = load(data_dir, name)
-    cpu = integrate(adata, DATASETS[name], dtype=dtype, device="cpu")
-    two = integrate(adata, DATASETS[name], dtype=dtype, n_gpus=2)
-    assert relative_frobenius(two, cpu) <= tolerance
+    cpu64 = integrate(adata, DATASETS[name], dtype=np.float64, device="cpu").copy()
+    cpu32 = integrate(adata, DATASETS[name], dtype=np.float32, device="cpu").copy()
+    two64 = integrate(adata, DATASETS[name], dtype=np.float64, n_gpus=2).copy()
+    two32 = integrate(adata, DATASETS[name], dtype=np.float32, n_gpus=2)
+    assert relative_frobenius(two64, cpu64) <= 1e-6
+    noise = relative_frobenius(cpu32, cpu64)
+    assert relative_frobenius(two32, cpu32) <= max(3 * noise, 1e-5)
 
 
 @pytest.mark.parametrize(("name", "r_ilisi"), [("pbmc_3500", 2.32), ("cell_lines", 1.73)])
