@@ -259,3 +259,24 @@ def test_gpu_metrics_equal_cpu_metrics():
         for name, value in cpu[when].items():
             assert gpu[when][name] == pytest.approx(value, rel=0, abs=1e-6), (when, name)
     assert cpu["settings"] == gpu["settings"]
+
+
+def test_metrics_do_not_depend_on_the_thread_count(monkeypatch):
+    """The CPU's chunks are fixed, so 1 and 3 threads give the same bits; chunks smaller than the
+    sample exercise the pool."""
+    monkeypatch.setattr(metrics, "_CPU_CHUNK_ROWS", 64)
+    points, kind = _clustered(3000, seed=11)
+    batches = np.random.default_rng(12).integers(0, 3, size=3000)
+    common = {"batch_key": "b", "label_key": "t", "seed": 0, "sample_size": 1000}
+    one = metrics_before_after(points, points * 1.1, batches, kind, **common, threads=1)
+    three = metrics_before_after(points, points * 1.1, batches, kind, **common, threads=3)
+    assert one == three
+
+
+def test_both_silhouettes_from_one_pass_equal_each_alone():
+    points, kind = _clustered(1500, seed=13)
+    batches = np.random.default_rng(14).integers(0, 4, size=1500)
+    together = metrics.silhouettes(points, [batches, kind, np.zeros(1500, dtype=int)])
+    assert together[0] == pytest.approx(silhouette(points, batches), rel=0, abs=1e-12)
+    assert together[1] == pytest.approx(silhouette(points, kind), rel=0, abs=1e-12)
+    assert together[2] is None  # one label

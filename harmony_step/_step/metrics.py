@@ -60,6 +60,7 @@ _GPU_TILE_ELEMENTS = 1 << 31  # at most this on a GPU (16 GiB in float64): large
 _GPU_MIN_TILE_ELEMENTS = 1 << 24
 _GPU_MEMORY_SHARE = 8  # a tile takes at most 1/8 of the free device memory (scratch comes on top)
 _MAX_GROUP = 1024  # most columns per group in the brute-force search (see candidates_bruteforce)
+_CPU_CHUNK_ROWS = 256  # query or sampled cells per task of the CPU's thread pool
 
 
 def simpson_index(
@@ -69,6 +70,7 @@ def simpson_index(
     perplexity: float = PERPLEXITY,
     *,
     xp: Any = np,
+    threads: int = 1,
 ) -> Any:
     """Simpson index of the labels around each cell under a perplexity-calibrated Gaussian kernel.
 
@@ -84,6 +86,9 @@ def simpson_index(
         Target perplexity of the neighbour weights; larger spreads the weight over more neighbours.
     xp
         Array namespace (NumPy, or CuPy for the GPU); the inputs are moved into it.
+    threads
+        CPU threads: the cells are cut into fixed chunks, each calibrated on its own (every cell's
+        value is the same for any cut and any thread count).
 
     Returns
     -------
@@ -91,6 +96,23 @@ def simpson_index(
     """
     distances = xp.asarray(distances, dtype=xp.float64)
     neighbour_labels = xp.asarray(neighbour_labels)
+    out = xp.empty(distances.shape[0], dtype=xp.float64)
+    rows = _chunk_rows(distances.shape[0], 8 * _CPU_CHUNK_ROWS, xp)
+
+    def task(i: int) -> None:
+        chunk = slice(i * rows, (i + 1) * rows)
+        out[chunk] = _simpson_rows(
+            distances[chunk], neighbour_labels[chunk], n_labels, perplexity, xp
+        )
+
+    _run_chunks(task, -(-distances.shape[0] // rows), xp, threads)
+    return out
+
+
+def _simpson_rows(
+    distances: Any, neighbour_labels: Any, n_labels: int, perplexity: float, xp: Any
+) -> Any:
+    """:func:`simpson_index` of a block of cells."""
     n_cells = distances.shape[0]
     # The kernel precision beta and the entropy are single precision, as in R lisi's C++ code:
     # with doubles the bisection stops one step earlier or later for some cells, which moves
@@ -194,6 +216,7 @@ def neighbours(
     perplexity: float = PERPLEXITY,
     query: np.ndarray | None = None,
     xp: Any = np,
+    threads: int = 1,
 ) -> tuple[Any, Any]:
     """Distances and indices of the LISI neighbourhood of each (query) cell, the cell itself left out.
 
@@ -216,9 +239,9 @@ def neighbours(
         candidates = _candidates_sklearn(points, query_idx, n_candidates)
     else:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-    candidates = xp.sort(candidates, axis=1)  # index order first, so that a stable sort on the
-    distances = exact_distances(points, query_idx, candidates, xp=xp)  # distance keeps it on ties
-    distances[candidates == query_idx[:, None]] = xp.inf  # the cell itself goes last
+    candidates = xp.sort(candidates, axis=1)  # index order first: a stable sort on the distance
+    distances = exact_distances(points, query_idx, candidates, xp=xp, threads=threads)
+    distances[candidates == query_idx[:, None]] = xp.inf  # keeps it on ties; the cell goes last
     order = xp.argsort(distances, axis=1, kind="stable")[:, : n_neighbors - 1]
     return (
         xp.take_along_axis(distances, order, axis=1),
@@ -325,7 +348,9 @@ def _smallest_per_row(tile: Any, c: int, group: int, xp: Any) -> Any:
     return best
 
 
-def exact_distances(points: Any, query_idx: Any, candidates: Any, *, xp: Any = np) -> Any:
+def exact_distances(
+    points: Any, query_idx: Any, candidates: Any, *, xp: Any = np, threads: int = 1
+) -> Any:
     """Euclidean distance of each query cell to each of its candidates, bit-identical on both devices.
 
     The squares of the coordinate differences are added one dimension after the other, each
@@ -335,20 +360,51 @@ def exact_distances(points: Any, query_idx: Any, candidates: Any, *, xp: Any = n
     n_query, n_cand = candidates.shape
     n_dims = points.shape[1]
     out = xp.empty((n_query, n_cand), dtype=xp.float64)
-    # On the CPU a block stays in the cache (1 << 20 entries); on the GPU it is one tile.
-    per_block = (1 << 20) if xp is np else _tile_elements(xp)
-    step = max(1, per_block // max(1, n_cand * n_dims))
-    for q0 in range(0, n_query, step):
-        squares = points[candidates[q0 : q0 + step]]  # (rows, n_cand, n_dims)
-        squares -= points[query_idx[q0 : q0 + step]][:, None, :]
+    # on the CPU a chunk stays in the cache; on the GPU it is one tile
+    step = _chunk_rows(n_query, _CPU_CHUNK_ROWS // 4, xp, per_row=n_cand * n_dims)
+
+    def task(i: int) -> None:
+        rows = slice(i * step, (i + 1) * step)
+        squares = points[candidates[rows]]  # (rows, n_cand, n_dims)
+        squares -= points[query_idx[rows]][:, None, :]
         squares *= squares
         # dimension-major, so that each addition below runs over contiguous memory
         squares = xp.ascontiguousarray(xp.moveaxis(squares, 2, 0))
         total = squares[0]
         for j in range(1, n_dims):
             total += squares[j]
-        out[q0 : q0 + step] = xp.sqrt(total)
+        out[rows] = xp.sqrt(total)
+
+    _run_chunks(task, -(-n_query // step), xp, threads)
     return out
+
+
+def _chunk_rows(n_rows: int, cpu_rows: int, xp: Any, per_row: int = 1) -> int:
+    """Rows per chunk: fixed on the CPU (so that results do not depend on the thread count), and
+    as many as a tile holds on the GPU."""
+    if xp is np:
+        return max(1, cpu_rows)
+    return max(1, min(max(1, n_rows), _tile_elements(xp) // max(1, per_row)))
+
+
+def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
+    """``task(i)`` for each chunk: on a pool of ``threads`` threads on the CPU, with the BLAS
+    library held at one thread (NumPy releases the GIL in its loops and in BLAS calls), and one
+    after the other on the GPU."""
+    if xp is not np or threads <= 1 or n_chunks <= 1:
+        for i in range(n_chunks):
+            task(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(min(threads, n_chunks), thread_name_prefix="harmony-metrics") as pool,
+    ):
+        for future in [pool.submit(task, i) for i in range(n_chunks)]:
+            future.result()
 
 
 def lisi_from_neighbours(
@@ -365,16 +421,30 @@ def lisi_from_neighbours(
 
 
 def _lisi_from_codes(
-    distances: Any, indices: Any, codes: Any, n_labels: int, perplexity: float, xp: Any
+    distances: Any,
+    indices: Any,
+    codes: Any,
+    n_labels: int,
+    perplexity: float,
+    xp: Any,
+    threads: int = 1,
 ) -> Any:
     neighbour_labels = codes[xp.asarray(indices)]
-    return 1.0 / simpson_index(distances, neighbour_labels, n_labels, perplexity, xp=xp)
+    simpson = simpson_index(
+        distances, neighbour_labels, n_labels, perplexity, xp=xp, threads=threads
+    )
+    return 1.0 / simpson
 
 
 def _codes(labels: Any) -> tuple[np.ndarray, int]:
+    """Integer codes of the labels in order of first appearance, and the number of labels."""
     import pandas as pd
 
-    codes, uniques = pd.factorize(np.asarray(labels, dtype=object))
+    # pandas factorizes its own columns (categorical codes, say) without making Python objects
+    values = (
+        labels if isinstance(labels, pd.Series | pd.Index | pd.Categorical) else np.asarray(labels)
+    )
+    codes, uniques = pd.factorize(values)
     if (codes < 0).any():
         raise ValueError("LISI labels contain missing values.")
     return codes.astype(np.int64), len(uniques)
@@ -400,7 +470,7 @@ def silhouette(
 
 
 def silhouettes(
-    points: Any, label_codes: Sequence[np.ndarray], *, xp: Any = np
+    points: Any, label_codes: Sequence[np.ndarray], *, xp: Any = np, threads: int = 1
 ) -> list[float | None]:
     """Mean silhouette width of each labelling of the same cells, from one pass over their distances.
 
@@ -410,6 +480,8 @@ def silhouettes(
         The cells, shape (n_cells, n_dims), in ``xp``.
     label_codes
         Per labelling, an integer code per cell, shape (n_cells,).
+    xp, threads
+        Array namespace (NumPy or CuPy) and, on the CPU, the threads that share the tiles.
 
     Returns
     -------
@@ -444,15 +516,17 @@ def silhouettes(
     right[:, n_dims] = 1.0
     right[:, n_dims + 1] = norms
     sums = xp.empty((n, width), dtype=xp.float64)  # summed distance to each label's cells
-    step = max(1, _tile_elements(xp) // n)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
+    step = _chunk_rows(n, _CPU_CHUNK_ROWS, xp, per_row=n)
+
+    def task(i: int) -> None:
+        r0, r1 = i * step, min(n, (i + 1) * step)
         block = left[r0:r1] @ right.T
         xp.maximum(block, 0, out=block)
         xp.sqrt(block, out=block)
         block[xp.arange(r1 - r0), xp.arange(r0, r1)] = 0.0  # a cell's distance to itself
         sums[r0:r1] = block @ onehot
-        del block
+
+    _run_chunks(task, -(-n // step), xp, threads)
     for position, codes, n_labels, first in kept:
         labels = slice(first, first + n_labels)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -498,13 +572,15 @@ def integration_metrics(
     sample: np.ndarray | None,
     *,
     xp: Any = np,
+    threads: int | None = None,
 ) -> dict[str, float | None]:
     """Median iLISI and batch silhouette, plus median cLISI and label silhouette when labels are given.
 
-    ``xp`` is the array namespace the metrics are computed in: NumPy, or CuPy for the GPU.
+    ``xp`` is the array namespace the metrics are computed in: NumPy, or CuPy for the GPU;
+    ``threads``, the CPU threads (default: the CPUs the process may use).
     """
     columns = [_codes(batches)] + ([_codes(labels)] if labels is not None else [])
-    return _embedding_metrics(embedding, columns, sample, xp)
+    return _embedding_metrics(embedding, columns, sample, xp, _thread_count(threads))
 
 
 def _embedding_metrics(
@@ -512,19 +588,24 @@ def _embedding_metrics(
     columns: Sequence[tuple[np.ndarray, int]],
     sample: np.ndarray | None,
     xp: Any,
+    threads: int,
 ) -> dict[str, float | None]:
     """The metrics of one embedding for the batch codes and, if given, the label codes."""
     points = _to_device(embedding, xp)  # the one host-to-device copy of the embedding
-    distances, indices = neighbours(points, query=sample, xp=xp)  # shared by iLISI and cLISI
-    lisi_medians = [
-        _median(
-            _to_host(_lisi_from_codes(distances, indices, xp.asarray(codes), n, PERPLEXITY, xp))
+    # one neighbour search for iLISI and cLISI
+    distances, indices = neighbours(points, query=sample, xp=xp, threads=threads)
+    lisi_medians = []
+    for codes, n_labels in columns:
+        values = _lisi_from_codes(
+            distances, indices, xp.asarray(codes), n_labels, PERPLEXITY, xp, threads
         )
-        for codes, n in columns
-    ]
+        lisi_medians.append(_median(_to_host(values)))
     chosen = points if sample is None else points[xp.asarray(sample)]
     widths = silhouettes(
-        chosen, [codes if sample is None else codes[sample] for codes, _ in columns], xp=xp
+        chosen,
+        [codes if sample is None else codes[sample] for codes, _ in columns],
+        xp=xp,
+        threads=threads,
     )
     metrics: dict[str, float | None] = {
         "ilisi_median": lisi_medians[0],
@@ -534,6 +615,14 @@ def _embedding_metrics(
         metrics["clisi_median"] = lisi_medians[1]
         metrics["label_silhouette"] = widths[1]
     return metrics
+
+
+def _thread_count(threads: int | None) -> int:
+    if threads is not None:
+        return threads
+    from harmony_step._threads import available_cpus
+
+    return available_cpus()
 
 
 def _to_device(embedding: Any, xp: Any) -> Any:
@@ -560,6 +649,7 @@ def metrics_before_after(
     seed: int,
     sample_size: int = SAMPLE_SIZE,
     xp: Any = np,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of the embedding before and after correction, on the same cells, with their settings.
 
@@ -577,8 +667,12 @@ def metrics_before_after(
         Most cells evaluated; more cells than this are subsampled.
     xp
         Array namespace: NumPy (the CPU) or CuPy (the GPU); the values agree to within 1e-6.
+    threads
+        CPU threads of the work on the sampled cells (default: the CPUs the process may use); the
+        values do not depend on it.
     """
     sample = sample_cells(len(before), seed, sample_size)
+    threads = _thread_count(threads)
     settings: Mapping[str, Any] = {
         "batch_key": batch_key,
         "label_key": label_key,
@@ -590,7 +684,7 @@ def metrics_before_after(
     }
     columns = [_codes(batches)] + ([_codes(labels)] if labels is not None else [])
     return {
-        "before": _embedding_metrics(before, columns, sample, xp),
-        "after": _embedding_metrics(after, columns, sample, xp),
+        "before": _embedding_metrics(before, columns, sample, xp, threads),
+        "after": _embedding_metrics(after, columns, sample, xp, threads),
         "settings": dict(settings),
     }

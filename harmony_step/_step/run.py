@@ -185,7 +185,9 @@ def run_step(
             integrate(adata, request.keys, params)
         harmony = adata.uns["harmony"]
         with _phase(seconds, "metrics", started), threadpool_limits(threads):
-            harmony["metrics"] = _integration_metrics(request, adata, before, params, harmony)
+            harmony["metrics"] = _integration_metrics(
+                request, adata, before, params, harmony, threads
+            )
         with _phase(seconds, "hash", started):  # the wait for the background hash, if any
             input_sha256 = input_hash.result() if input_hash is not None else ""
     except BaseException:
@@ -258,6 +260,7 @@ def _integration_metrics(
     before: Any,
     params: HarmonyParams,
     harmony: Mapping[str, Any],
+    threads: int,
 ) -> dict[str, Any]:
     """Metrics before and after correction; empty before/after when metrics_cells is 0."""
     from harmony_step._step.metrics import metrics_before_after
@@ -276,6 +279,7 @@ def _integration_metrics(
         seed=int(harmony["resolved"]["random_state"]),
         sample_size=request.metrics_cells,
         xp=xp,
+        threads=threads,
     )
 
 
