@@ -249,6 +249,21 @@ def _merged_runs(path: Path, result: dict) -> list[dict]:
     return sorted(kept + result["runs"], key=lambda run: (run["device"] != "gpu", run["mode"]))
 
 
+def save(result: dict, out: Path) -> str:
+    """Write ``step.json`` and ``step.md`` into ``out`` (with the earlier runs of other devices
+    and modes on the same input); returns the markdown."""
+    earlier = out / "step.json"
+    if earlier.is_file():
+        before = json.loads(earlier.read_text())
+        if before.get("input") == result["input"] and isinstance(before.get("repeat"), dict):
+            result["repeat"] = {**before["repeat"], **result["repeat"]}
+    result["runs"] = _merged_runs(earlier, result)
+    (out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (out / "step.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=1_000_000)
@@ -276,7 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anndata read {floor['read']:.2f} s, write {floor['write']:.2f} s", flush=True)
         warm_up_path = folder / "warm-up.h5ad"
         build_input(warm_up_path, WARM_UP_CELLS, args.seed, 0.01)
-        runs = []
+        base = {
+            "date": datetime.date.today().isoformat(),
+            "host": {
+                "cpus": os.cpu_count(),
+                "gpu": _gpu_name(),
+                "platform": platform.platform(),
+            },
+            "versions": _versions(),
+            "input": info,
+            "repeat": {},
+            "floor_io": floor,
+        }
+        runs: list[dict] = []
         for device in args.device:
             start = time.perf_counter()
             run_command(warm_up_path, folder, device, embedding_only=True)
@@ -292,19 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 runs.append(best)
                 print(f"{device} {mode}: {best['phases']}", flush=True)
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "host": {"cpus": os.cpu_count(), "gpu": _gpu_name(), "platform": platform.platform()},
-        "versions": _versions(),
-        "input": info,
-        "repeat": {device: repeat[device] for device in args.device},
-        "floor_io": floor,
-        "runs": runs,
-    }
-    result["runs"] = _merged_runs(args.out / "step.json", result)
-    (args.out / "step.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "step.md").write_text(markdown(result))
-    print(markdown(result))
+            base["repeat"][device] = repeat[device]
+            # written after each device, so that a run cut short keeps the devices it finished
+            text = save({**base, "runs": list(runs)}, args.out)
+    print(text)
     return 0
 
 
