@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 runs.append(best)
                 print(f"{device} {mode}: {best['phases']}", flush=True)
-            base["repeat"][device] = repeat[device]
-            # written after each device, so that a run cut short keeps the devices it finished
-            text = save({**base, "runs": list(runs)}, args.out)
+                base["repeat"][device] = repeat[device]
+                # written after each mode, so that a call cut short keeps what it finished
+                text = save({**base, "runs": list(runs)}, args.out)
     print(text)
     return 0
 
