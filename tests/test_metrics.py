@@ -155,17 +155,36 @@ def _clustered(n, seed=0, dims=6):
     return centres[kind] + rng.normal(size=(n, dims)), kind
 
 
-@pytest.mark.parametrize("reference_rows", [metrics._REFERENCE_ROWS, 3500])
-def test_bruteforce_candidates_are_the_nearest_cells(monkeypatch, reference_rows):
-    """The GPU's search, run with NumPy: the same nearest cells as an exhaustive sort."""
-    monkeypatch.setattr(metrics, "_REFERENCE_ROWS", reference_rows)
-    points, _ = _clustered(9000)
-    query = np.sort(np.random.default_rng(1).choice(9000, 300, replace=False))
+@pytest.mark.parametrize(
+    ("tile_elements", "max_group"), [(1 << 24, 1024), (40_000, 1024), (1 << 24, 1)]
+)
+def test_bruteforce_candidates_are_the_nearest_cells(monkeypatch, tile_elements, max_group):
+    """The GPU's search, run with NumPy: the same nearest cells as an exhaustive sort, in one query
+    block or in many, with column groups or without."""
+    monkeypatch.setattr(metrics, "_CPU_TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(metrics, "_MAX_GROUP", max_group)
+    points, _ = _clustered(9001)  # not a whole number of groups: the last one is padded
+    query = np.sort(np.random.default_rng(1).choice(9001, 300, replace=False))
     found = metrics.candidates_bruteforce(points, query, 106)
     squared = ((points[query][:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
     expected = np.argsort(squared, axis=1, kind="stable")[:, :106]
     assert found.shape == (300, 106)
     np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(expected, axis=1))
+    found_squared = np.take_along_axis(squared, found, axis=1)
+    assert np.all(np.diff(found_squared, axis=1) >= -1e-9)  # nearest first
+
+
+def test_bruteforce_candidates_with_many_duplicates():
+    """Ties at the edge of the candidate set: any of the tied cells may be chosen, but always the
+    right number, each once, and never a farther cell."""
+    rng = np.random.default_rng(3)
+    points = np.repeat(rng.normal(size=(50, 4)), 40, axis=0)  # 50 places, 40 cells each
+    query = np.arange(0, 2000, 37)
+    found = metrics.candidates_bruteforce(points, query, 106)
+    squared = ((points[query][:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
+    edge = np.sort(squared, axis=1)[:, 105]
+    assert all(len(set(row)) == 106 for row in found)
+    assert np.all(np.take_along_axis(squared, found, axis=1) <= edge[:, None] + 1e-12)
 
 
 def test_neighbours_from_either_search_are_identical(monkeypatch):
@@ -240,3 +259,24 @@ def test_gpu_metrics_equal_cpu_metrics():
         for name, value in cpu[when].items():
             assert gpu[when][name] == pytest.approx(value, rel=0, abs=1e-6), (when, name)
     assert cpu["settings"] == gpu["settings"]
+
+
+def test_metrics_do_not_depend_on_the_thread_count(monkeypatch):
+    """The CPU's chunks are fixed, so 1 and 3 threads give the same bits; chunks smaller than the
+    sample exercise the pool."""
+    monkeypatch.setattr(metrics, "_CPU_CHUNK_ROWS", 64)
+    points, kind = _clustered(3000, seed=11)
+    batches = np.random.default_rng(12).integers(0, 3, size=3000)
+    common = {"batch_key": "b", "label_key": "t", "seed": 0, "sample_size": 1000}
+    one = metrics_before_after(points, points * 1.1, batches, kind, **common, threads=1)
+    three = metrics_before_after(points, points * 1.1, batches, kind, **common, threads=3)
+    assert one == three
+
+
+def test_both_silhouettes_from_one_pass_equal_each_alone():
+    points, kind = _clustered(1500, seed=13)
+    batches = np.random.default_rng(14).integers(0, 4, size=1500)
+    together = metrics.silhouettes(points, [batches, kind, np.zeros(1500, dtype=int)])
+    assert together[0] == pytest.approx(silhouette(points, batches), rel=0, abs=1e-12)
+    assert together[1] == pytest.approx(silhouette(points, kind), rel=0, abs=1e-12)
+    assert together[2] is None  # one label

@@ -69,6 +69,73 @@ def test_reading_decodes_only_the_needed_fields(counts_h5ad, monkeypatch):
     assert adata.obs_names[0] == "cell0"
 
 
+def test_cell_names_are_left_undecoded_when_the_output_copies_the_input(counts_h5ad, monkeypatch):
+    import anndata.io
+
+    read = []
+    original = anndata.io.read_elem
+
+    def recording(element):
+        read.append(element.name)
+        return original(element)
+
+    monkeypatch.setattr(anndata.io, "read_elem", recording)
+    adata = files.read_harmony_inputs(counts_h5ad, "X_pca", ["batch"], cell_names=False)
+    assert sorted(read) == ["/obs/batch", "/obsm/X_pca"]
+    assert list(adata.obs_names[:3]) == ["0", "1", "2"]
+    assert adata.n_obs == 600
+
+
+@pytest.mark.parametrize("embedding_only", [False, True])
+def test_outputs_keep_the_cell_names(counts_h5ad, tmp_path, embedding_only):
+    _run(counts_h5ad, tmp_path, embedding_only=embedding_only)
+    written = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(written.obs_names) == [f"cell{i}" for i in range(600)]
+
+
+def test_the_input_is_copied_while_harmony_runs(counts_h5ad, tmp_path, monkeypatch):
+    """The full output's copy of the input starts before the compute; writing adds the results."""
+    from harmony_step._step import run
+
+    seen = []
+    original = run.integrate
+
+    def integrate(*args, **kwargs):
+        seen.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "integrate", integrate)
+    outcome = _run(counts_h5ad, tmp_path)
+    assert len(seen) == 1
+    assert seen[0].startswith(".out.h5ad.harmony-step.")
+    assert outcome.seconds["copy_thread"] >= 0
+    assert not (tmp_path / seen[0]).exists()
+
+
+def test_a_failed_compute_leaves_no_copy_behind(counts_h5ad, tmp_path, monkeypatch):
+    from harmony_step._step import run
+
+    def failing(*args, **kwargs):
+        raise ValueError("compute failed")
+
+    monkeypatch.setattr(run, "integrate", failing)
+    with pytest.raises(ValueError, match="compute failed"):
+        _run(counts_h5ad, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+def test_a_failed_copy_names_the_output(counts_h5ad, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source), str(target))
+
+    monkeypatch.setattr(files.shutil, "copyfile", full_disk)
+    with pytest.raises(files.OutputWriteError, match=r"Cannot write '.*out\.h5ad': No space"):
+        _run(counts_h5ad, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
 def test_background_hash_equals_the_serial_hash(counts_h5ad):
     pending = _BackgroundHash(counts_h5ad)
     expected = hashlib.sha256(counts_h5ad.read_bytes()).hexdigest()

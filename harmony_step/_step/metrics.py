@@ -18,21 +18,26 @@ with the run's random state, so the same run gives the same metrics.
 The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with the same results:
 
 * Neighbours are found in two stages. First ``3 * perplexity +`` :data:`CANDIDATE_MARGIN`
-  candidates per query cell, by distances from matrix products (scikit-learn on the CPU; a tiled
-  brute-force search on the GPU, see :func:`candidates_bruteforce`). Then the candidates' distances
-  are recomputed exactly, one dimension after the other (a sum of rounded squares in a fixed
-  order, so that NumPy and CuPy give the same bits), the cell itself is left out, and the
-  neighbours are ordered by (distance, index). Ties, duplicate cells included, are therefore broken
-  identically on both devices.
+  candidates per query cell, by distances from matrix products (scikit-learn on the CPU; a
+  brute-force search in large tiles on the GPU, see :func:`candidates_bruteforce`). Then the
+  candidates' distances are recomputed exactly, one dimension after the other (a sum of rounded
+  squares in a fixed order, so that NumPy and CuPy give the same bits), the cell itself is left
+  out, and the neighbours are ordered by (distance, index). Ties, duplicate cells included, are
+  therefore broken identically on both devices.
 * The perplexity calibration and the Simpson index are array operations in ``xp``.
-* The silhouette width is computed from tiles of the pairwise distance matrix, so memory stays
-  bounded, with the definition of scikit-learn's ``silhouette_score``.
+* The silhouette width is computed from tiles of the pairwise distance matrix of the sampled
+  cells, so memory stays bounded, with the definition of scikit-learn's ``silhouette_score``; one
+  pass over the tiles serves the batch and the label silhouette.
+
+On the GPU the embedding travels to the device once per metrics call, the tiles are sized from
+the free device memory (a million cells take about ten tiles), and the host waits for the device
+only a few times per tile.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,10 +55,12 @@ CANDIDATE_MARGIN = 16
 """Extra candidates of the first neighbour stage, so that the exact re-ranking sees every cell that
 rounding in the matrix-product distances could have moved across the neighbourhood's edge."""
 
-_TILE_ELEMENTS = 1 << 26  # most distance-matrix entries held at once on a GPU (512 MiB in float64)
-_CPU_TILE_ELEMENTS = 1 << 24  # on the CPU (128 MiB): large enough for efficient matrix products
-_GROUP = 32  # columns per group in the brute-force search's threshold (see candidates_bruteforce)
-_REFERENCE_ROWS = 1 << 17  # cells per tile of the brute-force search
+_CPU_TILE_ELEMENTS = 1 << 24  # most matrix entries held at once on the CPU (128 MiB in float64)
+_GPU_TILE_ELEMENTS = 1 << 31  # at most this on a GPU (16 GiB in float64): larger tiles gain nothing
+_GPU_MIN_TILE_ELEMENTS = 1 << 24
+_GPU_MEMORY_SHARE = 8  # a tile takes at most 1/8 of the free device memory (scratch comes on top)
+_MAX_GROUP = 1024  # most columns per group in the brute-force search (see candidates_bruteforce)
+_CPU_CHUNK_ROWS = 256  # query or sampled cells per task of the CPU's thread pool
 
 
 def simpson_index(
@@ -63,6 +70,7 @@ def simpson_index(
     perplexity: float = PERPLEXITY,
     *,
     xp: Any = np,
+    threads: int = 1,
 ) -> Any:
     """Simpson index of the labels around each cell under a perplexity-calibrated Gaussian kernel.
 
@@ -78,6 +86,9 @@ def simpson_index(
         Target perplexity of the neighbour weights; larger spreads the weight over more neighbours.
     xp
         Array namespace (NumPy, or CuPy for the GPU); the inputs are moved into it.
+    threads
+        CPU threads: the cells are cut into fixed chunks, each calibrated on its own (every cell's
+        value is the same for any cut and any thread count).
 
     Returns
     -------
@@ -85,6 +96,23 @@ def simpson_index(
     """
     distances = xp.asarray(distances, dtype=xp.float64)
     neighbour_labels = xp.asarray(neighbour_labels)
+    out = xp.empty(distances.shape[0], dtype=xp.float64)
+    rows = _chunk_rows(distances.shape[0], 8 * _CPU_CHUNK_ROWS, xp)
+
+    def task(i: int) -> None:
+        chunk = slice(i * rows, (i + 1) * rows)
+        out[chunk] = _simpson_rows(
+            distances[chunk], neighbour_labels[chunk], n_labels, perplexity, xp
+        )
+
+    _run_chunks(task, -(-distances.shape[0] // rows), xp, threads)
+    return out
+
+
+def _simpson_rows(
+    distances: Any, neighbour_labels: Any, n_labels: int, perplexity: float, xp: Any
+) -> Any:
+    """:func:`simpson_index` of a block of cells."""
     n_cells = distances.shape[0]
     # The kernel precision beta and the entropy are single precision, as in R lisi's C++ code:
     # with doubles the bisection stops one step earlier or later for some cells, which moves
@@ -188,6 +216,7 @@ def neighbours(
     perplexity: float = PERPLEXITY,
     query: np.ndarray | None = None,
     xp: Any = np,
+    threads: int = 1,
 ) -> tuple[Any, Any]:
     """Distances and indices of the LISI neighbourhood of each (query) cell, the cell itself left out.
 
@@ -210,9 +239,9 @@ def neighbours(
         candidates = _candidates_sklearn(points, query_idx, n_candidates)
     else:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-    candidates = xp.sort(candidates, axis=1)  # index order first, so that a stable sort on the
-    distances = exact_distances(points, query_idx, candidates, xp=xp)  # distance keeps it on ties
-    distances[candidates == query_idx[:, None]] = xp.inf  # the cell itself goes last
+    candidates = xp.sort(candidates, axis=1)  # index order first: a stable sort on the distance
+    distances = exact_distances(points, query_idx, candidates, xp=xp, threads=threads)
+    distances[candidates == query_idx[:, None]] = xp.inf  # keeps it on ties; the cell goes last
     order = xp.argsort(distances, axis=1, kind="stable")[:, : n_neighbors - 1]
     return (
         xp.take_along_axis(distances, order, axis=1),
@@ -221,6 +250,8 @@ def neighbours(
 
 
 def _candidates_sklearn(points: np.ndarray, query_idx: np.ndarray, n_candidates: int) -> np.ndarray:
+    # scikit-learn's brute-force search runs at the speed of its matrix products on all threads;
+    # trees do not prune in 50 dense dimensions (40x slower on realistic data).
     from sklearn.neighbors import NearestNeighbors
 
     knn = NearestNeighbors(n_neighbors=n_candidates, algorithm="brute").fit(points)
@@ -228,14 +259,17 @@ def _candidates_sklearn(points: np.ndarray, query_idx: np.ndarray, n_candidates:
 
 
 def candidates_bruteforce(points: Any, query_idx: Any, n_candidates: int, *, xp: Any = np) -> Any:
-    """Indices of the ``n_candidates`` nearest cells of each query cell, by a tiled brute-force search.
+    """Indices of the ``n_candidates`` nearest cells of each query cell, by a brute-force search.
 
-    The squared distances (up to the query's own norm, which does not change the ranking) come
-    from matrix products over tiles of at most about :data:`_TILE_ELEMENTS` entries. In each tile
-    the candidates are found without sorting the tile: the columns are cut into groups of
-    :data:`_GROUP`, and the ``n_candidates``-th smallest group minimum bounds the
-    ``n_candidates``-th smallest distance from above, so only the entries at or below it are
-    sorted. The best of each tile are merged with the best so far.
+    One matrix product per block of query cells gives ``|r|^2 - 2 q.r`` against every cell ``r``
+    (the query's own norm does not change the ranking), so a block holds at most about
+    :func:`_tile_elements` entries and the cells are searched in one go. The candidates are then
+    found without sorting the block: its columns are cut into groups of ``g`` (about
+    ``sqrt(n_cells / n_candidates)``), the ``n_candidates``-th smallest group minimum ``b`` of a
+    row bounds its ``n_candidates``-th smallest entry from above, so only the groups whose minimum
+    is at most ``b``, and in them the entries at most ``b``, are gathered and sorted: about
+    ``n_candidates`` groups and a few more than ``n_candidates`` entries per row. The host waits
+    for the device twice per block, for those two counts.
 
     Parameters
     ----------
@@ -252,61 +286,71 @@ def candidates_bruteforce(points: Any, query_idx: Any, n_candidates: int, *, xp:
     -------
     Candidate indices, shape (n_query, n_candidates), nearest first (int64).
     """
-    n_cells = points.shape[0]
+    n_cells, n_dims = points.shape
     n_query = int(query_idx.shape[0])
     c = n_candidates
-    norms = xp.einsum("ij,ij->i", points, points)
-    ref_rows = max(_GROUP * (c + 1), min(n_cells, _REFERENCE_ROWS))
-    ref_rows = -(-ref_rows // _GROUP) * _GROUP
-    query_rows = max(1, min(n_query, _tile_elements(xp) // ref_rows))
+    group = _group_size(n_cells, c)
+    width = -(-n_cells // group) * group
+    # [r, |r|^2] against [-2 q, 1]: one product gives the distances up to |q|^2. The padding
+    # columns that complete the last group are infinitely far.
+    cells = xp.zeros((width, n_dims + 1), dtype=xp.float64)
+    cells[:n_cells, :n_dims] = points
+    cells[:n_cells, n_dims] = xp.einsum("ij,ij->i", points, points)
+    cells[n_cells:, n_dims] = xp.inf
+    block_rows = max(1, min(n_query, _tile_elements(xp) // width))
     out = xp.empty((n_query, c), dtype=xp.int64)
-    for q0 in range(0, n_query, query_rows):
-        rows = query_idx[q0 : q0 + query_rows]
-        queries = points[rows]
-        best_d = xp.full((len(rows), c), xp.inf)
-        best_i = xp.full((len(rows), c), -1, dtype=xp.int64)
-        for r0 in range(0, n_cells, ref_rows):
-            r1 = min(n_cells, r0 + ref_rows)
-            tile = norms[r0:r1][None, :] - 2.0 * (queries @ points[r0:r1].T)
-            tile_d, tile_i = _smallest_per_row(tile, c, xp)
-            tile_i = xp.where(tile_i >= 0, tile_i + r0, -1)
-            both_d = xp.concatenate([best_d, tile_d], axis=1)
-            both_i = xp.concatenate([best_i, tile_i], axis=1)
-            keep = xp.argsort(both_d, axis=1, kind="stable")[:, :c]
-            best_d = xp.take_along_axis(both_d, keep, axis=1)
-            best_i = xp.take_along_axis(both_i, keep, axis=1)
-        out[q0 : q0 + len(rows)] = best_i
+    for q0 in range(0, n_query, block_rows):
+        rows = query_idx[q0 : q0 + block_rows]
+        queries = xp.empty((rows.shape[0], n_dims + 1), dtype=xp.float64)
+        xp.multiply(points[rows], -2.0, out=queries[:, :n_dims])
+        queries[:, n_dims] = 1.0
+        tile = queries @ cells.T
+        out[q0 : q0 + rows.shape[0]] = _smallest_per_row(tile, c, group, xp)
+        del tile
     return out
 
 
-def _smallest_per_row(tile: Any, c: int, xp: Any) -> tuple[Any, Any]:
-    """The ``c`` smallest entries of each row and their columns, ascending (-1 and inf where a
-    row has fewer than ``c`` entries)."""
-    n_rows, n_cols = tile.shape
-    n_groups = n_cols // _GROUP
-    if n_groups > c:
-        minima = tile[:, : n_groups * _GROUP].reshape(n_rows, n_groups, _GROUP).min(axis=2)
-        # c groups have their minimum at or below this bound, so >= c entries are <= it
-        bound = xp.partition(minima, c - 1, axis=1)[:, c - 1]
-        row, col = xp.nonzero(tile <= bound[:, None])
-    else:
-        row, col = xp.nonzero(xp.ones(tile.shape, dtype=bool))
-    values = tile[row, col]
-    order = xp.argsort(values, kind="stable")
+def _group_size(n_cells: int, c: int) -> int:
+    """Columns per group: the power of two nearest sqrt(n_cells / c), so that the group minima
+    (n_cells / g per row) and the gathered groups (c * g entries per row) are about equally many;
+    at most n_cells // c, so that at least c groups exist."""
+    if n_cells < 2 * c:
+        return 1
+    ideal = math.sqrt(n_cells / c)
+    group = 1 << max(0, round(math.log2(ideal)))
+    return max(1, min(group, _MAX_GROUP, n_cells // c))
+
+
+def _smallest_per_row(tile: Any, c: int, group: int, xp: Any) -> Any:
+    """Columns of the ``c`` smallest entries of each row, ascending (ties: lower column first).
+
+    ``tile`` has a whole number of groups of ``group`` columns, and at least ``c`` of them.
+    """
+    n_rows, width = tile.shape
+    n_groups = width // group
+    minima = tile.reshape(n_rows, n_groups, group).min(axis=2) if group > 1 else tile
+    # c groups have their minimum at or below the bound, so >= c entries are <= it; every entry
+    # among the c smallest of its row is <= it, and so is its group's minimum.
+    bound = xp.partition(minima, c - 1, axis=1)[:, c - 1]
+    group_row, group_index = xp.nonzero(minima <= bound[:, None])  # by row, then by column
+    columns = group_index[:, None] * group + xp.arange(group)
+    values = tile[group_row[:, None], columns]
+    pair, offset = xp.nonzero(values <= bound[group_row][:, None])
+    row, column, value = group_row[pair], columns[pair, offset], values[pair, offset]
+    order = xp.argsort(value, kind="stable")  # equal values keep the column order
     order = order[xp.argsort(row[order], kind="stable")]  # by row, then by value
-    row, col, values = row[order], col[order], values[order]
+    row, column = row[order], column[order]
     counts = xp.bincount(row, minlength=n_rows)
-    starts = xp.cumsum(counts) - counts
-    rank = xp.arange(row.shape[0]) - starts[row]
+    rank = xp.arange(row.shape[0]) - (xp.cumsum(counts) - counts)[row]
     kept = rank < c
-    best_d = xp.full((n_rows, c), xp.inf)
-    best_i = xp.full((n_rows, c), -1, dtype=xp.int64)
-    best_d[row[kept], rank[kept]] = values[kept]
-    best_i[row[kept], rank[kept]] = col[kept]
-    return best_d, best_i
+    best = xp.empty((n_rows, c), dtype=xp.int64)
+    best[row[kept], rank[kept]] = column[kept]
+    return best
 
 
-def exact_distances(points: Any, query_idx: Any, candidates: Any, *, xp: Any = np) -> Any:
+def exact_distances(
+    points: Any, query_idx: Any, candidates: Any, *, xp: Any = np, threads: int = 1
+) -> Any:
     """Euclidean distance of each query cell to each of its candidates, bit-identical on both devices.
 
     The squares of the coordinate differences are added one dimension after the other, each
@@ -314,17 +358,53 @@ def exact_distances(points: Any, query_idx: Any, candidates: Any, *, xp: Any = n
     root is correctly rounded; NumPy and CuPy therefore give the same bits.
     """
     n_query, n_cand = candidates.shape
+    n_dims = points.shape[1]
     out = xp.empty((n_query, n_cand), dtype=xp.float64)
-    step = max(1, _tile_elements(xp) // max(1, n_cand * points.shape[1]))
-    for q0 in range(0, n_query, step):
-        cand = points[candidates[q0 : q0 + step]]  # (rows, n_cand, n_dims)
-        own = points[query_idx[q0 : q0 + step]][:, None, :]
-        total = xp.zeros(cand.shape[:2], dtype=xp.float64)
-        for j in range(points.shape[1]):
-            diff = xp.subtract(cand[:, :, j], own[:, :, j])
-            total = xp.add(total, xp.multiply(diff, diff))
-        out[q0 : q0 + step] = xp.sqrt(total)
+    # on the CPU a chunk stays in the cache; on the GPU it is one tile
+    step = _chunk_rows(n_query, _CPU_CHUNK_ROWS // 4, xp, per_row=n_cand * n_dims)
+
+    def task(i: int) -> None:
+        rows = slice(i * step, (i + 1) * step)
+        squares = points[candidates[rows]]  # (rows, n_cand, n_dims)
+        squares -= points[query_idx[rows]][:, None, :]
+        squares *= squares
+        # dimension-major, so that each addition below runs over contiguous memory
+        squares = xp.ascontiguousarray(xp.moveaxis(squares, 2, 0))
+        total = squares[0]
+        for j in range(1, n_dims):
+            total += squares[j]
+        out[rows] = xp.sqrt(total)
+
+    _run_chunks(task, -(-n_query // step), xp, threads)
     return out
+
+
+def _chunk_rows(n_rows: int, cpu_rows: int, xp: Any, per_row: int = 1) -> int:
+    """Rows per chunk: fixed on the CPU (so that results do not depend on the thread count), and
+    as many as a tile holds on the GPU."""
+    if xp is np:
+        return max(1, cpu_rows)
+    return max(1, min(max(1, n_rows), _tile_elements(xp) // max(1, per_row)))
+
+
+def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
+    """``task(i)`` for each chunk: on a pool of ``threads`` threads on the CPU, with the BLAS
+    library held at one thread (NumPy releases the GIL in its loops and in BLAS calls), and one
+    after the other on the GPU."""
+    if xp is not np or threads <= 1 or n_chunks <= 1:
+        for i in range(n_chunks):
+            task(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(min(threads, n_chunks), thread_name_prefix="harmony-metrics") as pool,
+    ):
+        for future in [pool.submit(task, i) for i in range(n_chunks)]:
+            future.result()
 
 
 def lisi_from_neighbours(
@@ -337,14 +417,34 @@ def lisi_from_neighbours(
 ) -> Any:
     """LISI of ``labels`` (one per cell of the whole embedding) over precomputed neighbourhoods."""
     codes, n_labels = _codes(labels)
-    neighbour_labels = xp.asarray(codes)[xp.asarray(indices)]
-    return 1.0 / simpson_index(distances, neighbour_labels, n_labels, perplexity, xp=xp)
+    return _lisi_from_codes(distances, indices, xp.asarray(codes), n_labels, perplexity, xp)
+
+
+def _lisi_from_codes(
+    distances: Any,
+    indices: Any,
+    codes: Any,
+    n_labels: int,
+    perplexity: float,
+    xp: Any,
+    threads: int = 1,
+) -> Any:
+    neighbour_labels = codes[xp.asarray(indices)]
+    simpson = simpson_index(
+        distances, neighbour_labels, n_labels, perplexity, xp=xp, threads=threads
+    )
+    return 1.0 / simpson
 
 
 def _codes(labels: Any) -> tuple[np.ndarray, int]:
+    """Integer codes of the labels in order of first appearance, and the number of labels."""
     import pandas as pd
 
-    codes, uniques = pd.factorize(np.asarray(labels, dtype=object))
+    # pandas factorizes its own columns (categorical codes, say) without making Python objects
+    values = (
+        labels if isinstance(labels, pd.Series | pd.Index | pd.Categorical) else np.asarray(labels)
+    )
+    codes, uniques = pd.factorize(values)
     if (codes < 0).any():
         raise ValueError("LISI labels contain missing values.")
     return codes.astype(np.int64), len(uniques)
@@ -364,44 +464,91 @@ def silhouette(
     its label scores 0. The distance matrix is computed in row tiles (``xp``: NumPy or CuPy).
     """
     labels = np.asarray(labels, dtype=object)
-    if sample is not None:
-        labels = labels[sample]
-    codes, n_labels = _codes(labels)
-    if not 2 <= n_labels <= len(codes) - 1:
-        return None
     points = xp.asarray(embedding if sample is None else _take_rows(embedding, sample, xp))
-    points = points.astype(xp.float64, copy=False)
-    n = points.shape[0]
-    codes_x = xp.asarray(codes)
-    onehot = xp.zeros((n, n_labels), dtype=xp.float64)
-    onehot[xp.arange(n), codes_x] = 1.0
+    codes, _ = _codes(labels if sample is None else labels[sample])
+    return silhouettes(points, [codes], xp=xp)[0]
+
+
+def silhouettes(
+    points: Any, label_codes: Sequence[np.ndarray], *, xp: Any = np, threads: int = 1
+) -> list[float | None]:
+    """Mean silhouette width of each labelling of the same cells, from one pass over their distances.
+
+    Parameters
+    ----------
+    points
+        The cells, shape (n_cells, n_dims), in ``xp``.
+    label_codes
+        Per labelling, an integer code per cell, shape (n_cells,).
+    xp, threads
+        Array namespace (NumPy or CuPy) and, on the CPU, the threads that share the tiles.
+
+    Returns
+    -------
+    One mean width per labelling; None where it has fewer than 2 labels or as many as cells.
+    """
+    points = xp.asarray(points).astype(xp.float64, copy=False)
+    n, n_dims = points.shape
+    results: list[float | None] = [None] * len(label_codes)
+    kept = []  # (position, codes on the device, number of labels, first one-hot column)
+    width = 0
+    for position, codes in enumerate(label_codes):
+        _, codes = np.unique(np.asarray(codes), return_inverse=True)  # present labels: 0 .. k-1
+        n_labels = int(codes.max()) + 1 if codes.size else 0
+        if 2 <= n_labels <= n - 1:
+            kept.append((position, xp.asarray(codes.reshape(-1).astype(np.int64)), n_labels, width))
+            width += n_labels
+    if not kept:
+        return results
+    rows = xp.arange(n)
+    onehot = xp.zeros((n, width), dtype=xp.float64)
+    for _, codes, _, first in kept:
+        onehot[rows, first + codes] = 1.0
     sizes = onehot.sum(axis=0)
+    # [-2 x, |x|^2, 1] against [y, 1, |y|^2]: one product gives the squared distances
     norms = xp.einsum("ij,ij->i", points, points)
-    sums = xp.empty((n, n_labels), dtype=xp.float64)  # summed distance to each label's cells
-    step = max(1, _tile_elements(xp) // n)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        squared = -2.0 * (points[r0:r1] @ points.T)
-        squared += norms[r0:r1, None]
-        squared += norms[None, :]
-        xp.maximum(squared, 0, out=squared)
-        block = xp.sqrt(squared)
+    left = xp.empty((n, n_dims + 2), dtype=xp.float64)
+    xp.multiply(points, -2.0, out=left[:, :n_dims])
+    left[:, n_dims] = norms
+    left[:, n_dims + 1] = 1.0
+    right = xp.empty((n, n_dims + 2), dtype=xp.float64)
+    right[:, :n_dims] = points
+    right[:, n_dims] = 1.0
+    right[:, n_dims + 1] = norms
+    sums = xp.empty((n, width), dtype=xp.float64)  # summed distance to each label's cells
+    step = _chunk_rows(n, _CPU_CHUNK_ROWS, xp, per_row=n)
+
+    def task(i: int) -> None:
+        r0, r1 = i * step, min(n, (i + 1) * step)
+        block = left[r0:r1] @ right.T
+        xp.maximum(block, 0, out=block)
+        xp.sqrt(block, out=block)
         block[xp.arange(r1 - r0), xp.arange(r0, r1)] = 0.0  # a cell's distance to itself
         sums[r0:r1] = block @ onehot
-    rows = xp.arange(n)
-    own_size = sizes[codes_x]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        intra = sums[rows, codes_x] / (own_size - 1)
-        means = sums / sizes[None, :]
-        means[rows, codes_x] = xp.inf
-        inter = means.min(axis=1)
-        widths = (inter - intra) / xp.maximum(intra, inter)
-    widths = xp.nan_to_num(widths)  # a cell alone in its label (0 / 0) scores 0
-    return float(widths.mean())
+
+    _run_chunks(task, -(-n // step), xp, threads)
+    for position, codes, n_labels, first in kept:
+        labels = slice(first, first + n_labels)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            intra = sums[rows, first + codes] / (sizes[first + codes] - 1)
+            means = sums[:, labels] / sizes[None, labels]
+            means[rows, codes] = xp.inf
+            inter = means.min(axis=1)
+            widths = (inter - intra) / xp.maximum(intra, inter)
+        widths = xp.nan_to_num(widths)  # a cell alone in its label (0 / 0) scores 0
+        results[position] = float(widths.mean())
+    return results
 
 
 def _tile_elements(xp: Any) -> int:
-    return _CPU_TILE_ELEMENTS if xp is np else _TILE_ELEMENTS
+    """Most matrix entries held at once: fixed on the CPU; on a GPU, a share of its free memory
+    (CuPy's pool of freed blocks counted as free), between 16 Mi and 2 Gi entries."""
+    if xp is np:
+        return _CPU_TILE_ELEMENTS
+    free, _ = xp.cuda.runtime.memGetInfo()
+    free += xp.get_default_memory_pool().free_bytes()
+    share = free // (8 * _GPU_MEMORY_SHARE)
+    return int(max(_GPU_MIN_TILE_ELEMENTS, min(_GPU_TILE_ELEMENTS, share)))
 
 
 def _take_rows(embedding: Any, sample: np.ndarray, xp: Any) -> Any:
@@ -425,22 +572,65 @@ def integration_metrics(
     sample: np.ndarray | None,
     *,
     xp: Any = np,
+    threads: int | None = None,
 ) -> dict[str, float | None]:
     """Median iLISI and batch silhouette, plus median cLISI and label silhouette when labels are given.
 
-    ``xp`` is the array namespace the metrics are computed in: NumPy, or CuPy for the GPU.
+    ``xp`` is the array namespace the metrics are computed in: NumPy, or CuPy for the GPU;
+    ``threads``, the CPU threads (default: the CPUs the process may use).
     """
-    points = xp.asarray(embedding, dtype=xp.float64)
-    distances, indices = neighbours(points, query=sample, xp=xp)  # shared by iLISI and cLISI
+    columns = [_codes(batches)] + ([_codes(labels)] if labels is not None else [])
+    return _embedding_metrics(embedding, columns, sample, xp, _thread_count(threads))
+
+
+def _embedding_metrics(
+    embedding: Any,
+    columns: Sequence[tuple[np.ndarray, int]],
+    sample: np.ndarray | None,
+    xp: Any,
+    threads: int,
+) -> dict[str, float | None]:
+    """The metrics of one embedding for the batch codes and, if given, the label codes."""
+    points = _to_device(embedding, xp)  # the one host-to-device copy of the embedding
+    # one neighbour search for iLISI and cLISI
+    distances, indices = neighbours(points, query=sample, xp=xp, threads=threads)
+    lisi_medians = []
+    for codes, n_labels in columns:
+        values = _lisi_from_codes(
+            distances, indices, xp.asarray(codes), n_labels, PERPLEXITY, xp, threads
+        )
+        lisi_medians.append(_median(_to_host(values)))
+    chosen = points if sample is None else points[xp.asarray(sample)]
+    widths = silhouettes(
+        chosen,
+        [codes if sample is None else codes[sample] for codes, _ in columns],
+        xp=xp,
+        threads=threads,
+    )
     metrics: dict[str, float | None] = {
-        "ilisi_median": _median(_to_host(lisi_from_neighbours(distances, indices, batches, xp=xp))),
-        "batch_silhouette": silhouette(points, batches, sample, xp=xp),
+        "ilisi_median": lisi_medians[0],
+        "batch_silhouette": widths[0],
     }
-    if labels is not None:
-        clisi = lisi_from_neighbours(distances, indices, labels, xp=xp)
-        metrics["clisi_median"] = _median(_to_host(clisi))
-        metrics["label_silhouette"] = silhouette(points, labels, sample, xp=xp)
+    if len(columns) > 1:
+        metrics["clisi_median"] = lisi_medians[1]
+        metrics["label_silhouette"] = widths[1]
     return metrics
+
+
+def _thread_count(threads: int | None) -> int:
+    if threads is not None:
+        return threads
+    from harmony_step._threads import available_cpus
+
+    return available_cpus()
+
+
+def _to_device(embedding: Any, xp: Any) -> Any:
+    """The embedding as float64 in ``xp``; a host array crosses to the device in its own dtype
+    (half the bytes for float32) and is widened there."""
+    if xp is not np and isinstance(embedding, np.ndarray):
+        return xp.asarray(np.ascontiguousarray(embedding)).astype(xp.float64, copy=False)
+    return xp.asarray(embedding, dtype=xp.float64)
 
 
 def _median(values: np.ndarray) -> float | None:
@@ -459,6 +649,7 @@ def metrics_before_after(
     seed: int,
     sample_size: int = SAMPLE_SIZE,
     xp: Any = np,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of the embedding before and after correction, on the same cells, with their settings.
 
@@ -476,8 +667,12 @@ def metrics_before_after(
         Most cells evaluated; more cells than this are subsampled.
     xp
         Array namespace: NumPy (the CPU) or CuPy (the GPU); the values agree to within 1e-6.
+    threads
+        CPU threads of the work on the sampled cells (default: the CPUs the process may use); the
+        values do not depend on it.
     """
     sample = sample_cells(len(before), seed, sample_size)
+    threads = _thread_count(threads)
     settings: Mapping[str, Any] = {
         "batch_key": batch_key,
         "label_key": label_key,
@@ -487,8 +682,9 @@ def metrics_before_after(
         "sample_size": sample_size,
         "sample_seed": seed,
     }
+    columns = [_codes(batches)] + ([_codes(labels)] if labels is not None else [])
     return {
-        "before": integration_metrics(before, batches, labels, sample, xp=xp),
-        "after": integration_metrics(after, batches, labels, sample, xp=xp),
+        "before": _embedding_metrics(before, columns, sample, xp, threads),
+        "after": _embedding_metrics(after, columns, sample, xp, threads),
         "settings": dict(settings),
     }

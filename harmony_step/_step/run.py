@@ -1,4 +1,9 @@
-"""One run of the step: check the paths, read, integrate, measure, hash, write atomically."""
+"""One run of the step: check the paths, read, integrate, measure, hash, write atomically.
+
+Two threads work beside the run: one hashes the input for the summary, and, for a full output,
+one copies the input into the output's temporary file while Harmony computes, so that writing is
+left with adding the results to the copy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 import resource
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,12 +25,13 @@ from harmony_step._provenance import format_seconds
 from harmony_step._step.files import (
     REPORT_BYTES_ESTIMATE,
     StagedOutputs,
+    add_results,
     check_free_space,
     check_paths,
+    copy_input,
     estimated_h5ad_bytes,
     read_harmony_inputs,
     sha256_file,
-    write_into_copy,
     write_small_h5ad,
     write_text,
 )
@@ -70,41 +76,56 @@ def _phase(seconds: dict[str, float], name: str, started: float | None = None) -
     progress_log.info(f"{name}: {end - start:.2f} s{since}", extra={"harmony_phase_done": name})
 
 
-class _BackgroundHash:
-    """SHA-256 of a file computed on a thread while the run goes on; :meth:`result` waits for it.
+class _Background:
+    """``work(*args)`` run on a thread while the run goes on; :meth:`result` waits for it.
 
-    hashlib releases the GIL while it digests, so the hash overlaps the read, the compute and the
-    metrics; :attr:`seconds` is the time the thread took, and :attr:`waited` the time
-    :meth:`result` blocked.
+    :attr:`seconds` is the time the thread took, and :attr:`waited` the time :meth:`result`
+    blocked; an error of the thread is raised by :meth:`result`.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, work: Callable[..., Any], *args: Any, name: str) -> None:
         self.seconds = 0.0
         self.waited = 0.0
-        self._digest: str | None = None
+        self._value: Any = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(path,), name="harmony-step-hash", daemon=True
+            target=self._run, args=(work, args), name=f"harmony-step-{name}", daemon=True
         )
         self._thread.start()
 
-    def _run(self, path: Path) -> None:
+    def _run(self, work: Callable[..., Any], args: tuple[Any, ...]) -> None:
         start = time.perf_counter()
         try:
-            self._digest = sha256_file(path)
+            self._value = work(*args)
         except BaseException as err:  # re-raised in the caller's thread
             self._error = err
         finally:
             self.seconds = time.perf_counter() - start
 
-    def result(self) -> str:
+    def join(self) -> None:
+        """Wait for the thread without raising its error."""
+        self._thread.join()
+
+    def result(self) -> Any:
         start = time.perf_counter()
         self._thread.join()
         self.waited = time.perf_counter() - start
         if self._error is not None:
             raise self._error
-        assert self._digest is not None
-        return self._digest
+        return self._value
+
+
+class _BackgroundHash(_Background):
+    """SHA-256 of a file computed on a thread; hashlib releases the GIL while it digests, so the
+    hash overlaps the read, the compute and the metrics."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(sha256_file, path, name="hash")
+
+    def result(self) -> str:
+        digest = super().result()
+        assert isinstance(digest, str)
+        return digest
 
 
 def _peak_host_mib() -> int:
@@ -146,27 +167,49 @@ def run_step(
     # The input's hash is needed only for the summary; it is computed alongside everything else.
     input_hash = _BackgroundHash(request.input) if request.summary else None
     with _phase(seconds, "read", started):
-        adata = read_harmony_inputs(request.input, params.basis, request.columns)
+        adata = read_harmony_inputs(
+            request.input, params.basis, request.columns, cell_names=request.embedding_only
+        )
     _check_labels(adata, request.label_key)
     _check_free_space(request, adata, params)
     before = adata.obsm[params.basis]
     threads = request.threads or available_cpus()
-    with _phase(seconds, "compute", started), cpu_threads(threads):
-        integrate(adata, request.keys, params)
-    harmony = adata.uns["harmony"]
-    with _phase(seconds, "metrics", started), threadpool_limits(threads):
-        harmony["metrics"] = _integration_metrics(request, adata, before, params, harmony)
-    with _phase(seconds, "hash", started):  # the wait for the background hash, if any
-        input_sha256 = input_hash.result() if input_hash is not None else ""
+    staged = StagedOutputs()
+    copy = None
+    try:
+        if not request.embedding_only:  # the input's bytes go to the output while Harmony runs
+            copy = _Background(
+                copy_input, request.input, staged.temporary(request.output), name="copy"
+            )
+        with _phase(seconds, "compute", started), cpu_threads(threads):
+            integrate(adata, request.keys, params)
+        harmony = adata.uns["harmony"]
+        with _phase(seconds, "metrics", started), threadpool_limits(threads):
+            harmony["metrics"] = _integration_metrics(
+                request, adata, before, params, harmony, threads
+            )
+        with _phase(seconds, "hash", started):  # the wait for the background hash, if any
+            input_sha256 = input_hash.result() if input_hash is not None else ""
+    except BaseException:
+        if copy is not None:
+            copy.join()  # no thread may write a temporary file while it is removed
+        staged.discard()
+        raise
     if input_hash is not None:
         seconds["hash_thread"] = input_hash.seconds
-    with StagedOutputs() as staged:
-        with _phase(seconds, "write", started):
-            _write_h5ad(staged, request, adata, params)
-            _write_reports(staged, request, harmony)
-            if request.summary:
-                _write_summary(staged, request, adata, params, input_sha256)
+    with staged:
+        try:
+            with _phase(seconds, "write", started):
+                _write_h5ad(staged, request, adata, params, copy)
+                _write_reports(staged, request, harmony)
+                if request.summary:
+                    _write_summary(staged, request, adata, params, input_sha256)
+        finally:
+            if copy is not None:
+                copy.join()
         staged.commit()
+    if copy is not None:
+        seconds["copy_thread"] = copy.seconds
     seconds["total"] = time.perf_counter() - started
     # Timings and peak memory go to the log only: the files stay byte-identical across reruns.
     progress_log.info(
@@ -217,6 +260,7 @@ def _integration_metrics(
     before: Any,
     params: HarmonyParams,
     harmony: Mapping[str, Any],
+    threads: int,
 ) -> dict[str, Any]:
     """Metrics before and after correction; empty before/after when metrics_cells is 0."""
     from harmony_step._step.metrics import metrics_before_after
@@ -235,6 +279,7 @@ def _integration_metrics(
         seed=int(harmony["resolved"]["random_state"]),
         sample_size=request.metrics_cells,
         xp=xp,
+        threads=threads,
     )
 
 
@@ -250,19 +295,19 @@ def _metrics_namespace(harmony: Mapping[str, Any]) -> Any:
 
 
 def _write_h5ad(
-    staged: StagedOutputs, request: StepRequest, adata: Any, params: HarmonyParams
+    staged: StagedOutputs,
+    request: StepRequest,
+    adata: Any,
+    params: HarmonyParams,
+    copy: _Background | None,
 ) -> None:
-    target = staged.temporary(request.output)
-    if request.embedding_only:
-        write_small_h5ad(target, adata)
-    else:
-        adjusted = params.adjusted_basis
-        write_into_copy(
-            request.input,
-            target,
-            {adjusted: adata.obsm[adjusted]},
-            {"harmony": adata.uns["harmony"]},
-        )
+    """The output h5ad: only the results, or the results added to the copy of the input."""
+    if copy is None:
+        write_small_h5ad(staged.temporary(request.output), adata)
+        return
+    adjusted = params.adjusted_basis
+    target = copy.result()  # the copy made while Harmony ran; a failed copy raises here
+    add_results(target, {adjusted: adata.obsm[adjusted]}, {"harmony": adata.uns["harmony"]})
 
 
 def _write_reports(staged: StagedOutputs, request: StepRequest, harmony: Mapping[str, Any]) -> None:
