@@ -127,7 +127,8 @@ def test_reruns_are_bitwise_identical(data_dir, device, dtype):
 def test_gpu_matches_cpu(data_dir, name):
     """float64: the GPU and CPU results agree closely. float32: the two sum in different orders,
     so they agree only to float32's own noise on these runs, measured as the distance of the CPU's
-    float32 result from the float64 one; the GPU's float32 result must be as close to float64."""
+    float32 result from the float64 one (a run that stops early amplifies it), and to 1e-4 where
+    that noise is smaller; the GPU's float32 result must be as close to float64."""
     adata = load(data_dir, name)
     key = DATASETS[name]
     cpu64 = integrate(adata, key, dtype=np.float64, device="cpu").copy()
@@ -142,8 +143,8 @@ def test_gpu_matches_cpu(data_dir, name):
         f"GPU {relative_frobenius(gpu32, gpu64):.2e}"
     )
     assert relative_frobenius(gpu64, cpu64) <= 1e-6
-    assert relative_frobenius(gpu32, gpu64) <= max(2 * noise, 1e-5)
-    assert relative_frobenius(gpu32, cpu32) <= max(3 * noise, 1e-5)
+    assert relative_frobenius(gpu32, gpu64) <= max(2 * noise, 1e-4)
+    assert relative_frobenius(gpu32, cpu32) <= max(3 * noise, 1e-4)
 
 
 def test_uns_records_parameters_history_and_versions(data_dir):

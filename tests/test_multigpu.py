@@ -208,7 +208,7 @@ def test_two_gpus_match_the_cpu(data_dir, name):
     two32 = integrate(adata, DATASETS[name], dtype=np.float32, n_gpus=2)
     assert relative_frobenius(two64, cpu64) <= 1e-6
     noise = relative_frobenius(cpu32, cpu64)
-    assert relative_frobenius(two32, cpu32) <= max(3 * noise, 1e-5)
+    assert relative_frobenius(two32, cpu32) <= max(3 * noise, 1e-4)
 
 
 @pytest.mark.parametrize(("name", "r_ilisi"), [("pbmc_3500", 2.32), ("cell_lines", 1.73)])
