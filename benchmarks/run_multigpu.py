@@ -203,9 +203,9 @@ def table(results: dict, peers: list[dict]) -> str:
         f"{meta.get('cupy', '-')}, NCCL {meta.get('nccl', '-')}, harmony-step "
         f"{meta.get('harmony_step', '-')}; {str(meta.get('date', '-'))[:10]}. Data from "
         "`benchmarks/realistic_data.py`, parameters of `benchmarks/run_realistic.py`. Seconds: "
-        "the `harmony_integrate` call after a warm-up, worker start and data movement included; "
-        "GiB: the largest CuPy pool of any GPU of the run; rel. diff: relative Frobenius "
-        "distance to the one-GPU result.",
+        "one run of the engine under `harmony_integrate` (its AnnData bookkeeping left out) after "
+        "a warm-up, worker start and data movement included; GiB: the largest CuPy pool of any "
+        "GPU of the run; rel. diff: relative Frobenius distance to the one-GPU result.",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
