@@ -50,7 +50,9 @@ def counts_h5ad(tmp_path):
     return path
 
 
-def test_reading_decodes_only_the_needed_fields(counts_h5ad, monkeypatch):
+@pytest.fixture
+def elements_read(monkeypatch) -> list[str]:
+    """The names of the h5ad elements that anndata decodes during the test, in order."""
     import anndata.io
 
     read = []
@@ -61,6 +63,11 @@ def test_reading_decodes_only_the_needed_fields(counts_h5ad, monkeypatch):
         return original(element)
 
     monkeypatch.setattr(anndata.io, "read_elem", recording)
+    return read
+
+
+def test_reading_decodes_only_the_needed_fields(counts_h5ad, elements_read):
+    read = elements_read
     adata = files.read_harmony_inputs(counts_h5ad, "X_pca", ["batch", "batch"])
     assert sorted(read) == ["/obs/_index", "/obs/batch", "/obsm/X_pca"]
     assert adata.X is None
@@ -69,17 +76,8 @@ def test_reading_decodes_only_the_needed_fields(counts_h5ad, monkeypatch):
     assert adata.obs_names[0] == "cell0"
 
 
-def test_cell_names_are_left_undecoded_when_the_output_copies_the_input(counts_h5ad, monkeypatch):
-    import anndata.io
-
-    read = []
-    original = anndata.io.read_elem
-
-    def recording(element):
-        read.append(element.name)
-        return original(element)
-
-    monkeypatch.setattr(anndata.io, "read_elem", recording)
+def test_cell_names_are_left_undecoded_when_the_output_copies_the_input(counts_h5ad, elements_read):
+    read = elements_read
     adata = files.read_harmony_inputs(counts_h5ad, "X_pca", ["batch"], cell_names=False)
     assert sorted(read) == ["/obs/batch", "/obsm/X_pca"]
     assert list(adata.obs_names[:3]) == ["0", "1", "2"]
