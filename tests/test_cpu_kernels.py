@@ -302,6 +302,10 @@ def test_streamed_input_gives_the_resident_sums(monkeypatch, levels):
         correction.level_moments(XP, resident, r, codes, index),
         rtol=1e-12, atol=1e-10,
     )  # fmt: skip
+    np.testing.assert_array_equal(
+        correction.level_moments(np, RawRows(np, x, np.float64), r, codes, index),
+        correction.level_moments(np, RawRows(np, x, np.float64, x), r, codes, index),
+    )
     out_streamed, out_resident = np.empty_like(x), np.empty_like(x)
     correction.apply_correction(
         np, RawRows(np, x, np.float64), r, weights, codes, index, out_streamed

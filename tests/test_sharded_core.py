@@ -125,3 +125,15 @@ def test_sharded_run_with_two_keys(data_dir):
     whole = run_whole(embedding, design, chosen)
     joined = np.concatenate([p.embedding for p in run_sharded(embedding, design, chosen, 2)])
     assert relative_frobenius(joined, whole.embedding) <= 1e-10
+
+
+def test_a_drawn_seed_is_rank_0s_on_every_rank(data_dir):
+    adata = ad.read_h5ad(data_dir / "pbmc_3500" / "pbmc_3500.h5ad")
+    chosen = params(max_iter_harmony=2, random_state=None)
+    embedding, design = _checked_inputs(adata, "donor", chosen)
+    parts = run_sharded(embedding, design, chosen, 3)
+    seeds = {part.random_state for part in parts}
+    assert len(seeds) == 1
+    whole = run_whole(embedding, design, params(max_iter_harmony=2, random_state=seeds.pop()))
+    joined = np.concatenate([p.embedding for p in parts])
+    assert relative_frobenius(joined, whole.embedding) <= 1e-10

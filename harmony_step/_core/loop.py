@@ -94,7 +94,7 @@ def _shared_seed(xp: Any, random_state: int | None, shard: Shard | None) -> int:
         return seed
     value = xp.asarray([seed], dtype=xp.int64)
     shard.comm.broadcast(value)
-    return int(value.get()[0])
+    return int((value if xp is np else value.get())[0])
 
 
 def _run(
