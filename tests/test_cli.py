@@ -263,7 +263,7 @@ def _user_case(
         return (
             [*base, "--gpus", "2"],
             3,
-            r"n_gpus=2 needs GPUs, but this run would be on the CPU",
+            r"n_gpus=2 GPUs were requested, but this process sees 0",
             {"CUDA_VISIBLE_DEVICES": ""},
         )
     if name == "output is a device":
@@ -875,3 +875,14 @@ def test_a_run_removes_what_a_killed_run_left_for_its_output_and_says_so(small, 
     assert other.exists()
     assert f"harmony-step: removed {stale} (0.00 GB), left by an earlier run for" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == [".notes.txt", "out.h5ad"]
+
+
+def test_too_few_gpus_are_refused_before_the_input_is_read(pbmc, tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = harmony_step(
+        "run", "--input", pbmc, "--output", tmp_path / "o.h5ad", "--key", "donor", "--gpus", "2",
+        env=env,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "read:" not in result.stderr  # the phase line of a finished read
+    assert list(tmp_path.iterdir()) == []

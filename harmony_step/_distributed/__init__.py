@@ -17,7 +17,7 @@ Modules, in the order a run meets them:
 * :mod:`.rows`: who holds which cells.
 """
 
-from harmony_step._distributed.launcher import run_sharded
+from harmony_step._distributed.launcher import check_set_up, run_sharded
 from harmony_step._distributed.rows import row_range
 
-__all__ = ["row_range", "run_sharded"]
+__all__ = ["check_set_up", "row_range", "run_sharded"]

@@ -94,6 +94,19 @@ def run_sharded(
     return run_on_this_node(embedding, design, params, backend)
 
 
+def check_set_up(n_gpus: int) -> None:
+    """What a run over ``n_gpus`` GPUs of this machine needs, checked before any input is read
+    (a large input takes minutes to read): enough GPUs visible and NCCL present. Under ``srun``
+    each task sees only its own GPU, and the tasks' set-up is checked when they meet instead.
+
+    Raises TooFewGPUsError or NCCLUnavailableError, as :func:`run_sharded` would.
+    """
+    if srun.active_session() is not None or current_task(os.environ) is not None:
+        return
+    check_gpu_count(n_gpus, visible_gpus())
+    check_nccl()
+
+
 def run_on_this_node(
     embedding: np.ndarray,
     design: BatchDesign,

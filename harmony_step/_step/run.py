@@ -164,6 +164,10 @@ def run_step(
     started = time.perf_counter() if started is None else started
     seconds: dict[str, float] = {}
     check_paths(request.input, request.outputs())
+    if params.n_gpus > 1:  # before reading, which takes minutes for the inputs that need it
+        from harmony_step._distributed import check_set_up
+
+        check_set_up(params.n_gpus)
     # The input's hash is needed only for the summary; it is computed alongside everything else.
     input_hash = _BackgroundHash(request.input) if request.summary else None
     with _phase(seconds, "read", started):
