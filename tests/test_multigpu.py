@@ -32,10 +32,14 @@ from tests.reference import min_pc_correlation, relative_frobenius
 
 REPO = Path(__file__).resolve().parents[1]
 VISIBLE = environment.visible_gpus()
+NCCL_PROBLEM = environment.nccl_problem() if VISIBLE >= 2 else None
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
         VISIBLE < 2, reason=f"needs 2 GPUs visible to CuPy; this machine has {VISIBLE}"
+    ),
+    pytest.mark.skipif(
+        NCCL_PROBLEM is not None, reason=f"needs NCCL with its 2 GPUs: {NCCL_PROBLEM}"
     ),
 ]
 
