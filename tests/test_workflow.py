@@ -489,6 +489,14 @@ def set_dataset(name: str, **values: Any) -> Callable[[dict], None]:
             set_dataset("pbmc", params={"gpus": 2, "device": "cpu"}),
             r"Dataset 'pbmc': gpus 2 with device cpu; the CPU backend runs in one process\.",
         ),
+        (
+            lambda config: (
+                set_dataset("pbmc", params={"gpus": 2})(config),
+                config.setdefault("resources", {}).update(gpu=1),
+            ),
+            r"Dataset 'pbmc': gpus 2, but resources\.gpu gives each job 1; the run would find "
+            r"too few GPUs\.",
+        ),
     ],
     ids=[
         "key",
@@ -499,6 +507,7 @@ def set_dataset(name: str, **values: Any) -> Callable[[dict], None]:
         "not-hdf5",
         "same-basis",
         "gpus-on-cpu",
+        "gpus-beyond-resources",
     ],
 )
 def test_inputs_are_checked_before_any_job(

@@ -84,13 +84,20 @@ def settings_problems(name):
             f"Dataset {name!r}: gpus {settings['n_gpus']} with device cpu; the CPU backend runs "
             "in one process. Use device auto or gpu to spread the run over GPUs, or gpus 1."
         )
+    granted = config["resources"]["gpu"]
+    if settings["n_gpus"] > 1 and granted is not None and granted < settings["n_gpus"]:
+        problems.append(
+            f"Dataset {name!r}: gpus {settings['n_gpus']}, but resources.gpu gives each job "
+            f"{granted}; the run would find too few GPUs. Raise resources.gpu or leave it out "
+            "(then each job asks for its dataset's gpus)."
+        )
     return problems
 
 
 def check_inputs():
     """Stop before any job when an input file, batch key, label key or basis is missing, when
     adjusted_basis would replace basis (Snakemake would remove the earlier results first), or when
-    a dataset asks for several GPUs on the CPU."""
+    a dataset asks for several GPUs on the CPU or for more GPUs than resources.gpu grants."""
     problems = [line for name in DATASETS for line in settings_problems(name)]
     try:
         import h5py  # noqa: F401
