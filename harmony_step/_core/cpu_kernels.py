@@ -31,7 +31,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from harmony_step._core.kernels import ENTROPY_EPS, FIXED_POINT_SCALE
 from harmony_step._core.sums import CROSS_CHUNK_ROWS
@@ -106,6 +106,68 @@ def exp(x):
     return p * _as_float((half + 1023) << 52) * _as_float((whole - half + 1023) << 52)
 
 
+@intrinsic
+def _as_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+# float32 constants: numba keeps a NumPy float32 global as float32, so the arithmetic below stays
+# in float32 (twice the vector lanes of float64). ln 2 split as in Cephes' expf.
+_F = np.float32
+_LOG2E_32, _HALF_32 = _F(_LOG2E), _F(0.5)
+_LN2_HI_32, _LN2_LO_32 = _F(0.693359375), _F(-2.12194440e-4)
+_LOW_32, _HIGH_32 = _F(-103.9), _F(88.7)
+_TAYLOR_32 = tuple(_F(1.0 / math.factorial(i)) for i in range(8))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def exp32(x):
+    """e^x in float32 arithmetic for a float32 x: as ``exp``, the Taylor polynomial to r^7
+    (within 2 ulp of float32, subnormal results included)."""
+    x = min(max(x, _LOW_32), _HIGH_32)
+    n = np.floor(x * _LOG2E_32 + _HALF_32)
+    r = (x - n * _LN2_HI_32) - n * _LN2_LO_32
+    p = _TAYLOR_32[7]
+    p = p * r + _TAYLOR_32[6]
+    p = p * r + _TAYLOR_32[5]
+    p = p * r + _TAYLOR_32[4]
+    p = p * r + _TAYLOR_32[3]
+    p = p * r + _TAYLOR_32[2]
+    p = p * r + _TAYLOR_32[1]
+    p = p * r + _TAYLOR_32[0]
+    whole = np.int32(n)
+    half = whole >> np.int32(1)
+    bias, shift = np.int32(127), np.int32(23)
+    return p * _as_float32((half + bias) << shift) * _as_float32((whole - half + bias) << shift)
+
+
+def exp_of(x):
+    """e^x in the precision of x: ``exp32`` for float32, ``exp`` for float64 (numba only)."""
+    raise NotImplementedError("exp_of is for numba-compiled code")
+
+
+@overload(exp_of, inline="always")
+def _exp_of(x):
+    if x == types.float32:
+        return lambda x: exp32(x)
+    return lambda x: exp(x)
+
+
+def working(value, like):
+    """``value`` in the dtype of the array ``like`` (numba only)."""
+    raise NotImplementedError("working is for numba-compiled code")
+
+
+@overload(working, inline="always")
+def _working(value, like):
+    if like.dtype == types.float32:
+        return lambda value, like: np.float32(value)
+    return lambda value, like: np.float64(value)
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def log(y):
     """ln y for finite y > 0 (normal): y = m 2^e with m in [sqrt(1/2), sqrt(2)), ln m = 2 atanh(s)
@@ -144,16 +206,24 @@ _REORDER = {"reassoc", "nsz", "contract"}
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
 def _sum(values):
     total = 0.0
-    for v in values:
-        total += v
+    for i in range(values.shape[0]):  # an index loop: numba does not vectorise ``for v in values``
+        total += values[i]
+    return total
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "nsz"})
+def _dot(left, right):
+    total = 0.0
+    for i in range(left.shape[0]):
+        total += np.float64(left[i]) * np.float64(right[i])
     return total
 
 
 @njit(cache=True, error_model="numpy", fastmath={"nnan", "ninf", "nsz"})
 def _max(values):
     best = values[0]
-    for v in values[1:]:
-        best = max(best, v)
+    for i in range(1, values.shape[0]):
+        best = max(best, values[i])
     return best
 
 
@@ -185,9 +255,11 @@ def _run_chunks(task, n_chunks: int) -> None:
         future.result()
 
 
-def matmul(left, right):
-    """left @ right, (n, m) from (n, p) and (p, m), in chunks of ``MATMUL_ROWS`` rows."""
-    out = np.empty((left.shape[0], right.shape[1]), dtype=np.result_type(left, right))
+def matmul(left, right, out=None):
+    """left @ right, (n, m) from (n, p) and (p, m), in chunks of ``MATMUL_ROWS`` rows, into
+    ``out`` if given."""
+    if out is None:
+        out = np.empty((left.shape[0], right.shape[1]), dtype=np.result_type(left, right))
 
     def task(i):
         rows = slice(i * MATMUL_ROWS, (i + 1) * MATMUL_ROWS)
@@ -231,45 +303,67 @@ def _add_mass(partial, cell_codes, quanta):
             row[k] += quanta[k]
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _softmax_row(s, log_penalty, cell_codes, r, logits, shifted, weights, quanta, scale):
+    """One updated row, as the GPU's ``softmax_row``: R = softmax of the penalised logits, stored
+    in ``r``, its fixed-point mass in ``quanta``; returns sum_k R log(R + eps) of the stored R.
+
+    The logits are summed in float64 (``logits``), then held, like the softmax, in the working
+    dtype (``shifted``, ``weights``): float32 runs take the exponential in float32. No logarithm
+    per entry: log R_k = (v_k - max) - log(total), so
+    sum_k R_k log R_k = sum_k R_k (v_k - max) - (sum_k R_k) log(total).
+    Each loop does one thing over k, so that the compiler vectorises it.
+    """
+    n_clusters = r.shape[0]
+    for k in range(n_clusters):
+        logits[k] = scale * (np.float64(s[k]) - 1.0)
+    for c in range(cell_codes.shape[0]):
+        penalty = log_penalty[cell_codes[c]]
+        for k in range(n_clusters):
+            logits[k] += penalty[k]
+    # Rounding is monotonic, so the maximum of the rounded logits is the rounded maximum.
+    row_max = working(_max(logits), shifted)
+    for k in range(n_clusters):
+        shifted[k] = working(logits[k], shifted) - row_max
+    for k in range(n_clusters):
+        weights[k] = exp_of(shifted[k])
+    total = _sum(weights)
+    inverse = 1.0 / total
+    for k in range(n_clusters):
+        r[k] = weights[k] * inverse
+        quanta[k] = _fixed_point(np.float64(r[k]))
+    return _dot(r, shifted) - _sum(r) * math.log(total)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _block_update(
     similarity, log_penalty, codes, cells, identity, n_update, n_rows, assignments, row_entropy,
     observed, scale, other_sign, n_tasks,
 ):  # fmt: skip
     n_levels, n_clusters = observed.shape
-    n_keys = codes.shape[1]
     partial = np.zeros((n_tasks, n_levels, n_clusters), dtype=np.int64)
-    per_task = -(-n_rows // n_tasks)
+    n_other = n_rows - n_update
     for t in prange(n_tasks):
         logits = np.empty(n_clusters, dtype=np.float64)
+        shifted = np.empty(n_clusters, dtype=similarity.dtype)
+        weights = np.empty(n_clusters, dtype=similarity.dtype)
         quanta = np.empty(n_clusters, dtype=np.int64)
         mass = partial[t]
-        for row in range(t * per_task, min((t + 1) * per_task, n_rows)):
+        # Each task takes an equal share of the updated rows and of the other rows: the updates
+        # cost far more, and a split of all rows would give them to the first tasks alone.
+        others = range(n_update + t * n_other // n_tasks, n_update + (t + 1) * n_other // n_tasks)
+        for row in others:
             cell = row if identity else cells[row]
             r = assignments[cell]
-            if row >= n_update:
-                for k in range(n_clusters):
-                    quanta[k] = other_sign * _fixed_point(np.float64(r[k]))
-                _add_mass(mass, codes[cell], quanta)
-                continue
-            s = similarity[row]
             for k in range(n_clusters):
-                logits[k] = scale * (np.float64(s[k]) - 1.0)
-            for c in range(n_keys):
-                penalty = log_penalty[codes[cell, c]]
-                for k in range(n_clusters):
-                    logits[k] += penalty[k]
-            row_max = _max(logits)
-            for k in range(n_clusters):
-                logits[k] = exp(logits[k] - row_max)
-            total = _sum(logits)
-            for k in range(n_clusters):
-                r[k] = logits[k] / total
-                r64 = np.float64(r[k])
-                logits[k] = r64 * log(r64 + ENTROPY_EPS)
-                quanta[k] = _fixed_point(r64)
-            entropy = _sum(logits)
-            row_entropy[cell] = entropy
+                quanta[k] = other_sign * _fixed_point(np.float64(r[k]))
+            _add_mass(mass, codes[cell], quanta)
+        for row in range(t * n_update // n_tasks, (t + 1) * n_update // n_tasks):
+            cell = row if identity else cells[row]
+            row_entropy[cell] = _softmax_row(
+                similarity[row], log_penalty, codes[cell], assignments[cell], logits, shifted,
+                weights, quanta, scale,
+            )  # fmt: skip
             _add_mass(mass, codes[cell], quanta)
     # Integer partial sums: exact, so their order does not matter.
     for k in prange(n_clusters):
@@ -440,16 +534,42 @@ def nearest_update(points, centre, nearest):
         nearest[i] = min(nearest[i], distance)
 
 
+# A float32 dot product of length d, of float64 vectors rounded to float32, is within
+# (d + 2) u |x| |c| of the exact one (u = 2^-24, to first order), so |c|^2 - 2 x.c is within
+# 2 (d + 2) u |x| |c|, and two such values are ranked rightly when they differ by more than
+# 4 (d + 2) u |x| |c|. The factor 2 on top covers the second-order terms.
+SCREEN_ULPS = 8.0 * 2.0**-24
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_REORDER)
-def assign_chunk(dots, centre_sq, points, centres, labels, distance):
-    """Nearest centre of each point by |c|^2 - 2 x.c (``dots`` = x.c from BLAS), and the squared
-    distance to it, recomputed directly (no cancellation)."""
+def assign_chunk(dots, centre_sq, points, centres, slack, labels, distance):
+    """Nearest centre of each point and the squared distance to it (recomputed directly).
+
+    Centres are ranked by |c|^2 - 2 x.c with x.c from a float32 product (``dots``). Where the
+    best two are within ``slack[i]`` (the float32 error bound of row i), float32 could rank them
+    wrongly, and the row is ranked again in float64 with dot products summed in a fixed order.
+    Ties go to the lower index.
+    """
+    n_clusters = dots.shape[1]
     for i in prange(dots.shape[0]):
-        best, best_value = 0, centre_sq[0] - 2.0 * dots[i, 0]
-        for k in range(1, dots.shape[1]):
-            value = centre_sq[k] - 2.0 * dots[i, k]
-            if value < best_value:
-                best, best_value = k, value
+        # Two passes that vectorise: the smallest value, then how many lie within the slack of it.
+        best_value = np.inf
+        for k in range(n_clusters):
+            value = centre_sq[k] - 2.0 * np.float64(dots[i, k])
+            best_value = value if value < best_value else best_value
+        close = 0
+        for k in range(n_clusters):
+            close += centre_sq[k] - 2.0 * np.float64(dots[i, k]) <= best_value + slack[i]
+        best = 0
+        if close == 1:
+            while centre_sq[best] - 2.0 * np.float64(dots[i, best]) != best_value:
+                best += 1
+        else:  # float32 cannot tell them apart: float64, summed in a fixed order
+            best_value = np.inf
+            for k in range(n_clusters):
+                value = centre_sq[k] - 2.0 * _dot(points[i], centres[k])
+                if value < best_value:
+                    best, best_value = k, value
         labels[i] = best
         d = 0.0
         for j in range(points.shape[1]):

@@ -6,6 +6,7 @@ the work and makes the starting centroids independent of the dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -92,18 +93,35 @@ def _nearest_update(xp: Any, points: Any, index: Any, nearest: Any) -> Any:
     return xp.minimum(nearest, ((points - points[index]) ** 2).sum(axis=1))
 
 
-def _assign(xp: Any, points: Any, centres: Any) -> tuple[Any, Any]:
+@dataclasses.dataclass(frozen=True)
+class Screen:
+    """The k-means points in float32 and their norms, for ranking centres in float32 on the CPU."""
+
+    points32: np.ndarray  # (n, d) float32
+    norms: np.ndarray  # (n,) float64
+
+    @classmethod
+    def of(cls, points: np.ndarray) -> Screen:
+        return cls(points.astype(np.float32), np.sqrt(np.einsum("ij,ij->i", points, points)))
+
+
+def _assign(xp: Any, points: Any, centres: Any, screen: Screen | None = None) -> tuple[Any, Any]:
     """Nearest centre of each point and the squared distance to it, recomputed directly."""
     labels = xp.empty(points.shape[0], dtype=xp.int64)
     centre_sq = (centres * centres).sum(axis=1)
     if xp is np:
+        # The ranking products in float32 (several times BLAS's float64 speed); rows where float32
+        # could pick another centre than float64 are ranked again in float64 (``assign_chunk``).
+        cpu, screen = kernels.cpu(), screen or Screen.of(points)
         distance = np.empty(points.shape[0])
-        centres_t = np.ascontiguousarray(centres.T)
+        centres_t32 = centres.T.astype(np.float32, order="C")
+        largest = np.sqrt(centre_sq.max(initial=0.0))
+        slack = cpu.SCREEN_ULPS * (points.shape[1] + 2) * largest * screen.norms
         for start in range(0, points.shape[0], KMEANS_CHUNK):
-            stop = start + KMEANS_CHUNK
-            kernels.cpu().assign_chunk(
-                matmul(np, points[start:stop], centres_t), centre_sq, points[start:stop], centres,
-                labels[start:stop], distance[start:stop],
+            rows = slice(start, start + KMEANS_CHUNK)
+            cpu.assign_chunk(
+                matmul(np, screen.points32[rows], centres_t32), centre_sq, points[rows], centres,
+                slack[rows], labels[rows], distance[rows],
             )  # fmt: skip
         return labels, distance
     for start in range(0, points.shape[0], KMEANS_CHUNK):
@@ -120,8 +138,9 @@ def lloyd(xp: Any, points: Any, centres: Any) -> Any:
     """At most 25 Lloyd iterations; empty clusters re-seeded with the farthest points."""
     k = centres.shape[0]
     labels = None
+    screen = Screen.of(points) if xp is np else None
     for _ in range(LLOYD_ITERATIONS):
-        new_labels, distance = _assign(xp, points, centres)
+        new_labels, distance = _assign(xp, points, centres, screen)
         counts = xp.bincount(new_labels, minlength=k)
         empty = xp.flatnonzero(counts == 0)
         if labels is not None and empty.size == 0 and bool(xp.array_equal(new_labels, labels)):

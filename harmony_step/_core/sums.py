@@ -75,11 +75,7 @@ def matmul(xp: Any, left: Any, right: Any, out: Any = None) -> Any:
     """left @ right, into ``out`` if given; on the CPU in fixed row chunks on the run's threads
     (``cpu_kernels.matmul``)."""
     if xp is np:
-        product = kernels.cpu().matmul(left, right)
-        if out is None:
-            return product
-        out[...] = product
-        return out
+        return kernels.cpu().matmul(left, right, out)
     return xp.matmul(left, right, out=out)
 
 
