@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_kernels import SHAPES, block_inputs, expected_observed
 
-from harmony_step._core import correction, cpu_kernels, init, kernels, permutation
+from harmony_step._core import correction, cpu_kernels, init, kernels, permutation, sums
 from harmony_step._core.objective import entropy_sum
 from harmony_step._core.raw import RawRows
 from harmony_step._core.sums import counts, level_sums
@@ -165,6 +165,39 @@ def test_softmax_and_entropy_match_reference(shape, dtype):
     tol = 2e-6 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
     np.testing.assert_allclose(entropy_sum(np, got), entropy_sum(XP, got), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_normalize_matches_reference(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5000, 50)) * rng.uniform(0.01, 100, (5000, 1))).astype(dtype)
+    x[7] = 0.0  # a zero row stays zero
+    got = sums.row_normalize(np, x)
+    expected = sums.row_normalize(XP, x)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+    assert not got[7].any()
+    out = np.empty_like(x)
+    assert sums.row_normalize(np, x, out=out) is out
+    np.testing.assert_array_equal(out, got)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_largest_magnitude_finds_the_largest_and_any_nan(dtype):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3001, 7)).astype(dtype)
+    x[1234, 3] = -50.0
+    assert sums.largest_magnitude(np, x) == 50.0
+    assert sums.largest_magnitude(np, x).dtype == dtype
+    assert sums.largest_magnitude(np, np.zeros((0, 7), dtype)) == 0.0
+    for bad, expected in ((np.inf, np.inf), (-np.inf, np.inf), (np.nan, np.nan)):
+        y = x.copy()
+        y[-1, -1] = bad
+        np.testing.assert_equal(sums.largest_magnitude(np, y), expected)
+    y = x.copy()
+    y[0, 0], y[-1, -1] = np.inf, np.nan  # NaN wins over Inf, wherever it is
+    assert np.isnan(sums.largest_magnitude(np, y))
 
 
 @pytest.mark.parametrize(("n", "block", "levels"), [(1, 1, 1), (1000, 50, 7), (12_345, 617, 64)])

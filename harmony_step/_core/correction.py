@@ -111,10 +111,8 @@ def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: Le
     row chunk of X (``raw.CHUNK_ROWS``), its rows sorted by level, one product per level.
     """
     if xp is np:
-        sizes = [cells.shape[0] for cells in index.cells]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         x = raw.device if raw.resident else raw.host.astype(raw.dtype)  # X lives in host memory
-        return kernels.cpu().level_moments(x, assignments, np.concatenate(index.cells), starts)
+        return kernels.cpu().level_moments(x, assignments, index.cells)
     n_clusters, n_pcs = assignments.shape[1], raw.shape[1]
     moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
     if not raw.resident:

@@ -453,6 +453,53 @@ def entropy_sum(assignments) -> float:
     return rows.sum()
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def gather_rows(src, rows, out):
+    """out[i] = src[rows[i]] (``kernels.gather_rows``), rows spread over the threads: NumPy's
+    ``take`` copies on one thread."""
+    for i in prange(rows.shape[0]):
+        row = src[rows[i]]
+        for j in range(row.shape[0]):
+            out[i, j] = row[j]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def row_normalize(x, floor, out):
+    """out_i = x_i / max(|x_i|, floor) (``sums.row_normalize``), |x_i|^2 summed in the dtype of x."""
+    for i in prange(x.shape[0]):
+        row = x[i]
+        total = row[0] * row[0]
+        for j in range(1, row.shape[0]):
+            total += row[j] * row[j]
+        norm = max(math.sqrt(total), floor)
+        for j in range(row.shape[0]):
+            out[i, j] = row[j] / norm
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def largest_magnitude(values):
+    """max |v| over a 1-d array (0 if empty), NaN if any value is NaN."""
+    n_parts = 64
+    parts = np.zeros(n_parts)
+    per_part = -(-values.shape[0] // n_parts)
+    for p in prange(n_parts):
+        best = 0.0
+        for i in range(p * per_part, min((p + 1) * per_part, values.shape[0])):
+            v = abs(np.float64(values[i]))
+            if not v <= best:  # true for a larger value and for NaN
+                best = v
+                if v != v:
+                    break
+        parts[p] = best
+    best = 0.0
+    for p in range(n_parts):
+        if not parts[p] <= best:
+            best = parts[p]
+            if best != best:
+                break
+    return best
+
+
 # --- the cell order of an iteration ---------------------------------------------------------------
 
 
@@ -597,41 +644,73 @@ def cluster_sums(points, labels, n_clusters):
 # --- correction ------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def level_moments(x, assignments, level_cells, level_starts):
-    """M[b, k] = sum over cells of level b of R_ik x_i, (B, K, d) float64.
+@njit(cache=True, error_model="numpy", nogil=True)
+def _take_rows(src, rows, out):
+    """out[i] = src[rows[i]] on the calling thread, without the GIL (for the pool's tasks)."""
+    for i in range(rows.shape[0]):
+        row = src[rows[i]]
+        for j in range(row.shape[0]):
+            out[i, j] = row[j]
 
-    ``level_cells`` holds the cells of level 0, then level 1, ...; level b's are
-    ``level_cells[level_starts[b]:level_starts[b + 1]]``. Each level is cut into fixed chunks of
-    ``SUM_CHUNK_ROWS`` cells; the chunks' partial sums are added in order.
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def _put_rows(src, rows, out):
+    """out[rows[i]] = src[i] on the calling thread, without the GIL."""
+    for i in range(rows.shape[0]):
+        row = out[rows[i]]
+        for j in range(row.shape[0]):
+            row[j] = src[i, j]
+
+
+def _level_chunks(level_cells) -> list[tuple[int, np.ndarray]]:
+    """(level, cells) for fixed chunks of ``SUM_CHUNK_ROWS`` cells of each level, in level order."""
+    return [
+        (b, cells[start : start + SUM_CHUNK_ROWS])
+        for b, cells in enumerate(level_cells)
+        for start in range(0, cells.shape[0], SUM_CHUNK_ROWS)
+    ]
+
+
+def level_moments(x, assignments, level_cells):
+    """M[b, k] = sum over the cells of level b of R_ik x_i, (B, K, d) float64.
+
+    ``level_cells`` holds the cells of each level. Each level is cut into fixed chunks of
+    ``SUM_CHUNK_ROWS`` cells; a chunk's rows are gathered and multiplied by BLAS in the working
+    dtype (as ``sums.cross_sums`` does), and the chunks' products are added in float64 in order.
     """
-    n_levels = level_starts.shape[0] - 1
-    n_clusters, d = assignments.shape[1], x.shape[1]
-    first_chunk = np.zeros(n_levels + 1, dtype=np.int64)
-    for b in range(n_levels):
-        size = level_starts[b + 1] - level_starts[b]
-        first_chunk[b + 1] = first_chunk[b] + -(-size // SUM_CHUNK_ROWS)
-    n_chunks = first_chunk[n_levels]
-    partial = np.zeros((n_chunks, n_clusters, d))
-    for chunk in prange(n_chunks):
-        b = np.searchsorted(first_chunk, chunk, side="right") - 1
-        start = level_starts[b] + (chunk - first_chunk[b]) * SUM_CHUNK_ROWS
-        stop = min(start + SUM_CHUNK_ROWS, level_starts[b + 1])
-        acc = partial[chunk]
-        row = np.empty(d)
-        for at in range(start, stop):
-            i = level_cells[at]
-            for j in range(d):
-                row[j] = x[i, j]
-            for k in range(n_clusters):
-                r = np.float64(assignments[i, k])
-                for j in range(d):
-                    acc[k, j] += r * row[j]
-    out = np.zeros((n_levels, n_clusters, d))
-    for b in prange(n_levels):
-        for chunk in range(first_chunk[b], first_chunk[b + 1]):
-            out[b] += partial[chunk]
+    chunks = _level_chunks(level_cells)
+    parts = np.empty((len(chunks), assignments.shape[1], x.shape[1]), dtype=x.dtype)
+
+    def task(i):
+        cells = chunks[i][1]
+        r = np.empty((cells.shape[0], assignments.shape[1]), dtype=assignments.dtype)
+        rows = np.empty((cells.shape[0], x.shape[1]), dtype=x.dtype)
+        _take_rows(assignments, cells, r)
+        _take_rows(x, cells, rows)
+        np.matmul(r.T, rows, out=parts[i])
+
+    _run_chunks(task, len(chunks))
+    out = np.zeros((len(level_cells), assignments.shape[1], x.shape[1]))
+    for i, (b, _) in enumerate(chunks):
+        out[b] += parts[i]
     return out
+
+
+def correct_rows_by_level(x, assignments, weights, level_cells, out):
+    """out_i = x_i - R_i W[b(i)] for one key (``kernels.correct_rows``), one BLAS product per
+    fixed chunk of each level's cells, in the working dtype (as the reference does)."""
+    chunks = _level_chunks(level_cells)
+
+    def task(i):
+        b, cells = chunks[i]
+        r = np.empty((cells.shape[0], assignments.shape[1]), dtype=assignments.dtype)
+        rows = np.empty((cells.shape[0], x.shape[1]), dtype=x.dtype)
+        _take_rows(assignments, cells, r)
+        _take_rows(x, cells, rows)
+        rows -= r @ weights[b]
+        _put_rows(rows, cells, out)
+
+    _run_chunks(task, len(chunks))
 
 
 @njit(parallel=True, cache=True, error_model="numpy")

@@ -207,7 +207,7 @@ def initial_centroids(
     size = sample_size(strata.shape[0], n_clusters, n_strata)
     sample = stratified_sample(xp, strata, size, int(rng.integers(1 << 32)))
     if shard is None:
-        points = z_hat[sample].astype(xp.float64)
+        points = z_hat[sample].astype(xp.float64, copy=False)  # the indexing made a copy
         centres = lloyd(xp, points, kmeans_plus_plus(xp, points, n_clusters, rng))
         return row_normalize(xp, centres).astype(z_hat.dtype)
     points = _sampled_rows(xp, z_hat, sample, shard)

@@ -567,7 +567,8 @@ def _log_penalty_reference(observed, level_share, theta, first_key_levels, flavo
 def gather_rows(xp: Any, src: Any, rows: Any, out: Any) -> Any:
     """out[i] = src[rows[i]]: ``src`` (N, d) C-contiguous, ``rows`` (n,) int64, ``out`` (n, d)."""
     if xp is np:
-        return np.take(src, rows, axis=0, out=out)
+        cpu().gather_rows(src, rows, out)
+        return out
     if rows.shape[0]:
         name = "gather_rows_" + ("double" if src.dtype == xp.float64 else "float")
         _kernel(xp.cuda.Device().id, name)(
@@ -646,11 +647,14 @@ def correct_rows(
     """out_i = x_i - sum_c R_i W[b_c(i)] for every cell, in one pass (docs/algorithm.md §8).
 
     ``x`` and ``out`` (N, d), ``assignments`` (N, K), ``weights`` (B, K, d), all in the working
-    dtype; ``codes`` (N, C) int32; ``level_cells`` the cells of each level (used by the NumPy
-    reference, one GEMM per level).
+    dtype; ``codes`` (N, C) int32; ``level_cells`` the cells of each level (on the CPU with one key,
+    products per level; the NumPy reference's GEMM per level) or None.
     """
     if xp is np:
-        cpu().correct_rows(x, assignments, weights, codes, out)
+        if level_cells is not None and codes.shape[1] == 1:
+            cpu().correct_rows_by_level(x, assignments, weights, level_cells, out)
+        else:  # several keys: each cell's shifts summed in one pass
+            cpu().correct_rows(x, assignments, weights, codes, out)
         return
     n_pcs = x.shape[1]
     _correct_rows_kernel()(

@@ -108,13 +108,11 @@ def load_embedding(
     Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
     full-size staging array is needed, and the input is still checked before any work.
     """
-    from harmony_step._core.sums import row_normalize
+    from harmony_step._core.sums import largest_magnitude, row_normalize
 
     x = xp.empty(host.shape, dtype=dtype) if keep else None
     z_hat = xp.empty(host.shape, dtype=dtype)
-    finite_input = xp.ones((), dtype=bool)
-    finite_cast = xp.ones((), dtype=bool)
-    largest = xp.zeros((), dtype=dtype)
+    largest = xp.zeros((), dtype=dtype)  # NaN or Inf once any cast value is not finite
     for start in range(0, host.shape[0], LOAD_ROWS):
         rows = slice(start, start + LOAD_ROWS)
         part = xp.asarray(host[rows])
@@ -122,20 +120,19 @@ def load_embedding(
             cast = part.astype(dtype, copy=False)
         if keep:
             x[rows] = cast
-        largest = xp.maximum(largest, xp.abs(cast).max())
-        if part.dtype.kind == "f":
-            finite_input &= xp.isfinite(part).all()
-            finite_cast &= xp.isfinite(cast).all()
+        largest = xp.maximum(largest, largest_magnitude(xp, cast))
         with np.errstate(over="ignore", invalid="ignore"):  # bad values are reported below
             row_normalize(xp, cast, out=z_hat[rows])
-    if not bool(finite_input):
-        bad = ~np.isfinite(host)
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(
-            f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} cell(s), "
-            f"first at row {int(rows[0])}. Remove or impute them before running Harmony."
-        )
-    if not bool(finite_cast):
+    if not np.isfinite(float(largest)):
+        # A value is NaN or Inf in the input, or beyond the dtype's range once cast.
+        bad = ~np.isfinite(host) if host.dtype.kind == "f" else np.zeros(host.shape, bool)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(axis=1))
+            raise ValueError(
+                f"{name} has {int(bad.sum())} non-finite value(s) (NaN or Inf) in {rows.size} "
+                f"cell(s), first at row {int(rows[0])}. Remove or impute them before running "
+                "Harmony."
+            )
         raise ValueError(
             f"{name} has values beyond the range of {dtype.name}. Use dtype=numpy.float64 or rescale."
         )

@@ -80,6 +80,17 @@ def matmul(xp: Any, left: Any, right: Any, out: Any = None) -> Any:
 
 
 def row_normalize(xp: Any, x: Any, out: Any = None) -> Any:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero."""
+    """Rows scaled to unit L2 norm (squares summed in the working dtype); all-zero rows stay zero."""
+    if xp is np and x.ndim == 2 and x.shape[0] > 1:  # one pass, on the run's threads
+        out = np.empty_like(x) if out is None else out
+        kernels.cpu().row_normalize(x, NORM_FLOOR, out)
+        return out
     norms = xp.sqrt((x * x).sum(axis=1, keepdims=True))
     return xp.divide(x, xp.maximum(norms, NORM_FLOOR), out=out)
+
+
+def largest_magnitude(xp: Any, x: Any) -> Any:
+    """max |x| as a 0-d array, NaN if x holds a NaN (then not finite, like an Inf)."""
+    if xp is np:
+        return np.asarray(kernels.cpu().largest_magnitude(x.reshape(-1)), dtype=x.dtype)
+    return xp.abs(x).max()
