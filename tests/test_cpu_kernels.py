@@ -103,7 +103,7 @@ def test_penalty_matches_reference(flavor, levels, clusters, first):
     np.testing.assert_allclose(table, reference, rtol=1e-14, atol=1e-14)
 
 
-@numba.njit
+@numba.njit(fastmath=cpu_kernels.FUSED)  # as in the kernels
 def apply_exp(values):
     out = np.empty_like(values)
     for i in range(values.size):
@@ -130,7 +130,7 @@ def test_exp_and_log_within_two_ulp_of_numpy():
     np.testing.assert_allclose(log_out, np.log(y), rtol=4.5e-16, atol=2.3e-16)
 
 
-@numba.njit
+@numba.njit(fastmath=cpu_kernels.FUSED)
 def apply_exp_of(values):
     out = np.empty_like(values)
     for i in range(values.size):
