@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -182,6 +183,17 @@ def measure(cells: int, dtype: str, threads: int) -> dict:
     }
 
 
+def commit() -> str:
+    """The checkout's commit, marked ``-dirty`` with uncommitted changes; ``unknown`` outside git."""
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=8"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def merge(path: Path, meta: dict, row: dict) -> dict:
     results = json.loads(path.read_text()) if path.exists() else {"machines": {}}
     name = f"{meta['cpu_model']}, {meta['threads']} threads"
@@ -190,7 +202,7 @@ def merge(path: Path, meta: dict, row: dict) -> dict:
     entry["rows"] = [
         r for r in entry["rows"] if (r["cells"], r["dtype"]) != (row["cells"], row["dtype"])
     ]
-    entry["rows"].append({**row, "date": datetime.date.today().isoformat()})
+    entry["rows"].append({**row, "date": datetime.date.today().isoformat(), "commit": commit()})
     entry["rows"].sort(key=lambda r: (r["dtype"], r["cells"]))
     return results
 
@@ -204,7 +216,9 @@ def table(results: dict) -> str:
         "rounds, 4 inner iterations, tolerances 1e-3 and 1e-2), K = 100, the same threads for "
         "both, the faster of two alternating runs. Ratio = harmony-step / harmonypy (below 1: "
         "harmony-step is faster). batch R² = share of within-type variance explained by batch "
-        "(input, harmony-step, harmonypy).",
+        "(input, harmony-step, harmonypy). harmonypy computes in single precision whatever its "
+        "input (every value of its output is a float32 value), so harmony-step's float32 rows "
+        "compare like with like; its float64 rows do twice the memory traffic.",
     ]
     for name, entry in results["machines"].items():
         m = entry["machine"]
@@ -218,8 +232,8 @@ def table(results: dict) -> str:
             "",
             "| cells | dtype | harmony-step s | harmonypy s | ratio | init / clustering / "
             "correction s | rounds (ours / harmonypy) | batch R² input / ours / harmonypy | "
-            "rel. Frobenius vs harmonypy |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "rel. Frobenius vs harmonypy | measured (commit) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in entry["rows"]:
             p = r["ours_phases"]
@@ -228,7 +242,8 @@ def table(results: dict) -> str:
                 f"{r['peer_seconds']:.2f} | {r['ratio']:.2f} | {p['init']:.2f} / "
                 f"{p['clustering']:.2f} / {p['correction']:.2f} | {r['ours_rounds']} / "
                 f"{r['peer_rounds']} | {r['batch_r2_input']:.3f} / {r['batch_r2_ours']:.3f} / "
-                f"{r['batch_r2_peer']:.3f} | {r['rel_frobenius_vs_peer']:.3f} |"
+                f"{r['batch_r2_peer']:.3f} | {r['rel_frobenius_vs_peer']:.3f} | "
+                f"{r['date']} ({r.get('commit', 'not recorded')}) |"
             )
     return "\n".join(lines) + "\n"
 
