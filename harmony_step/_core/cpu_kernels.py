@@ -613,14 +613,12 @@ def assign_chunk(dots, centre_sq, points, centres, slack, labels, distance):
         for k in range(n_clusters):
             value = centre_sq[k] - 2.0 * np.float64(dots[i, k])
             best_value = value if value < best_value else best_value
-        close = 0
+        close, best = 0, n_clusters
         for k in range(n_clusters):
-            close += centre_sq[k] - 2.0 * np.float64(dots[i, k]) <= best_value + slack[i]
-        best = 0
-        if close == 1:
-            while centre_sq[best] - 2.0 * np.float64(dots[i, best]) != best_value:
-                best += 1
-        else:  # float32 cannot tell them apart: float64, summed in a fixed order
+            value = centre_sq[k] - 2.0 * np.float64(dots[i, k])
+            close += value <= best_value + slack[i]
+            best = min(best, k if value == best_value else n_clusters)  # the first smallest
+        if close > 1:  # float32 cannot tell them apart: float64, summed in a fixed order
             best_value = np.inf
             for k in range(n_clusters):
                 value = centre_sq[k] - 2.0 * _dot(points[i], centres[k])
