@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 _requested: int | None = None
 
@@ -68,17 +70,55 @@ def cpu_threads(n: int | None = None) -> Iterator[int]:
         _requested = previous
 
 
+# BLAS's thread count is one setting for the whole process, while runs may overlap in several
+# threads: the limit is taken when the first run starts and given back when the last one ends, so a
+# run that finishes first cannot lift it under another (whose products would then round otherwise).
+# threadpoolctl lets only one thread at a time set OpenBLAS's count and ignores the others
+# silently, so each change here first takes that role for the calling thread.
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit: Any = None
+
+
 @contextlib.contextmanager
 def _limits(count: int) -> Iterator[None]:
     prepare_numba()
     import numba
-    from threadpoolctl import threadpool_limits
 
-    # numba cannot start more threads than its pool holds (NUMBA_NUM_THREADS, all CPUs by default).
+    # numba's count is per thread; it cannot exceed its pool (NUMBA_NUM_THREADS, all CPUs).
     previous = numba.get_num_threads()
     numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    _hold_blas_limit()
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
+        yield
     finally:
+        _release_blas_limit()
         numba.set_num_threads(previous)
+
+
+def _hold_blas_limit() -> None:
+    global _blas_users, _blas_limit
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _take_blas_control()
+            _blas_limit = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+
+
+def _release_blas_limit() -> None:
+    global _blas_users, _blas_limit
+    with _blas_lock:
+        _blas_users -= 1
+        if _blas_users == 0:
+            _take_blas_control()
+            _blas_limit.restore_original_limits()
+            _blas_limit = None
+            _take_blas_control()  # and leave the role free for the caller's own limits
+
+
+def _take_blas_control() -> None:
+    from threadpoolctl import OpenBLASController
+
+    OpenBLASController.clear_controlling_thread(force=True)

@@ -245,7 +245,7 @@ def _user_case(
         return (
             with_input(path),
             2,
-            r"obsm\['X_pca'\] has values up to 1e\+200, above 2.45e\+153",
+            r"obsm\['X_pca'\] has values up to 1e\+200, above 1.22e\+153",
             {},
         )
     if name == "several GPUs on the CPU":

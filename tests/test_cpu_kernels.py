@@ -144,6 +144,8 @@ def test_float32_exp_within_two_ulp():
     normal = exact >= np.finfo(np.float32).tiny
     np.testing.assert_allclose(got[normal], exact[normal], rtol=2 * 2.0**-24, atol=0)
     np.testing.assert_allclose(got[~normal], exact[~normal], rtol=0, atol=2 * 2.0**-149)
+    assert not apply_exp(np.array([-104.0, -200.0, -np.inf], dtype=np.float32)).any()
+    assert not apply_exp(np.array([-746.0, -1e4, -np.inf])).any()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -231,6 +233,38 @@ def test_kmeans_plus_plus_and_lloyd_match_reference(k):
     np.testing.assert_allclose(sums, expected_sums, rtol=1e-12, atol=1e-10)
 
 
+def test_kmeans_ranking_in_float32_keeps_the_float64_labels_near_ties():
+    """Points just off the bisector of two centres (float64 gaps 1e-6 to 1e-10), where a float32
+    ranking alone picks the wrong centre for many: the checked ranking keeps float64's labels."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 30))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    a, b = rng.integers(0, 50, (2, 20_000))
+    a, b = a[a != b], b[a != b]
+    step = rng.choice([1e-6, 1e-7, 1e-8, 1e-9, 1e-10], (a.size, 1)) * rng.choice(
+        [-1, 1], (a.size, 1)
+    )
+    points = (centres[a] + centres[b]) / 2 + step * (centres[a] - centres[b])
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    values = (centres**2).sum(axis=1) - 2 * points @ centres.T
+    single = (centres**2).sum(axis=1).astype(np.float32) - 2 * (
+        points.astype(np.float32) @ centres.T.astype(np.float32)
+    )
+    assert (single.argmin(axis=1) != values.argmin(axis=1)).sum() > 100  # float32 alone errs
+    labels, _ = init._assign(np, points, centres)
+    np.testing.assert_array_equal(labels, values.argmin(axis=1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gather_rows_matches_take(dtype):
+    rng = np.random.default_rng(0)
+    source = rng.normal(size=(5000, 17)).astype(dtype)
+    rows = rng.integers(0, 5000, 12_345)
+    out = np.empty((rows.size, 17), dtype=dtype)
+    assert kernels.gather_rows(np, source, rows, out) is out
+    np.testing.assert_array_equal(out, source[rows])
+
+
 # --- correction -------------------------------------------------------------------------------------
 
 
@@ -288,26 +322,59 @@ def synthetic(n=4000, seed=0):
         + rng.normal(size=(n, 20))
     )
     obs = pd.DataFrame(
-        {"batch": pd.Categorical(batch.astype(str))}, index=[f"c{i}" for i in range(n)]
+        {
+            "batch": pd.Categorical(batch.astype(str)),
+            "lane": pd.Categorical(np.asarray(["a", "b"])[rng.integers(0, 2, n)]),
+        },
+        index=[f"c{i}" for i in range(n)],
     )
     return ad.AnnData(obs=obs, obsm={"X_pca": x})
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_results_do_not_depend_on_the_thread_count(dtype):
+def integrate(dtype, keys, n=4000):
     from harmony_step import harmony_integrate
 
+    adata = synthetic(n)
+    harmony_integrate(
+        adata, keys, device="cpu", dtype=dtype, max_iter_harmony=3, max_iter_clustering=5,
+        n_clusters=300,
+    )  # fmt: skip
+    return adata.obsm["X_pca_harmony"]
+
+
+# 13,000 cells: every batch holds more than one chunk of SUM_CHUNK_ROWS cells. Two keys take the
+# correction's per-row kernel, one key its per-level products.
+@pytest.mark.parametrize("keys", [["batch"], ["batch", "lane"]], ids=["one-key", "two-keys"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_results_do_not_depend_on_the_thread_count(dtype, keys):
     outputs = []
     for threads in (1, 2, 1):
-        adata = synthetic()
         with cpu_threads(threads):
-            harmony_integrate(
-                adata, "batch", device="cpu", dtype=dtype, max_iter_harmony=3,
-                max_iter_clustering=5, n_clusters=300,
-            )  # fmt: skip
-        outputs.append(adata.obsm["X_pca_harmony"])
+            outputs.append(integrate(dtype, keys, n=13_000))
     assert np.array_equal(outputs[0], outputs[1])
     assert np.array_equal(outputs[0], outputs[2])
+
+
+def test_runs_in_several_threads_at_once_give_the_results_of_one_at_a_time():
+    """BLAS's thread limit is process-wide: a run that ends first must not lift it under another."""
+    import threading
+
+    dtypes = ["float32", "float64", "float32", "float64"]
+    with cpu_threads(2):
+        alone = {dtype: integrate(dtype, ["batch"]) for dtype in set(dtypes)}
+    together: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        with cpu_threads(2):
+            together[i] = integrate(dtypes[i], ["batch"])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(dtypes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, dtype in enumerate(dtypes):
+        assert np.array_equal(together[i], alone[dtype]), (i, dtype)
 
 
 def test_cpu_threads_limits_numba_and_blas():

@@ -19,7 +19,6 @@ from harmony_step._core import run_harmony
 from harmony_step._core.shard import Shard
 from harmony_step._integrate import _checked_inputs
 from harmony_step._params import HarmonyConvergenceWarning, HarmonyParams
-from harmony_step._threads import cpu_threads
 from tests.reference import relative_frobenius
 
 
@@ -81,13 +80,10 @@ def run_sharded(embedding, design, chosen: HarmonyParams, size: int):
             group._barrier.abort()
 
     threads = [threading.Thread(target=work, args=(r,)) for r in range(size)]
-    # BLAS's thread limit is process-wide: held here, a rank that finishes first cannot lift it
-    # while another still multiplies (ranks are processes in real runs).
-    with cpu_threads():
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     if errors:
         raise errors[0]
     return results

@@ -289,7 +289,7 @@ def test_layers_are_merged_and_checked_once_naming_where_a_bad_value_came_from()
 
 @pytest.mark.parametrize(
     ("dtype", "value", "limit"),
-    [(np.float64, 1e200, "6e\\+153"), (np.float32, 1e19, "8.25e\\+18")],
+    [(np.float64, 1e200, "3e\\+153"), (np.float32, 1e19, "4.12e\\+18")],
     ids=["float64", "float32"],
 )
 def test_values_whose_squares_overflow_are_refused_naming_the_basis_and_the_limit(
@@ -305,6 +305,18 @@ def test_values_whose_squares_overflow_are_refused_naming_the_basis_and_the_limi
     ):
         harmony_integrate(adata, "batch", dtype=dtype, device="cpu")
     assert_unchanged(adata, before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_pcs", [3, 10, 50, 100])
+def test_rows_at_the_overflow_limit_keep_unit_norm(dtype, n_pcs):
+    from harmony_step._core.setup import largest_safe_value, load_embedding
+
+    limit = largest_safe_value(np.dtype(dtype), n_pcs)
+    host = np.full((4, n_pcs), limit, dtype=dtype)
+    host[1] *= -1
+    _, z_hat = load_embedding(np, host, np.dtype(dtype), "X")
+    np.testing.assert_allclose(np.linalg.norm(z_hat.astype(np.float64), axis=1), 1.0, rtol=1e-6)
 
 
 def test_values_just_below_the_overflow_limit_run():

@@ -6,16 +6,17 @@ dtype and cached on disk (``cache=True``).
 
 Determinism and threads: no result depends on the number of threads.
 
-* Per-row results (R, each row's entropy, the corrected embedding, k-means labels) are computed
-  by one thread each, in a fixed order within the row.
+* Per-row results (R, each row's entropy, the corrected embedding with several keys, k-means
+  labels) are computed by one thread each, in a fixed order within the row.
 * O is summed in int64 fixed point (``kernels.FIXED_POINT_SCALE``): integer sums are exact, so
   partial sums per thread, added in any order, give the same bits.
 * Floating-point sums over cells (per-level moments, Lloyd's cluster sums) run over fixed chunks
   of ``SUM_CHUNK_ROWS`` rows, whatever the thread count, and the chunks' partial sums are added in
   chunk order.
-* The BLAS products (similarities, R^T Z, k-means distances) run single-threaded on fixed chunks
-  of rows (``matmul``, ``cross_sums``), the chunks spread over a pool of threads: a threaded BLAS
-  changes its rounding with its thread count (OpenBLAS does for these shapes).
+* The BLAS products (similarities, R^T Z, k-means distances, the per-level moments and, with one
+  key, the correction) run single-threaded on fixed chunks of rows (``matmul``, ``cross_sums``,
+  ``level_moments``, ``correct_rows_by_level``), the chunks spread over a pool of threads: a
+  threaded BLAS changes its rounding with its thread count (OpenBLAS does for these shapes).
 
 ``tests/test_cpu_kernels.py`` checks that 1 and 2 threads give bitwise-identical output.
 """
@@ -40,7 +41,8 @@ from harmony_step._threads import prepare_numba
 prepare_numba()  # before the first parallel loop starts numba's threads
 
 # Rows per chunk of the floating-point sums over cells; fixed so that results do not depend on the
-# thread count. Partial sums of a chunk are K x d (or K x d per level) float64.
+# thread count. A chunk's partial sum is K x d, in float64 (Lloyd's sums) or in the working dtype
+# (a BLAS product of the per-level moments), and the chunks are added in float64.
 SUM_CHUNK_ROWS = 4096
 # Fewest rows a thread takes in the row-parallel kernels: below this the threads cost more than
 # they save.
@@ -83,10 +85,10 @@ def _as_bits(typingctx, value):
 @njit(cache=True, error_model="numpy", inline="always")
 def exp(x):
     """e^x: x = n ln 2 + r with |r| <= ln(2)/2, e^r by its Taylor polynomial to r^13, times 2^n
-    (as two factors, so results down to the smallest subnormal are right)."""
-    x = min(max(x, -745.2), 709.7)
-    n = math.floor(x * _LOG2E + 0.5)
-    r = (x - n * _LN2_HI) - n * _LN2_LO
+    (as two factors, so results down to the smallest subnormal are right; 0 below them)."""
+    y = min(max(x, -745.2), 709.7)
+    n = math.floor(y * _LOG2E + 0.5)
+    r = (y - n * _LN2_HI) - n * _LN2_LO
     p = 1.0 / 6227020800.0
     p = p * r + 1.0 / 479001600.0
     p = p * r + 1.0 / 39916800.0
@@ -103,7 +105,8 @@ def exp(x):
     p = p * r + 1.0
     whole = np.int64(n)
     half = whole >> 1
-    return p * _as_float((half + 1023) << 52) * _as_float((whole - half + 1023) << 52)
+    value = p * _as_float((half + 1023) << 52) * _as_float((whole - half + 1023) << 52)
+    return 0.0 if x < -745.14 else value  # below half the smallest subnormal: 0, as the C library
 
 
 @intrinsic
@@ -120,16 +123,17 @@ _F = np.float32
 _LOG2E_32, _HALF_32 = _F(_LOG2E), _F(0.5)
 _LN2_HI_32, _LN2_LO_32 = _F(0.693359375), _F(-2.12194440e-4)
 _LOW_32, _HIGH_32 = _F(-103.9), _F(88.7)
+_UNDERFLOW_32, _ZERO_32 = _F(-103.98), _F(0.0)
 _TAYLOR_32 = tuple(_F(1.0 / math.factorial(i)) for i in range(8))
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def exp32(x):
     """e^x in float32 arithmetic for a float32 x: as ``exp``, the Taylor polynomial to r^7
-    (within 2 ulp of float32, subnormal results included)."""
-    x = min(max(x, _LOW_32), _HIGH_32)
-    n = np.floor(x * _LOG2E_32 + _HALF_32)
-    r = (x - n * _LN2_HI_32) - n * _LN2_LO_32
+    (within 2 ulp of float32, subnormal results included; 0 below them)."""
+    y = min(max(x, _LOW_32), _HIGH_32)
+    n = np.floor(y * _LOG2E_32 + _HALF_32)
+    r = (y - n * _LN2_HI_32) - n * _LN2_LO_32
     p = _TAYLOR_32[7]
     p = p * r + _TAYLOR_32[6]
     p = p * r + _TAYLOR_32[5]
@@ -141,7 +145,8 @@ def exp32(x):
     whole = np.int32(n)
     half = whole >> np.int32(1)
     bias, shift = np.int32(127), np.int32(23)
-    return p * _as_float32((half + bias) << shift) * _as_float32((whole - half + bias) << shift)
+    value = p * _as_float32((half + bias) << shift) * _as_float32((whole - half + bias) << shift)
+    return _ZERO_32 if x < _UNDERFLOW_32 else value  # below half the smallest subnormal
 
 
 def exp_of(x):
@@ -244,8 +249,11 @@ def _tasks(n_rows: int) -> int:
 
 
 @functools.cache
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="harmony-blas")
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool for every run: it starts threads as tasks need them, at most numba's thread count."""
+    return concurrent.futures.ThreadPoolExecutor(
+        numba.config.NUMBA_NUM_THREADS, thread_name_prefix="harmony-blas"
+    )
 
 
 def _run_chunks(task, n_chunks: int) -> None:
@@ -261,7 +269,9 @@ def _run_chunks(task, n_chunks: int) -> None:
         for i in range(first, n_chunks, workers):
             task(i)
 
-    for future in [_pool(workers).submit(share, w) for w in range(workers)]:
+    futures = [_pool().submit(share, w) for w in range(workers)]
+    concurrent.futures.wait(futures)  # all of them, so that none still writes when one failed
+    for future in futures:
         future.result()
 
 
@@ -316,11 +326,12 @@ def _add_mass(partial, cell_codes, quanta):
 @njit(cache=True, error_model="numpy", inline="always")
 def _softmax_row(s, log_penalty, cell_codes, r, logits, shifted, weights, quanta, scale):
     """One updated row, as the GPU's ``softmax_row``: R = softmax of the penalised logits, stored
-    in ``r``, its fixed-point mass in ``quanta``; returns sum_k R log(R + eps) of the stored R.
+    in ``r``, its fixed-point mass in ``quanta``; returns the row's entropy term sum_k R log R of
+    the stored R.
 
-    The logits are summed in float64 (``logits``), then held, like the softmax, in the working
-    dtype (``shifted``, ``weights``): float32 runs take the exponential in float32. No logarithm
-    per entry: log R_k = (v_k - max) - log(total), so
+    The logits are summed in float64 (``logits``), then held in the working dtype (``shifted``,
+    ``weights``): float32 runs take the exponential in float32, and the row's sums are float64.
+    No logarithm per entry: log R_k = (v_k - max) - log(total), so
     sum_k R_k log R_k = sum_k R_k (v_k - max) - (sum_k R_k) log(total).
     Each loop does one thing over k, so that the compiler vectorises it.
     """
@@ -591,10 +602,12 @@ def nearest_update(points, centre, nearest):
 
 
 # A float32 dot product of length d, of float64 vectors rounded to float32, is within
-# (d + 2) u |x| |c| of the exact one (u = 2^-24, to first order), so |c|^2 - 2 x.c is within
-# 2 (d + 2) u |x| |c|, and two such values are ranked rightly when they differ by more than
-# 4 (d + 2) u |x| |c|. The factor 2 on top covers the second-order terms.
-SCREEN_ULPS = 8.0 * 2.0**-24
+# (d + 2) u |x| |c| of the exact one (u = 2^-24, to first order) while nothing underflows; each
+# rounding in float32's subnormal range adds at most 2^-149. So |c|^2 - 2 x.c is within
+# 2 (d + 2) (u |x| |c| + 2^-149), and two such values are ranked rightly when they differ by more
+# than twice that. The factor 2 on top covers the second-order terms.
+SCREEN_RELATIVE_ERROR = 8.0 * 2.0**-24
+SCREEN_ABSOLUTE_ERROR = 8.0 * 2.0**-149
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_REORDER)

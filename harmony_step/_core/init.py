@@ -116,7 +116,9 @@ def _assign(xp: Any, points: Any, centres: Any, screen: Screen | None = None) ->
         distance = np.empty(points.shape[0])
         centres_t32 = centres.T.astype(np.float32, order="C")
         largest = np.sqrt(centre_sq.max(initial=0.0))
-        slack = cpu.SCREEN_ULPS * (points.shape[1] + 2) * largest * screen.norms
+        slack = (points.shape[1] + 2) * (
+            cpu.SCREEN_RELATIVE_ERROR * largest * screen.norms + cpu.SCREEN_ABSOLUTE_ERROR
+        )
         for start in range(0, points.shape[0], KMEANS_CHUNK):
             rows = slice(start, start + KMEANS_CHUNK)
             cpu.assign_chunk(

@@ -93,9 +93,11 @@ def largest_safe_value(dtype: np.dtype, n_pcs: int) -> float:
     """The largest magnitude whose squares, summed over a row of ``n_pcs`` values, stay finite.
 
     Row normalisation sums squares in the working dtype; beyond this a row's norm overflows to
-    Inf and the row silently becomes zero.
+    Inf and the row silently becomes zero. The limit is half the magnitude whose squares would sum
+    to exactly the dtype's largest value: at that magnitude itself the rounding of the sum can
+    overflow.
     """
-    return float(np.sqrt(np.finfo(dtype).max / n_pcs))
+    return float(np.sqrt(np.finfo(dtype).max / n_pcs)) / 2
 
 
 def load_embedding(
@@ -125,7 +127,7 @@ def load_embedding(
             row_normalize(xp, cast, out=z_hat[rows])
     if not np.isfinite(float(largest)):
         # A value is NaN or Inf in the input, or beyond the dtype's range once cast.
-        bad = ~np.isfinite(host) if host.dtype.kind == "f" else np.zeros(host.shape, bool)
+        bad = ~np.isfinite(host)
         if bad.any():
             rows = np.flatnonzero(bad.any(axis=1))
             raise ValueError(

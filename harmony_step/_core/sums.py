@@ -81,7 +81,7 @@ def matmul(xp: Any, left: Any, right: Any, out: Any = None) -> Any:
 
 def row_normalize(xp: Any, x: Any, out: Any = None) -> Any:
     """Rows scaled to unit L2 norm (squares summed in the working dtype); all-zero rows stay zero."""
-    if xp is np and x.ndim == 2 and x.shape[0] > 1:  # one pass, on the run's threads
+    if xp is np:  # one pass, on the run's threads
         out = np.empty_like(x) if out is None else out
         kernels.cpu().row_normalize(x, NORM_FLOOR, out)
         return out
