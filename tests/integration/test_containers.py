@@ -176,8 +176,13 @@ def test_docker_run_matches_host_run(
         folder.mkdir()
     container_out.chmod(0o777)  # the image runs as its own unprivileged user
 
+    # The host's OpenBLAS settings go in too: OPENBLAS_CORETYPE picks the GEMM kernels, and two
+    # kernels sum in different orders. (Apptainer passes the host's environment by itself.)
+    blas_env = {name: value for name, value in os.environ.items() if name.startswith("OPENBLAS_")}
     thread_env = [
-        arg for name, value in SINGLE_THREADED.items() for arg in ("-e", f"{name}={value}")
+        arg
+        for name, value in {**blas_env, **SINGLE_THREADED}.items()
+        for arg in ("-e", f"{name}={value}")
     ]
     # --read-only with a /tmp tmpfs is how Apptainer presents the image: caches must go to /tmp.
     run([*docker, "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
