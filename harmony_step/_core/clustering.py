@@ -33,8 +33,10 @@ from harmony_step._core.sums import counts, cross_sums, matmul
 
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
-# Similarities (rows x K, working dtype) formed by one GEMM: at most this many bytes, and at least
-# one block. Small inputs then need one GEMM per iteration, large ones one per block.
+# Similarities (rows x K, working dtype) formed by one GEMM on the GPU: at most this many bytes,
+# and at least one block. Small inputs then need one GEMM per iteration, large ones one per block.
+# The CPU takes one block per GEMM: its similarities are still in cache when the block's update
+# reads them (as fast or faster on 2 cores, and the span's buffer is a block, not 128 MiB).
 SIMILARITY_SPAN_BYTES = 1 << 27
 
 
@@ -72,7 +74,8 @@ class BlockWork:
         n_cells, n_pcs = state.z_hat.shape  # this rank's cells
         n_clusters = state.assignments.shape[1]
         row_bytes = n_clusters * state.assignments.dtype.itemsize
-        blocks = max(1, SIMILARITY_SPAN_BYTES // (block_size * row_bytes))
+        span_bytes = SIMILARITY_SPAN_BYTES if xp is not np else 0
+        blocks = max(1, span_bytes // (block_size * row_bytes))
         span = min(n_cells, blocks * block_size)
         dtype = state.z_hat.dtype
         return cls(
