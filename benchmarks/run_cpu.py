@@ -184,14 +184,21 @@ def measure(cells: int, dtype: str, threads: int) -> dict:
 
 
 def commit() -> str:
-    """The checkout's commit, marked ``-dirty`` with uncommitted changes; ``unknown`` outside git."""
-    try:
+    """The checkout's commit, marked ``-dirty`` when files other than the results differ from it
+    (the results change between sizes of one call); ``unknown`` outside git."""
+
+    def git(*args: str) -> str:
         return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=8"], cwd=Path(__file__).parent,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=8", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results")  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("-dirty" if changed else "")
 
 
 def merge(path: Path, meta: dict, row: dict) -> dict:
