@@ -34,12 +34,8 @@ from harmony_step._core.sums import counts, cross_sums, matmul
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
 # Similarities (rows x K, working dtype) formed by one GEMM: at most this many bytes, and at least
-# one block. Small inputs then need one GEMM per iteration, large ones one per block. The CPU's
-# span is cache-sized, so that the similarities are still in cache when the blocks' updates read
-# them (as fast or faster on 2 cores at 200k cells, and a buffer of 4 MiB, not 128 MiB); small
-# inputs keep one GEMM per iteration.
+# one block. Small inputs then need one GEMM per iteration, large ones one per block.
 SIMILARITY_SPAN_BYTES = 1 << 27
-CPU_SIMILARITY_SPAN_BYTES = 1 << 22
 
 
 @dataclasses.dataclass
@@ -76,8 +72,7 @@ class BlockWork:
         n_cells, n_pcs = state.z_hat.shape  # this rank's cells
         n_clusters = state.assignments.shape[1]
         row_bytes = n_clusters * state.assignments.dtype.itemsize
-        span_bytes = SIMILARITY_SPAN_BYTES if xp is not np else CPU_SIMILARITY_SPAN_BYTES
-        blocks = max(1, span_bytes // (block_size * row_bytes))
+        blocks = max(1, SIMILARITY_SPAN_BYTES // (block_size * row_bytes))
         span = min(n_cells, blocks * block_size)
         dtype = state.z_hat.dtype
         return cls(
