@@ -194,8 +194,8 @@ def commit() -> str:
 
     try:
         head = git("rev-parse", "--short=8", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                      ":(exclude)benchmarks/results")  # fmt: skip
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                      ":(top,exclude)benchmarks/results")  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if changed else "")
