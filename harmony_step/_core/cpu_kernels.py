@@ -691,6 +691,15 @@ def _level_chunks(level_cells) -> list[tuple[int, np.ndarray]]:
     ]
 
 
+def _chunk_rows(assignments, x, cells):
+    """The rows of R and X of ``cells``, gathered on the calling thread."""
+    r = np.empty((cells.shape[0], assignments.shape[1]), dtype=assignments.dtype)
+    rows = np.empty((cells.shape[0], x.shape[1]), dtype=x.dtype)
+    _take_rows(assignments, cells, r)
+    _take_rows(x, cells, rows)
+    return r, rows
+
+
 def level_moments(x, assignments, level_cells):
     """M[b, k] = sum over the cells of level b of R_ik x_i, (B, K, d) float64.
 
@@ -702,11 +711,7 @@ def level_moments(x, assignments, level_cells):
     parts = np.empty((len(chunks), assignments.shape[1], x.shape[1]), dtype=x.dtype)
 
     def task(i):
-        cells = chunks[i][1]
-        r = np.empty((cells.shape[0], assignments.shape[1]), dtype=assignments.dtype)
-        rows = np.empty((cells.shape[0], x.shape[1]), dtype=x.dtype)
-        _take_rows(assignments, cells, r)
-        _take_rows(x, cells, rows)
+        r, rows = _chunk_rows(assignments, x, chunks[i][1])
         np.matmul(r.T, rows, out=parts[i])
 
     _run_chunks(task, len(chunks))
@@ -723,10 +728,7 @@ def correct_rows_by_level(x, assignments, weights, level_cells, out):
 
     def task(i):
         b, cells = chunks[i]
-        r = np.empty((cells.shape[0], assignments.shape[1]), dtype=assignments.dtype)
-        rows = np.empty((cells.shape[0], x.shape[1]), dtype=x.dtype)
-        _take_rows(assignments, cells, r)
-        _take_rows(x, cells, rows)
+        r, rows = _chunk_rows(assignments, x, cells)
         rows -= r @ weights[b]
         _put_rows(rows, cells, out)
 
