@@ -5,8 +5,8 @@ dimensions; the model is in that module's docstring). Both implementations get h
 stopping values explicitly (:data:`PARAMS`: 10 rounds, 4 inner iterations, tolerances 1e-3 and
 1e-2) and K = 100, and both run on ``--threads`` threads: harmony-step under
 ``harmony_step._threads.cpu_threads``, harmonypy with ``ncores`` and its BLAS limited by
-threadpoolctl. harmonypy computes in float64; harmony-step runs in ``--dtype`` (float64 by
-default).
+threadpoolctl. harmonypy computes in float32 whatever its input; harmony-step runs in
+``--dtype`` (float64 by default).
 
 For each size both first run once on a small input (numba's compile and disk cache, first-touch
 of memory), then twice alternating on the full input (ours, peer, ours, peer); the faster of the
@@ -185,7 +185,10 @@ def measure(cells: int, dtype: str, threads: int) -> dict:
 
 def commit() -> str:
     """The checkout's commit, marked ``-dirty`` when files other than the results differ from it
-    (the results change between sizes of one call); ``unknown`` outside git."""
+    (the results change between sizes of one call); ``unknown`` outside git. A copy of the
+    checkout without its history (a remote machine's) names it in ``HARMONY_STEP_COMMIT``."""
+    if os.environ.get("HARMONY_STEP_COMMIT"):
+        return os.environ["HARMONY_STEP_COMMIT"]
 
     def git(*args: str) -> str:
         return subprocess.run(
