@@ -121,4 +121,8 @@ def _release_blas_limit() -> None:
 def _take_blas_control() -> None:
     from threadpoolctl import OpenBLASController
 
-    OpenBLASController.clear_controlling_thread(force=True)
+    # threadpoolctl >= 3.8 keeps a controlling thread; earlier versions let any thread set the
+    # count, so there is nothing to take.
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)

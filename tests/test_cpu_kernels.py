@@ -390,6 +390,17 @@ def test_cpu_threads_limits_numba_and_blas():
             assert inner == 1
 
 
+def test_cpu_threads_works_with_threadpoolctl_before_its_controlling_thread(monkeypatch):
+    """threadpoolctl < 3.8 (as preinstalled on some GPU images) has no controlling thread."""
+    from threadpoolctl import OpenBLASController, threadpool_info
+
+    monkeypatch.delattr(OpenBLASController, "clear_controlling_thread", raising=False)
+    with cpu_threads(1):
+        assert all(
+            pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas"
+        )
+
+
 def test_available_cpus_follows_slurm_and_affinity(monkeypatch):
     affinity = len(os.sched_getaffinity(0))
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
