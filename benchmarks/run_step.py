@@ -109,8 +109,11 @@ def floor_io(path: Path, folder: Path) -> dict[str, float]:
     return {"read": read, "write": write}
 
 
-def run_command(path: Path, folder: Path, device: str, embedding_only: bool) -> dict:
-    """One ``harmony-step run`` in a fresh process; its phases, wall time and log."""
+def run_command(
+    path: Path, folder: Path, device: str, embedding_only: bool, metrics_cells: int | None = None
+) -> dict:
+    """One ``harmony-step run`` in a fresh process; its phases, wall time and log.
+    ``metrics_cells`` is passed as ``--metrics-cells`` (None: the command's default)."""
     output = folder / f"out-{device}.h5ad"
     command = [
         sys.executable, "-m", "harmony_step", "run", "--input", str(path),
@@ -120,6 +123,8 @@ def run_command(path: Path, folder: Path, device: str, embedding_only: bool) -> 
     ]  # fmt: skip
     if embedding_only:
         command.append("--embedding-only")
+    if metrics_cells is not None:
+        command += ["--metrics-cells", str(metrics_cells)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -138,6 +143,7 @@ def run_command(path: Path, folder: Path, device: str, embedding_only: bool) -> 
         "peak_host_mib": int(match[2]),
         "output_bytes": output_bytes,
         "rounds": summary.get("n_rounds"),
+        "metrics_cells": summary.get("metrics", {}).get("settings", {}).get("sample_size"),
         "converged": summary.get("converged"),
         "metrics": summary.get("metrics"),
         "log": done.stderr.splitlines(),
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per mode on the GPU")
     parser.add_argument("--cpu-repeat", type=int, default=1, help="runs per mode on the CPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metrics-cells", type=int, default=None,
+                        help="the command's --metrics-cells (default: its own default)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="folder for the input and outputs (default: a temporary folder)")  # fmt: skip
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{device} warm-up run: {time.perf_counter() - start:.0f} s", flush=True)
             for mode in args.modes:
                 tries = [
-                    run_command(path, folder, device, mode == "embedding-only")
+                    run_command(path, folder, device, mode == "embedding-only", args.metrics_cells)
                     for _ in range(repeat[device])
                 ]
                 best = min(tries, key=lambda run: run["phases"]["total"])
