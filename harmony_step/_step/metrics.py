@@ -87,32 +87,55 @@ def simpson_index(
     xp
         Array namespace (NumPy, or CuPy for the GPU); the inputs are moved into it.
     threads
-        CPU threads: the cells are cut into fixed chunks, each calibrated on its own (every cell's
-        value is the same for any cut and any thread count).
+        CPU threads of the kernel calibration (see :func:`neighbour_weights`).
 
     Returns
     -------
     Simpson index per cell, shape (n_cells,), in (0, 1]; NaN where all kernel weights underflow.
     """
+    weights, entropy = neighbour_weights(distances, perplexity, xp=xp, threads=threads)
+    return _simpson_from_weights(weights, entropy, xp.asarray(neighbour_labels), n_labels, xp)
+
+
+def neighbour_weights(
+    distances: Any, perplexity: float = PERPLEXITY, *, xp: Any = np, threads: int = 1
+) -> tuple[Any, Any]:
+    """The LISI kernel of each cell: neighbour weights whose perplexity is ``perplexity``.
+
+    The weights depend on the distances alone, so one calibration serves every labelling.
+
+    Parameters
+    ----------
+    distances
+        Euclidean distances to the neighbours (the cell itself excluded), shape (n_cells, n_neighbors).
+    perplexity
+        Target perplexity of the weights.
+    xp
+        Array namespace (NumPy, or CuPy for the GPU); the distances are moved into it.
+    threads
+        CPU threads: the cells are cut into fixed chunks, each calibrated on its own (every cell's
+        value is the same for any cut and any thread count).
+
+    Returns
+    -------
+    Normalised weights, shape (n_cells, n_neighbors), float64, and the entropy of each cell's
+    weights, shape (n_cells,), float32 (0 where every weight underflows, and then the weights are 0).
+    """
     distances = xp.asarray(distances, dtype=xp.float64)
-    neighbour_labels = xp.asarray(neighbour_labels)
-    out = xp.empty(distances.shape[0], dtype=xp.float64)
+    weights = xp.empty_like(distances)
+    entropy = xp.empty(distances.shape[0], dtype=xp.float32)
     rows = _chunk_rows(distances.shape[0], 8 * _CPU_CHUNK_ROWS, xp)
 
     def task(i: int) -> None:
         chunk = slice(i * rows, (i + 1) * rows)
-        out[chunk] = _simpson_rows(
-            distances[chunk], neighbour_labels[chunk], n_labels, perplexity, xp
-        )
+        weights[chunk], entropy[chunk] = _calibrated_rows(distances[chunk], perplexity, xp)
 
     _run_chunks(task, -(-distances.shape[0] // rows), xp, threads)
-    return out
+    return weights, entropy
 
 
-def _simpson_rows(
-    distances: Any, neighbour_labels: Any, n_labels: int, perplexity: float, xp: Any
-) -> Any:
-    """:func:`simpson_index` of a block of cells."""
+def _calibrated_rows(distances: Any, perplexity: float, xp: Any) -> tuple[Any, Any]:
+    """:func:`neighbour_weights` of a block of cells."""
     n_cells = distances.shape[0]
     # The kernel precision beta and the entropy are single precision, as in R lisi's C++ code:
     # with doubles the bisection stops one step earlier or later for some cells, which moves
@@ -143,6 +166,15 @@ def _simpson_rows(
             xp.isinf(beta_low[widen]), beta[widen] / 2, (beta[widen] + beta_low[widen]) / 2
         )
         weights[active], entropy[active] = _kernel(distances[active], beta[active], xp)
+    return weights, entropy
+
+
+def _simpson_from_weights(
+    weights: Any, entropy: Any, neighbour_labels: Any, n_labels: int, xp: Any
+) -> Any:
+    """Sum over labels of the squared weight of each label around each cell; NaN where the
+    weights all underflowed (``entropy == 0``)."""
+    n_cells = weights.shape[0]
     # one bin per (cell, label) pair
     cell_label = xp.arange(n_cells)[:, None] * n_labels + neighbour_labels
     label_weights = xp.bincount(
@@ -421,19 +453,10 @@ def lisi_from_neighbours(
 
 
 def _lisi_from_codes(
-    distances: Any,
-    indices: Any,
-    codes: Any,
-    n_labels: int,
-    perplexity: float,
-    xp: Any,
-    threads: int = 1,
+    distances: Any, indices: Any, codes: Any, n_labels: int, perplexity: float, xp: Any
 ) -> Any:
     neighbour_labels = codes[xp.asarray(indices)]
-    simpson = simpson_index(
-        distances, neighbour_labels, n_labels, perplexity, xp=xp, threads=threads
-    )
-    return 1.0 / simpson
+    return 1.0 / simpson_index(distances, neighbour_labels, n_labels, perplexity, xp=xp)
 
 
 def _codes(labels: Any) -> tuple[np.ndarray, int]:
@@ -594,12 +617,13 @@ def _embedding_metrics(
     points = _to_device(embedding, xp)  # the one host-to-device copy of the embedding
     # one neighbour search for iLISI and cLISI
     distances, indices = neighbours(points, query=sample, xp=xp, threads=threads)
+    weights, entropy = neighbour_weights(distances, xp=xp, threads=threads)  # for every labelling
+    indices = xp.asarray(indices)
     lisi_medians = []
     for codes, n_labels in columns:
-        values = _lisi_from_codes(
-            distances, indices, xp.asarray(codes), n_labels, PERPLEXITY, xp, threads
-        )
-        lisi_medians.append(_median(_to_host(values)))
+        neighbour_labels = xp.asarray(codes)[indices]
+        simpson = _simpson_from_weights(weights, entropy, neighbour_labels, n_labels, xp)
+        lisi_medians.append(_median(_to_host(1.0 / simpson)))
     chosen = points if sample is None else points[xp.asarray(sample)]
     widths = silhouettes(
         chosen,
