@@ -187,8 +187,6 @@ def commit() -> str:
     """The checkout's commit, marked ``-dirty`` when files other than the results differ from it
     (the results change between sizes of one call); ``unknown`` outside git. A copy of the
     checkout without its history (a remote machine's) names it in ``HARMONY_STEP_COMMIT``."""
-    if os.environ.get("HARMONY_STEP_COMMIT"):
-        return os.environ["HARMONY_STEP_COMMIT"]
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -200,7 +198,7 @@ def commit() -> str:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                       ":(top,exclude)benchmarks/results")  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("HARMONY_STEP_COMMIT", "unknown")
     return head + ("-dirty" if changed else "")
 
 

@@ -143,11 +143,17 @@ def run_command(
         "peak_host_mib": int(match[2]),
         "output_bytes": output_bytes,
         "rounds": summary.get("n_rounds"),
-        "metrics_cells": summary.get("metrics", {}).get("settings", {}).get("sample_size"),
+        "metrics_cells": _metrics_cells(summary),
         "converged": summary.get("converged"),
         "metrics": summary.get("metrics"),
         "log": done.stderr.splitlines(),
     }
+
+
+def _metrics_cells(summary: dict) -> int | None:
+    """The metrics' sample size of a run (0 where they were skipped; None in older summaries)."""
+    settings = summary.get("metrics", {}).get("settings", {})
+    return 0 if "skipped" in settings else settings.get("sample_size")
 
 
 def _versions() -> dict[str, str]:
@@ -192,8 +198,8 @@ def markdown(result: dict) -> str:
         "README table:",
         "",
         "| device | output | read | compute | metrics | hash (waited) | write | total | floor "
-        "| total / floor | metrics share |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| total / floor | metrics share | metrics cells |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in result["runs"]:
         p = row["phases"]
@@ -203,7 +209,7 @@ def markdown(result: dict) -> str:
             f"| {row['device']} | {row['mode']} | "
             + " | ".join(cells)
             + f" | {floor:.2f} | {p['total'] / floor:.2f}x "
-            f"| {100 * p['metrics'] / p['total']:.1f} % |"
+            f"| {100 * p['metrics'] / p['total']:.1f} % | {row.get('metrics_cells', '-')} |"
         )
     lines += [
         "",
@@ -233,25 +239,31 @@ def markdown(result: dict) -> str:
 def before_metrics_agreement(runs: list[dict]) -> float | None:
     """Largest difference between the GPU's and the CPU's metrics of the uncorrected embedding."""
     by_device: dict[str, dict] = {}
-    for run in runs:
-        if run.get("metrics"):
+    for run in runs:  # merged runs share the input and the metrics' sample size (_merged_runs)
+        if run.get("metrics") and run["metrics"].get("before"):
             by_device.setdefault(run["device"], run["metrics"]["before"])
     if not {"gpu", "cpu"} <= set(by_device):
         return None
     gpu, cpu = by_device["gpu"], by_device["cpu"]
-    return max(abs(gpu[name] - cpu[name]) for name in gpu if gpu[name] is not None)
+    differences = [abs(gpu[name] - cpu[name]) for name in gpu if gpu[name] is not None]
+    return max(differences) if differences else None
 
 
 def _merged_runs(path: Path, result: dict) -> list[dict]:
     """This call's runs plus the earlier ones in ``path`` for other (device, mode) pairs on the
-    same input, so the devices can be run in separate calls."""
+    same input with the same metrics sample, so the devices can be run in separate calls."""
     if not path.is_file():
         return result["runs"]
     earlier = json.loads(path.read_text())
     if earlier.get("input") != result["input"]:
         return result["runs"]
     done = {(run["device"], run["mode"]) for run in result["runs"]}
-    kept = [run for run in earlier.get("runs", []) if (run["device"], run["mode"]) not in done]
+    cells = {run.get("metrics_cells") for run in result["runs"]}
+    kept = [
+        run
+        for run in earlier.get("runs", [])
+        if (run["device"], run["mode"]) not in done and run.get("metrics_cells") in cells
+    ]
     return sorted(kept + result["runs"], key=lambda run: (run["device"] != "gpu", run["mode"]))
 
 
@@ -270,6 +282,13 @@ def save(result: dict, out: Path) -> str:
     return text
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, default=1_000_000)
@@ -280,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per mode on the GPU")
     parser.add_argument("--cpu-repeat", type=int, default=1, help="runs per mode on the CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--metrics-cells", type=int, default=None,
+    parser.add_argument("--metrics-cells", type=_count, default=None,
                         help="the command's --metrics-cells (default: its own default)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--workdir", type=Path, default=None,

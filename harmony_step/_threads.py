@@ -73,7 +73,7 @@ def cpu_threads(n: int | None = None) -> Iterator[int]:
 # BLAS's thread count is one setting for the whole process, while runs may overlap in several
 # threads: the limit is taken when the first run starts and given back when the last one ends, so a
 # run that finishes first cannot lift it under another (whose products would then round otherwise).
-# threadpoolctl lets only one thread at a time set OpenBLAS's count and ignores the others
+# threadpoolctl >= 3.8 lets only one thread at a time set OpenBLAS's count and ignores the others
 # silently, so each change here first takes that role for the calling thread.
 _blas_lock = threading.Lock()
 _blas_users = 0

@@ -46,9 +46,9 @@ SAMPLE_SIZE = 10_000
 """Most cells used per metric; inputs above this are subsampled without replacement.
 
 The neighbour search costs ``SAMPLE_SIZE * n_cells`` distances per embedding, so this bounds the
-metrics' share of a run. 10,000 cells put the median LISI within a few hundredths of its
-full-data value (its standard error is about 1.25 sd / sqrt(10,000)); ``--metrics-cells`` takes
-more."""
+metrics' share of a run. The sampling error of the median LISI is then about 1.25 sd / 100, sd
+being the spread of the per-cell values (0.12 for an iLISI spread of 10, as with 64 batches);
+``--metrics-cells`` takes more."""
 
 PERPLEXITY = 30.0
 """Effective number of neighbours of the LISI kernel; the neighbourhood is 3 * perplexity cells."""
