@@ -30,8 +30,8 @@ The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with t
   pass over the tiles serves the batch and the label silhouette.
 
 On the GPU the embedding travels to the device once per metrics call, the tiles are sized from
-the free device memory (10,000 query cells against a million take about five), and the host waits for the device
-only a few times per tile.
+the free device memory (10,000 query cells against a million take about five), and the host
+waits for the device only a few times per tile.
 """
 
 from __future__ import annotations
