@@ -1,8 +1,9 @@
 """One run of the step: check the paths, read, integrate, measure, hash, write atomically.
 
-Two threads work beside the run: one hashes the input for the summary, and, for a full output,
-one copies the input into the output's temporary file while Harmony computes, so that writing is
-left with adding the results to the copy.
+Threads work beside the run: one hashes the input for the summary; for a full output, one copies
+the input into the output's temporary file while Harmony computes, so that writing is left with
+adding the results to the copy; and on a GPU, one readies the device while the input is read
+(:mod:`~harmony_step._step.warm_up`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from harmony_step._step.files import (
 )
 from harmony_step._step.progress import PROGRESS_LOGGER
 from harmony_step._step.request import StepRequest
+from harmony_step._step.warm_up import GpuWarmUp
 from harmony_step._threads import available_cpus, cpu_threads
 from harmony_step._version import __version__
 
@@ -170,10 +172,14 @@ def run_step(
         check_set_up(params.n_gpus)
     # The input's hash is needed only for the summary; it is computed alongside everything else.
     input_hash = _BackgroundHash(request.input) if request.summary else None
-    with _phase(seconds, "read", started):
-        adata = read_harmony_inputs(
-            request.input, params.basis, request.columns, cell_names=request.embedding_only
-        )
+    warm_up = GpuWarmUp(params)  # the GPU's fixed start-up costs, while the input is read
+    try:
+        with _phase(seconds, "read", started):
+            adata = read_harmony_inputs(
+                request.input, params.basis, request.columns, cell_names=request.embedding_only
+            )
+    finally:
+        warm_up.wait()
     _check_labels(adata, request.label_key)
     _check_free_space(request, adata, params)
     before = adata.obsm[params.basis]
