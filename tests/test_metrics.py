@@ -187,60 +187,14 @@ def test_bruteforce_candidates_with_many_duplicates():
     assert np.all(np.take_along_axis(squared, found, axis=1) <= edge[:, None] + 1e-12)
 
 
-def test_neighbours_from_each_search_are_identical():
-    """faiss (the CPU's search), scikit-learn (its fall-back) and the GPU's brute force (run with
-    NumPy) give the same neighbourhoods, to the bit."""
+def test_neighbours_from_either_search_are_identical(monkeypatch):
     points, _ = _clustered(5000, seed=3)
     query = np.arange(0, 5000, 7)
-    from_faiss = metrics.neighbours(points, query=query)
-    for search in (metrics._candidates_sklearn, metrics.candidates_bruteforce):
-        candidates = search(points, query, 90 + metrics.CANDIDATE_MARGIN)
-        distances, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
-        np.testing.assert_array_equal(from_faiss[1], indices)
-        np.testing.assert_array_equal(from_faiss[0], distances)
-
-
-def _shell(n_shell=300, n_far=2000, seed=8):
-    """Cells on a sphere around the origin whose radii differ by 1e-9 (float32 cannot order them),
-    with farther cells around; the query cells sit near the origin."""
-    rng = np.random.default_rng(seed)
-    direction = rng.normal(size=(n_shell, 8))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    shell = direction * (10.0 + 1e-9 * rng.permutation(n_shell))[:, None]
-    far = rng.normal(size=(n_far, 8)) * 3 + 40.0
-    centre = rng.normal(size=(5, 8)) * 1e-12
-    return np.concatenate([centre, shell, far])
-
-
-def test_cells_the_float32_search_cannot_vouch_for_are_searched_again(monkeypatch):
-    points = _shell()
-    query = np.arange(5)
-    searched_again = []
-    original = metrics._candidates_sklearn
-
-    def recording(points, query_idx, n_candidates):
-        searched_again.extend(query_idx.tolist())
-        return original(points, query_idx, n_candidates)
-
-    monkeypatch.setattr(metrics, "_candidates_sklearn", recording)
-    _, indices = metrics.neighbours(points, query=query)
-    assert searched_again == query.tolist()  # the edge lies inside the shell for every one
-    exact = metrics.exact_distances(points, query, np.tile(np.arange(len(points)), (5, 1)))
-    exact[np.arange(5), query] = np.inf
-    expected = np.argsort(exact, axis=1, kind="stable")[:, :89]
-    np.testing.assert_array_equal(indices, expected)
-
-
-def test_the_float32_search_alone_would_miss_neighbours_on_the_shell():
-    """Why the check exists: without it, the data above loses true neighbours."""
-    points = _shell()
-    query = np.arange(5)
-    candidates, _ = metrics._candidates_faiss(points, query, 90 + metrics.CANDIDATE_MARGIN, 1)
-    _, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
-    exact = metrics.exact_distances(points, query, np.tile(np.arange(len(points)), (5, 1)))
-    exact[np.arange(5), query] = np.inf
-    expected = np.argsort(exact, axis=1, kind="stable")[:, :89]
-    assert not np.array_equal(indices, expected)
+    from_sklearn = metrics.neighbours(points, query=query)
+    monkeypatch.setattr(metrics, "_candidates_sklearn", metrics.candidates_bruteforce)
+    from_bruteforce = metrics.neighbours(points, query=query)
+    np.testing.assert_array_equal(from_sklearn[1], from_bruteforce[1])
+    np.testing.assert_array_equal(from_sklearn[0], from_bruteforce[0])
 
 
 def test_ties_are_broken_by_index_and_the_cell_itself_is_left_out():

@@ -56,9 +56,6 @@ PERPLEXITY = 30.0
 _ENTROPY_TOL = 1e-5  # |H - log(perplexity)| accepted by the kernel-width bisection (as in R lisi)
 _MAX_BISECTIONS = 50  # R lisi's limit; cells that do not settle keep their last kernel width
 
-_SQUARE_SLACK = 2.0**-40  # the rounding of a squared float64 distance, with room to spare
-_FLOAT32_TINY = 2.0**-100  # covers underflow in faiss's float32 products (d + 4 steps of 2^-149)
-
 CANDIDATE_MARGIN = 16
 """Extra candidates of the first neighbour stage, so that the exact re-ranking sees every cell that
 rounding in the matrix-product distances could have moved across the neighbourhood's edge."""
@@ -260,12 +257,10 @@ def neighbours(
 ) -> tuple[Any, Any]:
     """Distances and indices of the LISI neighbourhood of each (query) cell, the cell itself left out.
 
-    Candidates come from :func:`candidates_bruteforce` on the GPU and from faiss on the CPU
-    (:func:`_candidates_faiss`); their distances are then recomputed exactly
-    (:func:`exact_distances`) and the neighbourhood is the first ``3 * perplexity - 1`` of them in
-    (distance, index) order, so both devices return the same neighbours. On the CPU, a cell whose
-    neighbourhood the single-precision search cannot vouch for is searched again by scikit-learn
-    in double precision.
+    Candidates come from :func:`candidates_bruteforce` on the GPU and from scikit-learn on the
+    CPU; their distances are then recomputed exactly (:func:`exact_distances`) and the
+    neighbourhood is the first ``3 * perplexity - 1`` of them in (distance, index) order, so both
+    devices return the same neighbours, ties included.
 
     Returns
     -------
@@ -277,32 +272,10 @@ def neighbours(
     query_idx = xp.arange(n_cells) if query is None else xp.asarray(query, dtype=xp.int64)
     n_neighbors = min(int(3 * perplexity), n_cells)  # the cell itself included
     n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
-    if xp is not np:
+    if xp is np:
+        candidates = _candidates_sklearn(points, query_idx, n_candidates)
+    else:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-        return _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
-    candidates, outside = _candidates_faiss(points, query_idx, n_candidates, threads)
-    distances, indices = _nearest_candidates(
-        points, query_idx, candidates, n_neighbors, np, threads
-    )
-    if n_neighbors > 1:
-        # A cell left out of the candidates lies at a squared distance of at least ``outside``;
-        # where that could reach the neighbourhood's edge, the float32 search may have left out a
-        # neighbour, so those cells are searched again.
-        edge = distances[:, -1] ** 2 * (1 + _SQUARE_SLACK)
-        unsure = np.flatnonzero(~(outside > edge))
-        if unsure.size:
-            again = _candidates_sklearn(points, query_idx[unsure], n_candidates)
-            distances[unsure], indices[unsure] = _nearest_candidates(
-                points, query_idx[unsure], again, n_neighbors, np, threads
-            )
-    return distances, indices
-
-
-def _nearest_candidates(
-    points: Any, query_idx: Any, candidates: Any, n_neighbors: int, xp: Any, threads: int
-) -> tuple[Any, Any]:
-    """The first ``n_neighbors - 1`` candidates of each query cell in (exact distance, index)
-    order, the cell itself left out: their distances and indices."""
     candidates = xp.sort(candidates, axis=1)  # index order first: a stable sort on the distance
     distances = exact_distances(points, query_idx, candidates, xp=xp, threads=threads)
     distances[candidates == query_idx[:, None]] = xp.inf  # keeps it on ties; the cell goes last
@@ -311,37 +284,6 @@ def _nearest_candidates(
         xp.take_along_axis(distances, order, axis=1),
         xp.take_along_axis(candidates, order, axis=1),
     )
-
-
-def _candidates_faiss(
-    points: np.ndarray, query_idx: np.ndarray, n_candidates: int, threads: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n_candidates`` nearest cells of each query cell by faiss's exact search in float32
-    (several times scikit-learn's float64 speed), and for each query cell a squared distance that
-    every other cell is known to reach: faiss's largest returned value less a bound on its
-    rounding error, 4 (d + 4) u (|q|^2 + max |r|^2) with u = 2^-24 on the centred coordinates
-    (the coordinates' rounding to float32 and the products' and sums' rounding, each bounded and
-    then doubled)."""
-    import faiss
-
-    n_cells, n_dims = points.shape
-    centred = points - points.mean(axis=0)  # smaller norms, smaller float32 error
-    cells = np.ascontiguousarray(centred, dtype=np.float32)
-    if n_candidates >= n_cells:
-        return np.tile(np.arange(n_cells), (query_idx.shape[0], 1)), np.full(
-            query_idx.shape, np.inf
-        )
-    index = faiss.IndexFlatL2(n_dims)
-    index.add(cells)
-    previous = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(threads)
-    try:
-        found, candidates = index.search(cells[query_idx], n_candidates)
-    finally:
-        faiss.omp_set_num_threads(previous)
-    norms = np.einsum("ij,ij->i", centred, centred)
-    error = 4 * (n_dims + 4) * 2.0**-24 * (norms[query_idx] + norms.max()) + _FLOAT32_TINY
-    return candidates.astype(np.int64), found[:, -1].astype(np.float64) - error
 
 
 def _candidates_sklearn(points: np.ndarray, query_idx: np.ndarray, n_candidates: int) -> np.ndarray:
