@@ -1,9 +1,8 @@
 """One run of the step: check the paths, read, integrate, measure, hash, write atomically.
 
-Threads work beside the run: one hashes the input for the summary; for a full output, one copies
-the input into the output's temporary file while Harmony computes, so that writing is left with
-adding the results to the copy; and on a GPU, one readies the device while the input is read
-(:mod:`~harmony_step._step.warm_up`).
+Two threads work beside the run: one hashes the input for the summary, and, for a full output,
+one copies the input into the output's temporary file while Harmony computes, so that writing is
+left with adding the results to the copy.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from harmony_step._step.files import (
 )
 from harmony_step._step.progress import PROGRESS_LOGGER
 from harmony_step._step.request import StepRequest
-from harmony_step._step.warm_up import GpuWarmUp
 from harmony_step._threads import available_cpus, cpu_threads
 from harmony_step._version import __version__
 
@@ -172,14 +170,10 @@ def run_step(
         check_set_up(params.n_gpus)
     # The input's hash is needed only for the summary; it is computed alongside everything else.
     input_hash = _BackgroundHash(request.input) if request.summary else None
-    warm_up = GpuWarmUp(params)  # the GPU's fixed start-up costs, while the input is read
-    try:
-        with _phase(seconds, "read", started):
-            adata = read_harmony_inputs(
-                request.input, params.basis, request.columns, cell_names=request.embedding_only
-            )
-    finally:
-        warm_up.wait()
+    with _phase(seconds, "read", started):
+        adata = read_harmony_inputs(
+            request.input, params.basis, request.columns, cell_names=request.embedding_only
+        )
     _check_labels(adata, request.label_key)
     _check_free_space(request, adata, params)
     before = adata.obsm[params.basis]
