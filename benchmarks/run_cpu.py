@@ -185,8 +185,11 @@ def measure(cells: int, dtype: str, threads: int) -> dict:
 
 def commit() -> str:
     """The checkout's commit, marked ``-dirty`` when files other than the results differ from it
-    (the results change between sizes of one call); ``unknown`` outside git. A copy of the
-    checkout without its history (a remote machine's) names it in ``HARMONY_STEP_COMMIT``."""
+    (the results change between sizes of one call); ``unknown`` outside git. ``HARMONY_STEP_COMMIT``
+    names it instead, for a copy of the checkout whose history is missing or stale (a remote
+    machine's)."""
+    if os.environ.get("HARMONY_STEP_COMMIT"):
+        return os.environ["HARMONY_STEP_COMMIT"]
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -198,7 +201,7 @@ def commit() -> str:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
                       ":(top,exclude)benchmarks/results")  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("HARMONY_STEP_COMMIT", "unknown")
+        return "unknown"
     return head + ("-dirty" if changed else "")
 
 
