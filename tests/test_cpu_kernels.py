@@ -383,9 +383,9 @@ def test_cpu_threads_limits_numba_and_blas():
     with cpu_threads(1) as count:
         assert count == 1
         assert numba.get_num_threads() == 1
-        assert all(
-            pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas"
-        )
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas
+        assert all(pool["num_threads"] == 1 for pool in blas)
         with cpu_threads() as inner:  # None keeps the enclosing count
             assert inner == 1
 
@@ -396,9 +396,9 @@ def test_cpu_threads_works_with_threadpoolctl_before_its_controlling_thread(monk
 
     monkeypatch.delattr(OpenBLASController, "clear_controlling_thread", raising=False)
     with cpu_threads(1):
-        assert all(
-            pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas"
-        )
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas
+        assert all(pool["num_threads"] == 1 for pool in blas)
 
 
 def test_available_cpus_follows_slurm_and_affinity(monkeypatch):
