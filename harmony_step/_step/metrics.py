@@ -454,14 +454,16 @@ def lisi_from_neighbours(
 ) -> Any:
     """LISI of ``labels`` (one per cell of the whole embedding) over precomputed neighbourhoods."""
     codes, n_labels = _codes(labels)
-    return _lisi_from_codes(distances, indices, xp.asarray(codes), n_labels, perplexity, xp)
+    weights, entropy = neighbour_weights(distances, perplexity, xp=xp)
+    return _lisi_from_weights(weights, entropy, xp.asarray(indices), codes, n_labels, xp)
 
 
-def _lisi_from_codes(
-    distances: Any, indices: Any, codes: Any, n_labels: int, perplexity: float, xp: Any
+def _lisi_from_weights(
+    weights: Any, entropy: Any, indices: Any, codes: np.ndarray, n_labels: int, xp: Any
 ) -> Any:
-    neighbour_labels = codes[xp.asarray(indices)]
-    return 1.0 / simpson_index(distances, neighbour_labels, n_labels, perplexity, xp=xp)
+    """LISI of the labels ``codes`` (one per cell) over calibrated neighbourhoods."""
+    neighbour_labels = xp.asarray(codes)[indices]
+    return 1.0 / _simpson_from_weights(weights, entropy, neighbour_labels, n_labels, xp)
 
 
 def _codes(labels: Any) -> tuple[np.ndarray, int]:
@@ -626,9 +628,8 @@ def _embedding_metrics(
     indices = xp.asarray(indices)
     lisi_medians = []
     for codes, n_labels in columns:
-        neighbour_labels = xp.asarray(codes)[indices]
-        simpson = _simpson_from_weights(weights, entropy, neighbour_labels, n_labels, xp)
-        lisi_medians.append(_median(_to_host(1.0 / simpson)))
+        values = _lisi_from_weights(weights, entropy, indices, codes, n_labels, xp)
+        lisi_medians.append(_median(_to_host(values)))
     chosen = points if sample is None else points[xp.asarray(sample)]
     widths = silhouettes(
         chosen,
