@@ -233,6 +233,19 @@ def test_kmeans_plus_plus_and_lloyd_match_reference(k):
     np.testing.assert_allclose(sums, expected_sums, rtol=1e-12, atol=1e-10)
 
 
+def test_kmeans_plus_plus_on_repeated_points_matches_reference():
+    """Five distinct points, each many times over, and more seeds than distinct points: once
+    every distance is zero the lowest-index unchosen point is taken, on both paths. 20,000 points
+    span several chunks of the CPU's chunked weight sums."""
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(5, 8))[rng.integers(0, 5, 20_000)]
+    for k in (5, 12):
+        seeds = init.kmeans_plus_plus(np, points, k, np.random.default_rng(4))
+        expected = init.kmeans_plus_plus(XP, points, k, np.random.default_rng(4))
+        np.testing.assert_array_equal(seeds, expected)
+        assert len({tuple(row) for row in seeds}) == 5
+
+
 def test_kmeans_ranking_in_float32_keeps_the_float64_labels_near_ties():
     """Points just off the bisector of two centres (float64 gaps 1e-6 to 1e-10), where a float32
     ranking alone picks the wrong centre for many: the checked ranking keeps float64's labels."""

@@ -591,14 +591,65 @@ def group_blocks_by_level(order, levels, n_levels, block_size):
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_REORDER)
-def nearest_update(points, centre, nearest):
-    """nearest = min(nearest, |points - centre|^2), the squared distances computed directly."""
-    for i in prange(points.shape[0]):
-        distance = 0.0
-        for j in range(points.shape[1]):
-            diff = points[i, j] - centre[j]
-            distance += diff * diff
-        nearest[i] = min(nearest[i], distance)
+def kmeans_plus_plus(points, first, draws):
+    """Indices of the k-means++ seeds (``init.kmeans_plus_plus``): ``first``, then one per draw.
+
+    Each pass updates every point's squared distance to its nearest seed (computed directly) and
+    sums them per fixed chunk of ``SUM_CHUNK_ROWS`` points, in parallel. The next seed is then found
+    from the chunk sums and one chunk's running sum, so no pass over all points runs on one thread
+    (a full cumulative sum did, once per seed). The sums depend on the chunking alone, not on the
+    thread count. When every distance is zero the lowest-index unchosen point is taken.
+    """
+    n, d = points.shape
+    n_chunks = -(-n // SUM_CHUNK_ROWS)
+    nearest = np.full(n, np.inf)
+    chunk_sums = np.empty(n_chunks)
+    chosen = np.empty(draws.shape[0] + 1, dtype=np.int64)
+    chosen[0] = first
+    for j in range(draws.shape[0]):
+        centre = points[chosen[j]]
+        for chunk in prange(n_chunks):
+            total = 0.0
+            for i in range(chunk * SUM_CHUNK_ROWS, min((chunk + 1) * SUM_CHUNK_ROWS, n)):
+                distance = 0.0
+                for m in range(d):
+                    diff = points[i, m] - centre[m]
+                    distance += diff * diff
+                nearest[i] = min(nearest[i], distance)
+                total += nearest[i]
+            chunk_sums[chunk] = total
+        chosen[j + 1] = _draw_weighted(nearest, chunk_sums, draws[j], chosen[: j + 1])
+    return chosen
+
+
+@njit(cache=True, error_model="numpy")
+def _draw_weighted(weights, chunk_sums, draw, chosen):
+    """The first point whose running weight exceeds ``draw`` times the total weight, the running
+    weight summed chunk by chunk; the lowest-index point not in ``chosen`` if every weight is 0."""
+    total = 0.0
+    for chunk in range(chunk_sums.shape[0]):
+        total += chunk_sums[chunk]
+    if not total > 0.0:
+        taken = np.zeros(weights.shape[0], dtype=np.bool_)
+        for index in chosen:
+            taken[index] = True
+        return np.argmin(taken)
+    target = draw * total
+    before, chunk = 0.0, 0
+    while chunk < chunk_sums.shape[0] - 1 and not before + chunk_sums[chunk] > target:
+        before += chunk_sums[chunk]
+        chunk += 1
+    start = chunk * SUM_CHUNK_ROWS
+    stop = min(start + SUM_CHUNK_ROWS, weights.shape[0])
+    running, last_positive = 0.0, start
+    for i in range(start, stop):
+        running += weights[i]
+        if weights[i] > 0.0:
+            last_positive = i
+            if before + running > target:
+                return i
+    # Rounding left the target at the chunk's end: its last point of positive weight.
+    return last_positive
 
 
 # A float32 dot product of length d, of float64 vectors rounded to float32, is within

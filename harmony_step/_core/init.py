@@ -64,6 +64,8 @@ def kmeans_plus_plus(xp: Any, points: Any, k: int, rng: np.random.Generator) -> 
     """
     n = points.shape[0]
     first = int(rng.integers(n))
+    if xp is np:
+        return points[kernels.cpu().kmeans_plus_plus(points, first, rng.random(max(k - 1, 0)))]
     draws = xp.asarray(rng.random(max(k - 1, 0)))
     chosen = xp.zeros(k, dtype=xp.int64)
     chosen[0] = first
@@ -87,9 +89,6 @@ def kmeans_plus_plus(xp: Any, points: Any, k: int, rng: np.random.Generator) -> 
 
 def _nearest_update(xp: Any, points: Any, index: Any, nearest: Any) -> Any:
     """min(nearest, |points - points[index]|^2), the distances computed directly."""
-    if xp is np:
-        kernels.cpu().nearest_update(points, points[int(np.reshape(index, -1)[0])], nearest)
-        return nearest
     return xp.minimum(nearest, ((points - points[index]) ** 2).sum(axis=1))
 
 
