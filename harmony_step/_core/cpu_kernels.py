@@ -31,7 +31,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
 from harmony_step._core.kernels import ENTROPY_EPS, FIXED_POINT_SCALE
@@ -80,6 +80,43 @@ def _as_bits(typingctx, value):
         return builder.bitcast(args[0], ir.IntType(64))
 
     return types.int64(types.float64), codegen
+
+
+# --- prefetching rows that are visited in a random order -------------------------------------------
+# The clustering step visits the rows of R in a pseudo-random order: each row is a few cache lines
+# that the hardware prefetcher cannot predict, and without help a thread waits on memory for most
+# of its time (a block update took 2.5 times as long over random rows as over consecutive ones).
+# The rows a few steps ahead are requested early, so their loads overlap the current row's work.
+
+CACHE_LINE_BYTES = 64
+# Rows requested ahead of the one being computed.
+PREFETCH_DISTANCE = 8
+
+
+@intrinsic
+def _prefetch(typingctx, array, offset):
+    """Ask the cache for the line holding byte ``offset`` of ``array``'s data (a hint: no effect on
+    results, and no fault for any address)."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        address = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
+        flag = ir.IntType(32)
+        signature_ir = ir.FunctionType(ir.VoidType(), [address.type, flag, flag, flag])
+        function = cgutils.get_or_insert_function(builder.module, signature_ir, "llvm.prefetch.p0")
+        read, keep, data_cache = (ir.Constant(flag, v) for v in (0, 3, 1))
+        builder.call(function, [address, read, keep, data_cache])
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp), codegen
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def prefetch_row(array, row):
+    """Request every cache line of ``array[row]`` (a C-contiguous 2-D array)."""
+    row_bytes = array.shape[1] * array.itemsize
+    for offset in range(row * row_bytes, (row + 1) * row_bytes, CACHE_LINE_BYTES):
+        _prefetch(array, offset)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -375,12 +412,21 @@ def _block_update(
         others = range(n_update + t * n_other // n_tasks, n_update + (t + 1) * n_other // n_tasks)
         for row in others:
             cell = row if identity else cells[row]
+            if not identity and row + PREFETCH_DISTANCE < others.stop:
+                ahead = cells[row + PREFETCH_DISTANCE]
+                prefetch_row(assignments, ahead)
+                prefetch_row(codes, ahead)
             r = assignments[cell]
             for k in range(n_clusters):
                 quanta[k] = other_sign * _fixed_point(np.float64(r[k]))
             _add_mass(mass, codes[cell], quanta)
-        for row in range(t * n_update // n_tasks, (t + 1) * n_update // n_tasks):
+        updates = range(t * n_update // n_tasks, (t + 1) * n_update // n_tasks)
+        for row in updates:
             cell = row if identity else cells[row]
+            if not identity and row + PREFETCH_DISTANCE < updates.stop:
+                ahead = cells[row + PREFETCH_DISTANCE]
+                prefetch_row(assignments, ahead)
+                prefetch_row(codes, ahead)
             row_entropy[cell] = _softmax_row(
                 similarity[row], log_penalty, codes[cell], assignments[cell], logits, shifted,
                 weights, quanta, scale,
@@ -478,6 +524,8 @@ def gather_rows(src, rows, out):
     """out[i] = src[rows[i]] (``kernels.gather_rows``), rows spread over the threads: NumPy's
     ``take`` copies on one thread."""
     for i in prange(rows.shape[0]):
+        if i + PREFETCH_DISTANCE < rows.shape[0]:
+            prefetch_row(src, rows[i + PREFETCH_DISTANCE])
         row = src[rows[i]]
         for j in range(row.shape[0]):
             out[i, j] = row[j]
@@ -719,6 +767,8 @@ def cluster_sums(points, labels, n_clusters):
 def _take_rows(src, rows, out):
     """out[i] = src[rows[i]] on the calling thread, without the GIL (for the pool's tasks)."""
     for i in range(rows.shape[0]):
+        if i + PREFETCH_DISTANCE < rows.shape[0]:
+            prefetch_row(src, rows[i + PREFETCH_DISTANCE])
         row = src[rows[i]]
         for j in range(row.shape[0]):
             out[i, j] = row[j]
@@ -728,6 +778,8 @@ def _take_rows(src, rows, out):
 def _put_rows(src, rows, out):
     """out[rows[i]] = src[i] on the calling thread, without the GIL."""
     for i in range(rows.shape[0]):
+        if i + PREFETCH_DISTANCE < rows.shape[0]:
+            prefetch_row(out, rows[i + PREFETCH_DISTANCE])
         row = out[rows[i]]
         for j in range(row.shape[0]):
             row[j] = src[i, j]
