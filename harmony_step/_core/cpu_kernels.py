@@ -104,6 +104,8 @@ def _prefetch(typingctx, array, offset):
         flag = ir.IntType(32)
         signature_ir = ir.FunctionType(ir.VoidType(), [address.type, flag, flag, flag])
         function = cgutils.get_or_insert_function(builder.module, signature_ir, "llvm.prefetch.p0")
+        # llvm.prefetch(address, rw: 0 = read, locality: 3 = keep in every cache level,
+        # cache type: 1 = data)
         read, keep, data_cache = (ir.Constant(flag, v) for v in (0, 3, 1))
         builder.call(function, [address, read, keep, data_cache])
         return context.get_dummy_value()
@@ -113,10 +115,13 @@ def _prefetch(typingctx, array, offset):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def prefetch_row(array, row):
-    """Request every cache line of ``array[row]`` (a C-contiguous 2-D array)."""
+    """Request every cache line of ``array[row]`` (a C-contiguous 2-D array): one request per
+    line's width from the row's first byte, and its last byte (the row need not start a line)."""
     row_bytes = array.shape[1] * array.itemsize
     for offset in range(row * row_bytes, (row + 1) * row_bytes, CACHE_LINE_BYTES):
         _prefetch(array, offset)
+    if row_bytes > 0:
+        _prefetch(array, (row + 1) * row_bytes - 1)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -696,7 +701,8 @@ def _draw_weighted(weights, chunk_sums, draw, chosen):
             last_positive = i
             if before + running > target:
                 return i
-    # Rounding left the target at the chunk's end: its last point of positive weight.
+    # Rounding left the target at the chunk's end (or the total is not finite, which unit-norm
+    # points cannot give): the chunk's last point of positive weight.
     return last_positive
 
 
