@@ -432,6 +432,7 @@ def _block_update(
                 ahead = cells[row + PREFETCH_DISTANCE]
                 prefetch_row(assignments, ahead)
                 prefetch_row(codes, ahead)
+                _prefetch(row_entropy, ahead * row_entropy.itemsize)
             row_entropy[cell] = _softmax_row(
                 similarity[row], log_penalty, codes[cell], assignments[cell], logits, shifted,
                 weights, quanta, scale,
