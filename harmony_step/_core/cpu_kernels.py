@@ -491,37 +491,41 @@ def log_penalty_table(observed, level_share, theta, first_key_levels, stabilized
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FUSED)
 def softmax_rows(logits, scale):
-    """Row softmax of scale * (logits - 1), in place, max-shifted (``init.softmax_rows``)."""
-    n, k_total = logits.shape
-    for i in prange(n):
+    """Row softmax of scale * (logits - 1), in place, max-shifted (``init.softmax_rows``).
+
+    One loop per step, the row's maximum and sum in the vectorising helpers (``_max``, ``_sum``),
+    so that every loop runs in vector lanes."""
+    for i in prange(logits.shape[0]):
         row = logits[i]
-        row_max = -np.inf
-        for k in range(k_total):
+        for k in range(row.shape[0]):
             row[k] = (row[k] - 1) * scale
-            row_max = max(row_max, row[k])
-        total = 0.0
-        for k in range(k_total):
+        row_max = _max(row)
+        for k in range(row.shape[0]):
             row[k] = exp(row[k] - row_max)
-            total += row[k]
-        for k in range(k_total):
+        total = _sum(row)
+        for k in range(row.shape[0]):
             row[k] = row[k] / total
     return logits
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _row_entropy(assignments, out):
-    for i in prange(assignments.shape[0]):
-        entropy = 0.0
-        for k in range(assignments.shape[1]):
-            r = np.float64(assignments[i, k])
-            entropy += r * log(r + ENTROPY_EPS)
-        out[i] = entropy
+def _row_entropy(assignments, out, n_tasks):
+    """out[i] = sum_k R_ik log(R_ik + eps): the terms in one loop, their sum in ``_sum``; the rows
+    in ``n_tasks`` ranges (each row's value does not depend on them)."""
+    n, n_clusters = assignments.shape
+    for t in prange(n_tasks):
+        terms = np.empty(n_clusters)
+        for i in range(t * n // n_tasks, (t + 1) * n // n_tasks):
+            for k in range(n_clusters):
+                r = np.float64(assignments[i, k])
+                terms[k] = r * log(r + ENTROPY_EPS)
+            out[i] = _sum(terms)
 
 
 def entropy_sum(assignments) -> float:
     """sum R log(R + eps): per row in one thread, then the rows in NumPy's fixed (pairwise) order."""
     rows = np.empty(assignments.shape[0])
-    _row_entropy(assignments, rows)
+    _row_entropy(assignments, rows, _tasks(assignments.shape[0]))
     return rows.sum()
 
 
