@@ -494,12 +494,15 @@ def softmax_rows(logits, scale):
     """Row softmax of scale * (logits - 1), in place, max-shifted (``init.softmax_rows``).
 
     One loop per step, the row's maximum and sum in the vectorising helpers (``_max``, ``_sum``),
-    so that every loop runs in vector lanes."""
+    so that every loop runs in vector lanes. The shift is subtracted in float64 whatever the dtype
+    (as the GPU's generic code does), so float32 rows round once, after the subtraction."""
     for i in prange(logits.shape[0]):
         row = logits[i]
+        if row.shape[0] == 0:
+            continue
         for k in range(row.shape[0]):
             row[k] = (row[k] - 1) * scale
-        row_max = _max(row)
+        row_max = np.float64(_max(row))
         for k in range(row.shape[0]):
             row[k] = exp(row[k] - row_max)
         total = _sum(row)
@@ -510,8 +513,9 @@ def softmax_rows(logits, scale):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _row_entropy(assignments, out, n_tasks):
-    """out[i] = sum_k R_ik log(R_ik + eps): the terms in one loop, their sum in ``_sum``; the rows
-    in ``n_tasks`` ranges (each row's value does not depend on them)."""
+    """out[i] = sum_k R_ik log(R_ik + eps): the terms in one loop, their sum in ``_sum``. The rows
+    are cut into ``n_tasks`` ranges so that each task fills one scratch row of terms (a row's
+    value does not depend on the ranges)."""
     n, n_clusters = assignments.shape
     for t in prange(n_tasks):
         terms = np.empty(n_clusters)
