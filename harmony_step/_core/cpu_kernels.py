@@ -724,9 +724,25 @@ SCREEN_RELATIVE_ERROR = 8.0 * 2.0**-24
 SCREEN_ABSOLUTE_ERROR = 8.0 * 2.0**-149
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=_REORDER)
+def assign_nearest(points32, centres_t32, centre_sq, points, centres, slack, labels, distance):
+    """Nearest centre of each point and the squared distance to it (``init._assign``), per fixed
+    chunk of ``MATMUL_ROWS`` points on the pool: the chunk's float32 products, then their ranking
+    (``assign_chunk``) on the same thread while the products are still in its cache."""
+
+    def task(i):
+        rows = slice(i * MATMUL_ROWS, (i + 1) * MATMUL_ROWS)
+        dots = np.matmul(points32[rows], centres_t32)
+        assign_chunk(
+            dots, centre_sq, points[rows], centres, slack[rows], labels[rows], distance[rows]
+        )
+
+    _run_chunks(task, -(-points.shape[0] // MATMUL_ROWS))
+
+
+@njit(cache=True, error_model="numpy", fastmath=_REORDER, nogil=True)
 def assign_chunk(dots, centre_sq, points, centres, slack, labels, distance):
-    """Nearest centre of each point and the squared distance to it (recomputed directly).
+    """Nearest centre of each point and the squared distance to it (recomputed directly), on the
+    calling thread.
 
     Centres are ranked by |c|^2 - 2 x.c with x.c from a float32 product (``dots``). Where the
     best two are within ``slack[i]`` (the float32 error bound of row i), float32 could rank them
@@ -734,7 +750,7 @@ def assign_chunk(dots, centre_sq, points, centres, slack, labels, distance):
     Ties go to the lower index.
     """
     n_clusters = dots.shape[1]
-    for i in prange(dots.shape[0]):
+    for i in range(dots.shape[0]):
         # Two passes that vectorise: the smallest value, then how many lie within the slack of it.
         best_value = np.inf
         for k in range(n_clusters):

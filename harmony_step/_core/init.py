@@ -18,7 +18,7 @@ from harmony_step._core.sums import chunk_rows, matmul, one_hot, row_normalize
 
 SAMPLES_PER_CLUSTER = 5000
 LLOYD_ITERATIONS = 25
-# Rows per distance chunk in k-means: bounds scratch to KMEANS_CHUNK * K * 8 bytes.
+# Rows per distance chunk of the GPU's k-means: bounds scratch to KMEANS_CHUNK * K * 8 bytes.
 KMEANS_CHUNK = 1 << 17
 
 
@@ -118,12 +118,9 @@ def _assign(xp: Any, points: Any, centres: Any, screen: Screen | None = None) ->
         slack = (points.shape[1] + 2) * (
             cpu.SCREEN_RELATIVE_ERROR * largest * screen.norms + cpu.SCREEN_ABSOLUTE_ERROR
         )
-        for start in range(0, points.shape[0], KMEANS_CHUNK):
-            rows = slice(start, start + KMEANS_CHUNK)
-            cpu.assign_chunk(
-                matmul(np, screen.points32[rows], centres_t32), centre_sq, points[rows], centres,
-                slack[rows], labels[rows], distance[rows],
-            )  # fmt: skip
+        cpu.assign_nearest(
+            screen.points32, centres_t32, centre_sq, points, centres, slack, labels, distance
+        )
         return labels, distance
     for start in range(0, points.shape[0], KMEANS_CHUNK):
         block = points[start : start + KMEANS_CHUNK]
