@@ -368,6 +368,33 @@ def test_results_do_not_depend_on_the_thread_count(dtype, keys):
     assert np.array_equal(outputs[0], outputs[2])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_similarities_of_several_blocks_at_once_give_the_same_result(dtype, monkeypatch):
+    """The GPU forms the similarities of many blocks with one product, the CPU one block's at a
+    time. With the GPU's spans on the CPU (which runs the span bookkeeping here), the result is
+    the same to rounding."""
+    from harmony_step._core import clustering
+
+    blocks_per_product = []
+    update_blocks = clustering._update_blocks
+
+    def counted(xp, state, consts, offsets, first, last):
+        blocks_per_product.append(last - first)
+        update_blocks(xp, state, consts, offsets, first, last)
+
+    monkeypatch.setattr(clustering, "_update_blocks", counted)
+    one_block = integrate(dtype, ["batch"])
+    assert set(blocks_per_product) == {1}
+    blocks_per_product.clear()
+    monkeypatch.setattr(
+        clustering, "CPU_SIMILARITY_SPAN_BYTES", clustering.SIMILARITY_SPAN_BYTES
+    )
+    spans = integrate(dtype, ["batch"])
+    assert max(blocks_per_product) > 1
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(spans, one_block, rtol=tol, atol=tol)
+
+
 def test_runs_in_several_threads_at_once_give_the_results_of_one_at_a_time():
     """BLAS's thread limit is process-wide: a run that ends first must not lift it under another."""
     import threading

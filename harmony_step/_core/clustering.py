@@ -34,8 +34,11 @@ from harmony_step._core.sums import counts, cross_sums, matmul
 # Inner convergence window (docs/algorithm.md §7.1): compare sums of the last three objectives.
 WINDOW = 3
 # Similarities (rows x K, working dtype) formed by one GEMM: at most this many bytes, and at least
-# one block. Small inputs then need one GEMM per iteration, large ones one per block.
+# one block. On the GPU small inputs then need one GEMM per iteration, large ones one per block.
+# The CPU forms one block's at a time, so that they are still in its cache when the block update
+# reads them (a 12 % shorter clustering step at a million cells on two cores).
 SIMILARITY_SPAN_BYTES = 1 << 27
+CPU_SIMILARITY_SPAN_BYTES = 0
 
 
 @dataclasses.dataclass
@@ -72,7 +75,8 @@ class BlockWork:
         n_cells, n_pcs = state.z_hat.shape  # this rank's cells
         n_clusters = state.assignments.shape[1]
         row_bytes = n_clusters * state.assignments.dtype.itemsize
-        blocks = max(1, SIMILARITY_SPAN_BYTES // (block_size * row_bytes))
+        span_bytes = SIMILARITY_SPAN_BYTES if xp is not np else CPU_SIMILARITY_SPAN_BYTES
+        blocks = max(1, span_bytes // (block_size * row_bytes))
         span = min(n_cells, blocks * block_size)
         dtype = state.z_hat.dtype
         return cls(
