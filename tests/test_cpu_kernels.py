@@ -386,9 +386,7 @@ def test_similarities_of_several_blocks_at_once_give_the_same_result(dtype, monk
     one_block = integrate(dtype, ["batch"])
     assert set(blocks_per_product) == {1}
     blocks_per_product.clear()
-    monkeypatch.setattr(
-        clustering, "CPU_SIMILARITY_SPAN_BYTES", clustering.SIMILARITY_SPAN_BYTES
-    )
+    monkeypatch.setattr(clustering, "CPU_SIMILARITY_SPAN_BYTES", clustering.SIMILARITY_SPAN_BYTES)
     spans = integrate(dtype, ["batch"])
     assert max(blocks_per_product) > 1
     tol = 1e-4 if dtype == "float32" else 1e-10
