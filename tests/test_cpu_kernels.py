@@ -370,27 +370,29 @@ def test_results_do_not_depend_on_the_thread_count(dtype, keys):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_similarities_of_several_blocks_at_once_give_the_same_result(dtype, monkeypatch):
-    """The GPU forms the similarities of many blocks with one product, the CPU one block's at a
-    time. With the GPU's spans on the CPU (which runs the span bookkeeping here), the result is
-    the same to rounding."""
+    """The GPU forms the similarities of several blocks with one product, the CPU one block's at a
+    time. With spans of three blocks on the CPU (which runs the GPU's span bookkeeping here: 20
+    blocks, so spans start past the first block and the last one is shorter), the result is the
+    same to rounding."""
     from harmony_step._core import clustering
 
-    blocks_per_product = []
+    spans = []
     update_blocks = clustering._update_blocks
 
-    def counted(xp, state, consts, offsets, first, last):
-        blocks_per_product.append(last - first)
+    def recorded(xp, state, consts, offsets, first, last):
+        spans.append((first, last))
         update_blocks(xp, state, consts, offsets, first, last)
 
-    monkeypatch.setattr(clustering, "_update_blocks", counted)
+    monkeypatch.setattr(clustering, "_update_blocks", recorded)
     one_block = integrate(dtype, ["batch"])
-    assert set(blocks_per_product) == {1}
-    blocks_per_product.clear()
-    monkeypatch.setattr(clustering, "CPU_SIMILARITY_SPAN_BYTES", clustering.SIMILARITY_SPAN_BYTES)
-    spans = integrate(dtype, ["batch"])
-    assert max(blocks_per_product) > 1
+    assert {last - first for first, last in spans} == {1}
+    spans.clear()
+    block_bytes = 200 * 300 * np.dtype(dtype).itemsize  # 4000 cells x 5 %, K = 300
+    monkeypatch.setattr(clustering, "CPU_SIMILARITY_SPAN_BYTES", 3 * block_bytes)
+    three_blocks = integrate(dtype, ["batch"])
+    assert {(0, 3), (3, 6), (18, 20)} <= set(spans)
     tol = 1e-4 if dtype == "float32" else 1e-10
-    np.testing.assert_allclose(spans, one_block, rtol=tol, atol=tol)
+    np.testing.assert_allclose(three_blocks, one_block, rtol=tol, atol=tol)
 
 
 def test_runs_in_several_threads_at_once_give_the_results_of_one_at_a_time():

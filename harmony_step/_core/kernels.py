@@ -467,6 +467,8 @@ def block_update(
         O in fixed point, (B, K) int64 (``FIXED_POINT_SCALE`` units per unit of mass), in place.
     """
     n_rows = assignments.shape[0] if cells is None else int(cells.shape[0])
+    if n_update and similarity.shape[0] < n_update:
+        raise ValueError(f"{n_update} rows to update but {similarity.shape[0]} similarity rows")
     if xp is np:
         cpu().block_update(
             similarity, log_penalty, codes, cells, n_update, assignments, row_entropy, observed,
