@@ -115,13 +115,22 @@ def _prefetch(typingctx, array, offset):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def prefetch_row(array, row):
-    """Request every cache line of ``array[row]`` (a C-contiguous 2-D array): one request per
-    line's width from the row's first byte, and its last byte (the row need not start a line)."""
-    row_bytes = array.shape[1] * array.itemsize
+    """Request every cache line of ``array[row]`` (a C-contiguous array; of a 1-D one, the
+    element): one request per line's width from the row's first byte, and its last byte (the row
+    need not start a line)."""
+    row_bytes = array.strides[0]
     for offset in range(row * row_bytes, (row + 1) * row_bytes, CACHE_LINE_BYTES):
         _prefetch(array, offset)
     if row_bytes > 0:
         _prefetch(array, (row + 1) * row_bytes - 1)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def prefetch_ahead(array, rows, i):
+    """Request ``array[rows[i + PREFETCH_DISTANCE]]``, the row visited that many steps after
+    ``rows[i]``, if there is one."""
+    if i + PREFETCH_DISTANCE < rows.shape[0]:
+        prefetch_row(array, rows[i + PREFETCH_DISTANCE])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -417,10 +426,8 @@ def _block_update(
         others = range(n_update + t * n_other // n_tasks, n_update + (t + 1) * n_other // n_tasks)
         for row in others:
             cell = row if identity else cells[row]
-            if not identity and row + PREFETCH_DISTANCE < others.stop:
-                ahead = cells[row + PREFETCH_DISTANCE]
-                prefetch_row(assignments, ahead)
-                prefetch_row(codes, ahead)
+            prefetch_ahead(assignments, cells, row)  # ``cells`` is empty for identity
+            prefetch_ahead(codes, cells, row)
             r = assignments[cell]
             for k in range(n_clusters):
                 quanta[k] = other_sign * _fixed_point(np.float64(r[k]))
@@ -428,11 +435,9 @@ def _block_update(
         updates = range(t * n_update // n_tasks, (t + 1) * n_update // n_tasks)
         for row in updates:
             cell = row if identity else cells[row]
-            if not identity and row + PREFETCH_DISTANCE < updates.stop:
-                ahead = cells[row + PREFETCH_DISTANCE]
-                prefetch_row(assignments, ahead)
-                prefetch_row(codes, ahead)
-                _prefetch(row_entropy, ahead * row_entropy.itemsize)
+            prefetch_ahead(assignments, cells, row)
+            prefetch_ahead(codes, cells, row)
+            prefetch_ahead(row_entropy, cells, row)
             row_entropy[cell] = _softmax_row(
                 similarity[row], log_penalty, codes[cell], assignments[cell], logits, shifted,
                 weights, quanta, scale,
@@ -538,8 +543,7 @@ def gather_rows(src, rows, out):
     """out[i] = src[rows[i]] (``kernels.gather_rows``), rows spread over the threads: NumPy's
     ``take`` copies on one thread."""
     for i in prange(rows.shape[0]):
-        if i + PREFETCH_DISTANCE < rows.shape[0]:
-            prefetch_row(src, rows[i + PREFETCH_DISTANCE])
+        prefetch_ahead(src, rows, i)
         row = src[rows[i]]
         for j in range(row.shape[0]):
             out[i, j] = row[j]
@@ -798,8 +802,7 @@ def cluster_sums(points, labels, n_clusters):
 def _take_rows(src, rows, out):
     """out[i] = src[rows[i]] on the calling thread, without the GIL (for the pool's tasks)."""
     for i in range(rows.shape[0]):
-        if i + PREFETCH_DISTANCE < rows.shape[0]:
-            prefetch_row(src, rows[i + PREFETCH_DISTANCE])
+        prefetch_ahead(src, rows, i)
         row = src[rows[i]]
         for j in range(row.shape[0]):
             out[i, j] = row[j]
@@ -809,8 +812,7 @@ def _take_rows(src, rows, out):
 def _put_rows(src, rows, out):
     """out[rows[i]] = src[i] on the calling thread, without the GIL."""
     for i in range(rows.shape[0]):
-        if i + PREFETCH_DISTANCE < rows.shape[0]:
-            prefetch_row(out, rows[i + PREFETCH_DISTANCE])
+        prefetch_ahead(out, rows, i)
         row = out[rows[i]]
         for j in range(row.shape[0]):
             row[j] = src[i, j]
