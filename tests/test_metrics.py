@@ -187,14 +187,99 @@ def test_bruteforce_candidates_with_many_duplicates():
     assert np.all(np.take_along_axis(squared, found, axis=1) <= edge[:, None] + 1e-12)
 
 
-def test_neighbours_from_either_search_are_identical(monkeypatch):
+def test_neighbours_from_each_search_are_identical():
+    """The single-precision search (the CPU's), scikit-learn (its fall-back) and the GPU's brute
+    force (run with NumPy) give the same neighbourhoods, to the bit."""
     points, _ = _clustered(5000, seed=3)
     query = np.arange(0, 5000, 7)
-    from_sklearn = metrics.neighbours(points, query=query)
-    monkeypatch.setattr(metrics, "_candidates_sklearn", metrics.candidates_bruteforce)
-    from_bruteforce = metrics.neighbours(points, query=query)
-    np.testing.assert_array_equal(from_sklearn[1], from_bruteforce[1])
-    np.testing.assert_array_equal(from_sklearn[0], from_bruteforce[0])
+    from_float32 = metrics.neighbours(points, query=query)
+    for search in (metrics._candidates_sklearn, metrics.candidates_bruteforce):
+        candidates = search(points, query, 90 + metrics.CANDIDATE_MARGIN)
+        distances, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
+        np.testing.assert_array_equal(from_float32[1], indices)
+        np.testing.assert_array_equal(from_float32[0], distances)
+
+
+def _exact_neighbourhoods(points, query):
+    """The 89 nearest cells of each query cell by a full sort of exact distances."""
+    everyone = np.tile(np.arange(len(points)), (len(query), 1))
+    exact = metrics.exact_distances(points, query, everyone)
+    exact[np.arange(len(query)), query] = np.inf
+    return np.argsort(exact, axis=1, kind="stable")[:, :89]
+
+
+def _shell(n_shell=300, n_far=2000, seed=8):
+    """Cells on a sphere around the origin whose radii differ by 1e-9 (float32 cannot order them),
+    with farther cells around; the query cells sit near the origin."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=(n_shell, 8))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    shell = direction * (10.0 + 1e-9 * rng.permutation(n_shell))[:, None]
+    far = rng.normal(size=(n_far, 8)) * 3 + 40.0
+    centre = rng.normal(size=(5, 8)) * 1e-12
+    return np.concatenate([centre, shell, far])
+
+
+def test_cells_the_float32_search_cannot_vouch_for_are_searched_again(monkeypatch):
+    points = _shell()
+    query = np.arange(5)
+    searched_again = []
+    original = metrics._candidates_sklearn
+
+    def recording(points, query_idx, n_candidates):
+        searched_again.extend(query_idx.tolist())
+        return original(points, query_idx, n_candidates)
+
+    monkeypatch.setattr(metrics, "_candidates_sklearn", recording)
+    _, indices = metrics.neighbours(points, query=query)
+    assert searched_again == query.tolist()  # the edge lies inside the shell for every one
+    np.testing.assert_array_equal(indices, _exact_neighbourhoods(points, query))
+
+
+def test_the_float32_search_alone_would_miss_neighbours_on_the_shell():
+    """Why the check exists: without it, the data above loses true neighbours."""
+    points = _shell()
+    query = np.arange(5)
+    candidates, _ = metrics._candidates_float32(points, query, 90 + metrics.CANDIDATE_MARGIN, 1)
+    _, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
+    assert not np.array_equal(indices, _exact_neighbourhoods(points, query))
+
+
+def test_coordinates_too_large_for_float32_are_searched_in_float64():
+    points, _ = _clustered(600, seed=5)
+    points = points * 1e19  # squared norms beyond float32's range
+    query = np.arange(0, 600, 5)
+    _, indices = metrics.neighbours(points, query=query)
+    np.testing.assert_array_equal(indices, _exact_neighbourhoods(points, query))
+
+
+@pytest.mark.parametrize("integer_values", [False, True])
+def test_running_smallest_kernel_equals_a_full_sort(integer_values):
+    """``keep_smallest`` over tiles of varied widths, then ``smallest_in_order``, against a stable
+    sort of the whole rows; small integer values make many ties, broken by column."""
+    from harmony_step._step import neighbour_kernels as nk
+
+    rng = np.random.default_rng(21)
+    c = 10
+    for _ in range(60):
+        n_columns, width = int(rng.integers(c, 400)), int(rng.integers(c, 120))
+        if integer_values:
+            rows = rng.integers(0, 30, size=(6, n_columns)).astype(np.float32)
+        else:
+            rows = rng.normal(size=(6, n_columns)).astype(np.float32)
+        values = np.empty((6, nk.BUFFER_FACTOR * c), dtype=np.float32)
+        columns = np.empty((6, nk.BUFFER_FACTOR * c), dtype=np.int64)
+        counts = np.zeros(6, dtype=np.int64)
+        thresholds = np.full(6, np.inf, dtype=np.float32)
+        for first in range(0, n_columns, width):
+            tile = np.ascontiguousarray(rows[:, first : first + width])
+            nk.keep_smallest(tile, first, values, columns, counts, thresholds, c)
+        found = np.empty((6, c), dtype=np.int64)
+        found_values = np.empty((6, c), dtype=np.float32)
+        nk.smallest_in_order(values, columns, counts, c, found, found_values)
+        expected, expected_values = nk.smallest_reference(rows, c)
+        np.testing.assert_array_equal(found, expected)
+        np.testing.assert_array_equal(found_values, expected_values)
 
 
 def test_ties_are_broken_by_index_and_the_cell_itself_is_left_out():
@@ -265,6 +350,7 @@ def test_metrics_do_not_depend_on_the_thread_count(monkeypatch):
     """The CPU's chunks are fixed, so 1 and 3 threads give the same bits; chunks smaller than the
     sample exercise the pool."""
     monkeypatch.setattr(metrics, "_CPU_CHUNK_ROWS", 64)
+    monkeypatch.setattr(metrics, "_SEARCH_QUERY_ROWS", 64)
     points, kind = _clustered(3000, seed=11)
     batches = np.random.default_rng(12).integers(0, 3, size=3000)
     common = {"batch_key": "b", "label_key": "t", "seed": 0, "sample_size": 1000}
@@ -280,3 +366,17 @@ def test_both_silhouettes_from_one_pass_equal_each_alone():
     assert together[0] == pytest.approx(silhouette(points, batches), rel=0, abs=1e-12)
     assert together[1] == pytest.approx(silhouette(points, kind), rel=0, abs=1e-12)
     assert together[2] is None  # one label
+
+
+def test_float32_search_bound_holds_for_every_cell_left_out():
+    """Every cell the single-precision search leaves out lies at a squared distance of at least the
+    bound it returns, on data full of near-ties (a lattice of coordinates that float32 rounds)."""
+    rng = np.random.default_rng(30)
+    points = rng.integers(0, 6, size=(3000, 4)) * 0.1 + 7.3
+    query = np.arange(0, 3000, 10)
+    candidates, outside = metrics._candidates_float32(points, query, 40, 2)
+    everyone = np.tile(np.arange(3000), (len(query), 1))
+    squared = metrics.exact_distances(points, query, everyone) ** 2
+    left_out = np.ones_like(squared, dtype=bool)
+    np.put_along_axis(left_out, candidates, False, axis=1)
+    assert np.all(squared[left_out] >= np.repeat(outside, left_out.sum(axis=1)))

@@ -18,8 +18,10 @@ with the run's random state, so the same run gives the same metrics.
 The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with the same results:
 
 * Neighbours are found in two stages. First ``3 * perplexity +`` :data:`CANDIDATE_MARGIN`
-  candidates per query cell, by distances from matrix products (scikit-learn on the CPU; a
-  brute-force search in large tiles on the GPU, see :func:`candidates_bruteforce`). Then the
+  candidates per query cell, by distances from matrix products (on the CPU in single precision,
+  see :func:`_candidates_float32`, with a double-precision search by scikit-learn for the cells
+  whose neighbourhood rounding could have changed; on the GPU a brute-force search in large
+  tiles, see :func:`candidates_bruteforce`). Then the
   candidates' distances are recomputed exactly, one dimension after the other (a sum of rounded
   squares in a fixed order, so that NumPy and CuPy give the same bits), the cell itself is left
   out, and the neighbours are ordered by (distance, index). Ties, duplicate cells included, are
@@ -55,6 +57,11 @@ PERPLEXITY = 30.0
 
 _ENTROPY_TOL = 1e-5  # |H - log(perplexity)| accepted by the kernel-width bisection (as in R lisi)
 _MAX_BISECTIONS = 50  # R lisi's limit; cells that do not settle keep their last kernel width
+
+_SQUARE_SLACK = 2.0**-40  # the rounding of a squared float64 distance, with room to spare
+_FLOAT32_TINY = 2.0**-100  # covers underflow in the float32 products (d + 4 steps of 2^-149)
+_SEARCH_QUERY_ROWS = 256  # query cells per task of the CPU's single-precision search
+_SEARCH_CELL_COLUMNS = 2048  # cells per tile of that search (a tile is 2 MiB; a row, 8 KiB)
 
 CANDIDATE_MARGIN = 16
 """Extra candidates of the first neighbour stage, so that the exact re-ranking sees every cell that
@@ -257,10 +264,13 @@ def neighbours(
 ) -> tuple[Any, Any]:
     """Distances and indices of the LISI neighbourhood of each (query) cell, the cell itself left out.
 
-    Candidates come from :func:`candidates_bruteforce` on the GPU and from scikit-learn on the
-    CPU; their distances are then recomputed exactly (:func:`exact_distances`) and the
-    neighbourhood is the first ``3 * perplexity - 1`` of them in (distance, index) order, so both
-    devices return the same neighbours, ties included.
+    Candidates come from :func:`candidates_bruteforce` on the GPU and from a single-precision
+    brute-force search on the CPU (:func:`_candidates_float32`); their distances are then
+    recomputed exactly (:func:`exact_distances`) and the neighbourhood is the first
+    ``3 * perplexity - 1`` of them in (distance, index) order, so both devices return the same
+    neighbours, ties included. On the CPU, a cell whose neighbourhood the single-precision search
+    cannot vouch for (a cell it left out could lie within its rounding error of the
+    neighbourhood's edge) is searched again by scikit-learn in double precision.
 
     Returns
     -------
@@ -272,10 +282,32 @@ def neighbours(
     query_idx = xp.arange(n_cells) if query is None else xp.asarray(query, dtype=xp.int64)
     n_neighbors = min(int(3 * perplexity), n_cells)  # the cell itself included
     n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
-    if xp is np:
-        candidates = _candidates_sklearn(points, query_idx, n_candidates)
-    else:
+    if xp is not np:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
+        return _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
+    candidates, outside = _candidates_float32(points, query_idx, n_candidates, threads)
+    distances, indices = _nearest_candidates(
+        points, query_idx, candidates, n_neighbors, np, threads
+    )
+    if n_neighbors > 1:
+        # Every cell left out of the candidates lies at a squared distance of at least
+        # ``outside``; where that could reach the neighbourhood's edge, the single-precision
+        # search may have left out a neighbour, and those cells are searched again.
+        edge = distances[:, -1] ** 2 * (1 + _SQUARE_SLACK)
+        unsure = np.flatnonzero(~(outside > edge))
+        if unsure.size:
+            again = _candidates_sklearn(points, query_idx[unsure], n_candidates)
+            distances[unsure], indices[unsure] = _nearest_candidates(
+                points, query_idx[unsure], again, n_neighbors, np, threads
+            )
+    return distances, indices
+
+
+def _nearest_candidates(
+    points: Any, query_idx: Any, candidates: Any, n_neighbors: int, xp: Any, threads: int
+) -> tuple[Any, Any]:
+    """The first ``n_neighbors - 1`` candidates of each query cell in (exact distance, index)
+    order, the cell itself left out: their distances and indices."""
     candidates = xp.sort(candidates, axis=1)  # index order first: a stable sort on the distance
     distances = exact_distances(points, query_idx, candidates, xp=xp, threads=threads)
     distances[candidates == query_idx[:, None]] = xp.inf  # keeps it on ties; the cell goes last
@@ -284,6 +316,67 @@ def neighbours(
         xp.take_along_axis(distances, order, axis=1),
         xp.take_along_axis(candidates, order, axis=1),
     )
+
+
+def _candidates_float32(
+    points: np.ndarray, query_idx: np.ndarray, n_candidates: int, threads: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_candidates`` nearest cells of each query cell by a single-precision brute-force
+    search, and for each query cell a squared distance that every other cell is known to reach.
+
+    The coordinates are centred (smaller norms, smaller single-precision error) and rounded to
+    float32; one BLAS product per tile of :data:`_SEARCH_QUERY_ROWS` query cells and
+    :data:`_SEARCH_CELL_COLUMNS` cells gives ``|r|^2 - 2 q.r`` (the query's own norm does not
+    change the ranking), and ``neighbour_kernels.keep_smallest`` keeps each query's smallest. Each
+    chunk of query cells is one task on the thread pool, with single-threaded BLAS, so the result
+    does not depend on the thread count. The bound on what the others reach is the largest kept
+    value, plus ``|q|^2``, less a bound on the rounding error, 4 (d + 4) u (|q|^2 + max |r|^2)
+    with u = 2^-24 (the rounding of the coordinates to float32, of the products and of the sums,
+    each bounded and then doubled).
+    """
+    from harmony_step._step import neighbour_kernels as nk
+
+    n_cells, n_dims = points.shape
+    n_query = query_idx.shape[0]
+    if n_candidates >= n_cells:  # every cell is a candidate; none is left out
+        return np.tile(np.arange(n_cells), (n_query, 1)), np.full(n_query, np.inf)
+    centred = points - points.mean(axis=0)
+    norms = np.einsum("ij,ij->i", centred, centred)
+    if not 4 * norms.max() < np.finfo(np.float32).max:  # the products would overflow float32
+        return _candidates_sklearn(points, query_idx, n_candidates), np.full(n_query, np.inf)
+    # [r, |r|^2] against [-2 q, 1]
+    cells = np.empty((n_cells, n_dims + 1), dtype=np.float32)
+    cells[:, :n_dims] = centred
+    cells[:, n_dims] = norms
+    del centred
+    queries = np.empty((n_query, n_dims + 1), dtype=np.float32)
+    queries[:, :n_dims] = cells[query_idx, :n_dims]
+    queries[:, :n_dims] *= -2  # exact: a power of two
+    queries[:, n_dims] = 1
+    found = np.empty((n_query, n_candidates), dtype=np.int64)
+    largest = np.empty((n_query, n_candidates), dtype=np.float32)
+    capacity = nk.BUFFER_FACTOR * n_candidates
+    rows = _SEARCH_QUERY_ROWS
+
+    def task(k: int) -> None:
+        chunk = slice(k * rows, min(n_query, (k + 1) * rows))
+        m = chunk.stop - chunk.start
+        values = np.empty((m, capacity), dtype=np.float32)
+        columns = np.empty((m, capacity), dtype=np.int64)
+        counts = np.zeros(m, dtype=np.int64)
+        thresholds = np.full(m, np.inf, dtype=np.float32)
+        tile = np.empty((m, _SEARCH_CELL_COLUMNS), dtype=np.float32)
+        for first in range(0, n_cells, _SEARCH_CELL_COLUMNS):
+            block = cells[first : first + _SEARCH_CELL_COLUMNS]
+            view = tile[:, : block.shape[0]]
+            np.matmul(queries[chunk], block.T, out=view)
+            nk.keep_smallest(view, first, values, columns, counts, thresholds, n_candidates)
+        nk.smallest_in_order(values, columns, counts, n_candidates, found[chunk], largest[chunk])
+
+    _run_chunks(task, -(-n_query // rows), np, threads)
+    query_norms = norms[query_idx]
+    error = 4 * (n_dims + 4) * 2.0**-24 * (query_norms + norms.max()) + _FLOAT32_TINY
+    return found, largest[:, -1].astype(np.float64) + query_norms - error
 
 
 def _candidates_sklearn(points: np.ndarray, query_idx: np.ndarray, n_candidates: int) -> np.ndarray:
