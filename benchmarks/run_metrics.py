@@ -1,0 +1,180 @@
+"""CPU metrics benchmark: the LISI neighbour search, harmony-step's against scikit-learn's.
+
+The step's mixing metrics (``harmony_step._step.metrics``) find, for a sample of 10,000 query
+cells, the 89 nearest of all cells. On the CPU the candidates come from a single-precision tiled
+search with a rounding bound (``metrics._candidates_float32``; cells it cannot vouch for are
+searched again by scikit-learn); this compares it with scikit-learn's brute-force float64 search
+(``NearestNeighbors(algorithm="brute")``), followed in both cases by the same exact re-ranking, on
+the same threads (scikit-learn's OpenMP threads limited with threadpoolctl).
+
+Data: ``realistic_data.generate(n_cells, seed=0)``; query cells: ``metrics.sample_cells(n, 0)``.
+Each search runs once on 20,000 cells to warm up (numba's compile and disk cache), then twice
+alternating on the full input; the faster run of each is reported, with the number of query cells
+the single-precision search could not vouch for and whether both give identical neighbours and
+distances. Also reported: the whole metrics of one embedding (``integration_metrics``: iLISI,
+cLISI, both silhouettes) with harmony-step's search.
+
+    python benchmarks/run_metrics.py --cells 200000 1000000 --threads 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from realistic_data import generate
+from run_cpu import commit, log, machine
+from threadpoolctl import threadpool_limits
+
+from harmony_step._step import metrics
+from harmony_step._threads import available_cpus, cpu_threads
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WARMUP_CELLS = 20_000
+
+
+def search_ours(points: np.ndarray, query: np.ndarray, threads: int) -> tuple:
+    return metrics.neighbours(points, query=query, threads=threads)
+
+
+def search_sklearn(points: np.ndarray, query: np.ndarray, threads: int) -> tuple:
+    n_neighbors = int(3 * metrics.PERPLEXITY)
+    candidates = metrics._candidates_sklearn(points, query, n_neighbors + metrics.CANDIDATE_MARGIN)
+    return metrics._nearest_candidates(points, query, candidates, n_neighbors, np, threads)
+
+
+def not_vouched_for(points: np.ndarray, query: np.ndarray, threads: int) -> int:
+    """Query cells whose neighbourhood the single-precision search leaves to scikit-learn."""
+    n_neighbors = int(3 * metrics.PERPLEXITY)
+    candidates, outside = metrics._candidates_float32(
+        points, query, n_neighbors + metrics.CANDIDATE_MARGIN, threads
+    )
+    distances, _ = metrics._nearest_candidates(points, query, candidates, n_neighbors, np, threads)
+    edge = distances[:, -1] ** 2 * (1 + metrics._SQUARE_SLACK)
+    return int(np.sum(~(outside > edge)))
+
+
+def timed(search, points: np.ndarray, query: np.ndarray, threads: int) -> tuple[float, tuple]:
+    with cpu_threads(threads), threadpool_limits(limits=threads, user_api="openmp"):
+        start = time.perf_counter()
+        found = search(points, query, threads)
+        return time.perf_counter() - start, found
+
+
+def measure(cells: int, threads: int) -> dict:
+    log(f"{cells:,} cells: generating")
+    data = generate(cells, seed=0)
+    points = np.ascontiguousarray(data.embedding, dtype=np.float64)
+    sample = metrics.sample_cells(cells, 0)
+    query = np.arange(cells) if sample is None else sample
+    small = generate(min(cells, WARMUP_CELLS), seed=1).embedding.astype(np.float64)
+    for search in (search_ours, search_sklearn):
+        timed(search, small, np.arange(0, len(small), 10), threads)
+    ours, peer = [], []
+    for attempt in (1, 2):
+        ours.append(timed(search_ours, points, query, threads))
+        peer.append(timed(search_sklearn, points, query, threads))
+        log(f"{cells:,} cells, run {attempt}: ours {ours[-1][0]:.2f} s, "
+            f"scikit-learn {peer[-1][0]:.2f} s")  # fmt: skip
+    (ours_s, (d1, i1)), (peer_s, (d2, i2)) = (
+        min(ours, key=lambda r: r[0]),
+        min(peer, key=lambda r: r[0]),
+    )
+    with cpu_threads(threads):
+        start = time.perf_counter()
+        metrics.integration_metrics(points, data.batch, data.cell_type, sample, threads=threads)
+        whole = time.perf_counter() - start
+    return {
+        "cells": cells,
+        "query_cells": len(query),
+        "threads": threads,
+        "ours_seconds": ours_s,
+        "sklearn_seconds": peer_s,
+        "ratio": ours_s / peer_s,
+        "ours_runs": [r[0] for r in ours],
+        "sklearn_runs": [r[0] for r in peer],
+        "identical": bool(np.array_equal(i1, i2) and np.array_equal(d1, d2)),
+        "searched_again": not_vouched_for(points, query, threads),
+        "metrics_one_embedding_seconds": whole,
+    }
+
+
+def merge(path: Path, meta: dict, row: dict) -> dict:
+    results = json.loads(path.read_text()) if path.exists() else {"machines": {}}
+    name = f"{meta['cpu_model']}, {meta['threads']} threads"
+    entry = results["machines"].setdefault(name, {"machine": meta, "rows": []})
+    entry["machine"] = meta
+    entry["rows"] = [r for r in entry["rows"] if r["cells"] != row["cells"]]
+    entry["rows"].append({**row, "date": datetime.date.today().isoformat(), "commit": commit()})
+    entry["rows"].sort(key=lambda r: r["cells"])
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [
+        "# CPU metrics: the LISI neighbour search against scikit-learn's",
+        "",
+        "Written by `benchmarks/run_metrics.py` (its docstring describes the method): realistic "
+        "synthetic data (64 batches, 50 dimensions), 10,000 query cells, the 89 nearest of all "
+        "cells each, the same threads for both, the faster of two alternating runs. Ratio = "
+        "harmony-step / scikit-learn (below 1: harmony-step is faster). Searched again: query "
+        "cells the single-precision search could not vouch for. Metrics: iLISI, cLISI and both "
+        "silhouettes of one embedding (the step computes them before and after correction).",
+    ]
+    for name, entry in results["machines"].items():
+        m = entry["machine"]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            f"{m['cpus_available']} CPUs available of {m['logical_cpus']}; Python {m['python']}, "
+            f"NumPy {m['numpy']} ({m['blas']}), numba {m['numba']}, harmony-step "
+            f"{m['harmony_step']}.",
+            "",
+            "| cells | harmony-step s | scikit-learn s | ratio | identical neighbours | "
+            "searched again | metrics of one embedding s | measured (commit) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in entry["rows"]:
+            lines.append(
+                f"| {r['cells']:,} | {r['ours_seconds']:.2f} | {r['sklearn_seconds']:.2f} | "
+                f"{r['ratio']:.2f} | {'yes' if r['identical'] else 'NO'} | "
+                f"{r['searched_again']} of {r['query_cells']:,} | "
+                f"{r['metrics_one_embedding_seconds']:.2f} | {r['date']} ({r['commit']}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cells", type=int, nargs="+", default=[200_000, 1_000_000])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="default: the CPUs this process may use"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    threads = args.threads or available_cpus()
+    meta = machine(threads)
+    log(f"machine: {json.dumps(meta)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for cells in args.cells:
+        row = measure(cells, threads)
+        log(f"{cells:,} cells: ours {row['ours_seconds']:.2f} s, scikit-learn "
+            f"{row['sklearn_seconds']:.2f} s, ratio {row['ratio']:.2f}")  # fmt: skip
+        results = merge(args.out / "metrics_cpu.json", meta, row)
+        (args.out / "metrics_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / "metrics_cpu.md").write_text(table(results))
+    log(f"wrote {args.out / 'metrics_cpu.json'} and {args.out / 'metrics_cpu.md'}")
+
+
+if __name__ == "__main__":
+    main()
