@@ -205,17 +205,34 @@ def commit() -> str:
     return head + ("-dirty" if changed else "")
 
 
-def merge(path: Path, meta: dict, row: dict) -> dict:
+def merge(path: Path, meta: dict, row: dict, key: tuple[str, ...] = ("dtype", "cells")) -> dict:
+    """The results in ``path`` with ``row`` added under this machine and thread count, replacing
+    the row with the same ``key`` values; rows sorted by ``key``."""
     results = json.loads(path.read_text()) if path.exists() else {"machines": {}}
     name = f"{meta['cpu_model']}, {meta['threads']} threads"
     entry = results["machines"].setdefault(name, {"machine": meta, "rows": []})
     entry["machine"] = meta
-    entry["rows"] = [
-        r for r in entry["rows"] if (r["cells"], r["dtype"]) != (row["cells"], row["dtype"])
-    ]
+
+    def values(r: dict) -> tuple:
+        return tuple(r[k] for k in key)
+
+    entry["rows"] = [r for r in entry["rows"] if values(r) != values(row)]
     entry["rows"].append({**row, "date": datetime.date.today().isoformat(), "commit": commit()})
-    entry["rows"].sort(key=lambda r: (r["dtype"], r["cells"]))
+    entry["rows"].sort(key=values)
     return results
+
+
+def machine_heading(name: str, m: dict, peer: str = "") -> list[str]:
+    """The Markdown heading of one machine's rows and its software versions."""
+    return [
+        "",
+        f"## {name}",
+        "",
+        f"{m['cpus_available']} CPUs available of {m['logical_cpus']}; Python {m['python']}, "
+        f"NumPy {m['numpy']} ({m['blas']}), numba {m['numba']}, harmony-step "
+        f"{m['harmony_step']}{peer}.",
+        "",
+    ]
 
 
 def table(results: dict) -> str:
@@ -233,14 +250,8 @@ def table(results: dict) -> str:
     ]
     for name, entry in results["machines"].items():
         m = entry["machine"]
+        lines += machine_heading(name, m, f", harmonypy {m['harmonypy']}")
         lines += [
-            "",
-            f"## {name}",
-            "",
-            f"{m['cpus_available']} CPUs available of {m['logical_cpus']}; Python {m['python']}, "
-            f"NumPy {m['numpy']} ({m['blas']}), numba {m['numba']}, harmony-step "
-            f"{m['harmony_step']}, harmonypy {m['harmonypy']}.",
-            "",
             "| cells | dtype | harmony-step s | harmonypy s | ratio | init / clustering / "
             "correction s | rounds (ours / harmonypy) | batch R² input / ours / harmonypy | "
             "rel. Frobenius vs harmonypy | measured (commit) |",

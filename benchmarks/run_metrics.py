@@ -20,7 +20,6 @@ cLISI, both silhouettes) with harmony-step's search.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realistic_data import generate
-from run_cpu import commit, log, machine
+from run_cpu import log, machine, machine_heading, merge
 from threadpoolctl import threadpool_limits
 
 from harmony_step._step import metrics
@@ -108,17 +107,6 @@ def measure(cells: int, threads: int) -> dict:
     }
 
 
-def merge(path: Path, meta: dict, row: dict) -> dict:
-    results = json.loads(path.read_text()) if path.exists() else {"machines": {}}
-    name = f"{meta['cpu_model']}, {meta['threads']} threads"
-    entry = results["machines"].setdefault(name, {"machine": meta, "rows": []})
-    entry["machine"] = meta
-    entry["rows"] = [r for r in entry["rows"] if r["cells"] != row["cells"]]
-    entry["rows"].append({**row, "date": datetime.date.today().isoformat(), "commit": commit()})
-    entry["rows"].sort(key=lambda r: r["cells"])
-    return results
-
-
 def table(results: dict) -> str:
     lines = [
         "# CPU metrics: the LISI neighbour search against scikit-learn's",
@@ -131,15 +119,8 @@ def table(results: dict) -> str:
         "silhouettes of one embedding (the step computes them before and after correction).",
     ]
     for name, entry in results["machines"].items():
-        m = entry["machine"]
+        lines += machine_heading(name, entry["machine"])
         lines += [
-            "",
-            f"## {name}",
-            "",
-            f"{m['cpus_available']} CPUs available of {m['logical_cpus']}; Python {m['python']}, "
-            f"NumPy {m['numpy']} ({m['blas']}), numba {m['numba']}, harmony-step "
-            f"{m['harmony_step']}.",
-            "",
             "| cells | harmony-step s | scikit-learn s | ratio | identical neighbours | "
             "searched again | metrics of one embedding s | measured (commit) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -170,7 +151,7 @@ def main() -> None:
         row = measure(cells, threads)
         log(f"{cells:,} cells: ours {row['ours_seconds']:.2f} s, scikit-learn "
             f"{row['sklearn_seconds']:.2f} s, ratio {row['ratio']:.2f}")  # fmt: skip
-        results = merge(args.out / "metrics_cpu.json", meta, row)
+        results = merge(args.out / "metrics_cpu.json", meta, row, key=("cells",))
         (args.out / "metrics_cpu.json").write_text(json.dumps(results, indent=1) + "\n")
         (args.out / "metrics_cpu.md").write_text(table(results))
     log(f"wrote {args.out / 'metrics_cpu.json'} and {args.out / 'metrics_cpu.md'}")
