@@ -2,10 +2,10 @@
 
 The step's mixing metrics (``harmony_step._step.metrics``) find, for a sample of 10,000 query
 cells, the 89 nearest of all cells. On the CPU the candidates come from a single-precision tiled
-search with a rounding bound (``metrics._candidates_float32``; cells it cannot vouch for are
-searched again by scikit-learn); this compares it with scikit-learn's brute-force float64 search
-(``NearestNeighbors(algorithm="brute")``), followed in both cases by the same exact re-ranking, on
-the same threads (scikit-learn's OpenMP threads limited with threadpoolctl).
+search that checks its own rounding (``harmony_step._step.cpu_neighbours``; cells it cannot vouch
+for are measured again exactly); this compares it with scikit-learn's brute-force float64 search
+(``NearestNeighbors(algorithm="brute")``) followed by the same exact re-ranking, on the same
+threads (scikit-learn's OpenMP threads limited with threadpoolctl).
 
 Data: ``realistic_data.generate(n_cells, seed=0)``; query cells: ``metrics.sample_cells(n, 0)``.
 Each search runs once on 20,000 cells to warm up (numba's compile and disk cache), then twice
@@ -34,7 +34,7 @@ from realistic_data import generate
 from run_cpu import log, machine, machine_heading, merge
 from threadpoolctl import threadpool_limits
 
-from harmony_step._step import metrics
+from harmony_step._step import cpu_neighbours, metrics
 from harmony_step._threads import available_cpus, cpu_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,20 +46,21 @@ def search_ours(points: np.ndarray, query: np.ndarray, threads: int) -> tuple:
 
 
 def search_sklearn(points: np.ndarray, query: np.ndarray, threads: int) -> tuple:
+    from sklearn.neighbors import NearestNeighbors
+
     n_neighbors = int(3 * metrics.PERPLEXITY)
-    candidates = metrics._candidates_sklearn(points, query, n_neighbors + metrics.CANDIDATE_MARGIN)
+    knn = NearestNeighbors(n_neighbors=n_neighbors + metrics.CANDIDATE_MARGIN, algorithm="brute")
+    candidates = knn.fit(points).kneighbors(points[query], return_distance=False)
     return metrics._nearest_candidates(points, query, candidates, n_neighbors, np, threads)
 
 
-def not_vouched_for(points: np.ndarray, query: np.ndarray, threads: int) -> int:
-    """Query cells whose neighbourhood the single-precision search leaves to scikit-learn."""
+def searched_again(points: np.ndarray, query: np.ndarray, threads: int) -> int:
+    """Query cells whose neighbourhood the single-precision candidates cannot vouch for."""
     n_neighbors = int(3 * metrics.PERPLEXITY)
-    candidates, outside = metrics._candidates_float32(
-        points, query, n_neighbors + metrics.CANDIDATE_MARGIN, threads
-    )
+    search = cpu_neighbours.SinglePrecisionSearch(points, query, threads)
+    candidates, outside = search.candidates(n_neighbors + metrics.CANDIDATE_MARGIN)
     distances, _ = metrics._nearest_candidates(points, query, candidates, n_neighbors, np, threads)
-    edge = distances[:, -1] ** 2 * (1 + metrics._SQUARE_SLACK)
-    return int(np.sum(~(outside > edge)))
+    return int(cpu_neighbours.unsure_rows(distances, outside).size)
 
 
 def timed(search, points: np.ndarray, query: np.ndarray, threads: int) -> tuple[float, tuple]:
@@ -102,7 +103,7 @@ def measure(cells: int, threads: int) -> dict:
         "ours_runs": [r[0] for r in ours],
         "sklearn_runs": [r[0] for r in peer],
         "identical": bool(np.array_equal(i1, i2) and np.array_equal(d1, d2)),
-        "searched_again": not_vouched_for(points, query, threads),
+        "searched_again": searched_again(points, query, threads),
         "metrics_one_embedding_seconds": whole,
     }
 

@@ -187,30 +187,57 @@ def test_bruteforce_candidates_with_many_duplicates():
     assert np.all(np.take_along_axis(squared, found, axis=1) <= edge[:, None] + 1e-12)
 
 
-def test_neighbours_from_each_search_are_identical():
-    """The single-precision search (the CPU's), scikit-learn (its fall-back) and the GPU's brute
-    force (run with NumPy) give the same neighbourhoods, to the bit."""
-    points, _ = _clustered(5000, seed=3)
-    query = np.arange(0, 5000, 7)
-    from_float32 = metrics.neighbours(points, query=query)
-    for search in (metrics._candidates_sklearn, metrics.candidates_bruteforce):
-        candidates = search(points, query, 90 + metrics.CANDIDATE_MARGIN)
-        distances, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
-        np.testing.assert_array_equal(from_float32[1], indices)
-        np.testing.assert_array_equal(from_float32[0], distances)
+def _sklearn_candidates(points, query, n_candidates):
+    from sklearn.neighbors import NearestNeighbors
+
+    knn = NearestNeighbors(n_neighbors=n_candidates, algorithm="brute").fit(points)
+    return knn.kneighbors(points[query], return_distance=False)
 
 
-def _exact_neighbourhoods(points, query):
-    """The 89 nearest cells of each query cell by a full sort of exact distances."""
+def _exact_neighbourhoods(points, query, k=89):
+    """Distances and indices of the k nearest cells of each query cell by a full stable sort of
+    exact distances, the cell itself left out."""
     everyone = np.tile(np.arange(len(points)), (len(query), 1))
     exact = metrics.exact_distances(points, query, everyone)
     exact[np.arange(len(query)), query] = np.inf
-    return np.argsort(exact, axis=1, kind="stable")[:, :89]
+    order = np.argsort(exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, axis=1), order
+
+
+@pytest.fixture
+def searched_again(monkeypatch):
+    """The query positions the CPU's search measures again exactly, in order of the calls."""
+    from harmony_step._step import cpu_neighbours
+
+    seen = []
+    original = cpu_neighbours.SinglePrecisionSearch.within
+
+    def recording(self, rows, edge, k):
+        seen.extend(rows.tolist())
+        return original(self, rows, edge, k)
+
+    monkeypatch.setattr(cpu_neighbours.SinglePrecisionSearch, "within", recording)
+    return seen
+
+
+def test_neighbours_from_each_search_are_identical(searched_again):
+    """The CPU's search, scikit-learn's candidates and the GPU's brute force (run with NumPy)
+    give the same neighbourhoods, to the bit, on clustered data, where the CPU's single-precision
+    candidates need no second search."""
+    points, _ = _clustered(5000, seed=3)
+    query = np.arange(0, 5000, 7)
+    from_cpu = metrics.neighbours(points, query=query, threads=2)
+    assert searched_again == []
+    for search in (_sklearn_candidates, metrics.candidates_bruteforce):
+        candidates = search(points, query, 90 + metrics.CANDIDATE_MARGIN)
+        distances, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
+        np.testing.assert_array_equal(from_cpu[1], indices)
+        np.testing.assert_array_equal(from_cpu[0], distances)
 
 
 def _shell(n_shell=300, n_far=2000, seed=8):
     """Cells on a sphere around the origin whose radii differ by 1e-9 (float32 cannot order them),
-    with farther cells around; the query cells sit near the origin."""
+    with farther cells around; the first five cells sit near the origin."""
     rng = np.random.default_rng(seed)
     direction = rng.normal(size=(n_shell, 8))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
@@ -220,65 +247,133 @@ def _shell(n_shell=300, n_far=2000, seed=8):
     return np.concatenate([centre, shell, far])
 
 
-def test_cells_the_float32_search_cannot_vouch_for_are_searched_again(monkeypatch):
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_cells_single_precision_cannot_order_are_searched_again_exactly(searched_again, offset):
+    """On the shell, single precision cannot tell the neighbourhood's edge; those query cells (given
+    in no particular order, with other cells) are measured again and come out as a full sort
+    gives them, also far from the origin."""
+    points = _shell() + offset
+    query = np.array([3, 0, 4, 1, 2, 900, 2100])
+    distances, indices = metrics.neighbours(points, query=query)
+    assert set(searched_again) >= {0, 1, 2, 3, 4}  # positions of the five cells in the middle
+    expected_distances, expected = _exact_neighbourhoods(points, query)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(distances, expected_distances)
+
+
+def test_single_precision_candidates_alone_would_miss_neighbours_on_the_shell():
+    """Why the check exists: without the second search, the shell loses true neighbours."""
+    from harmony_step._step.cpu_neighbours import SinglePrecisionSearch
+
     points = _shell()
     query = np.arange(5)
-    searched_again = []
-    original = metrics._candidates_sklearn
-
-    def recording(points, query_idx, n_candidates):
-        searched_again.extend(query_idx.tolist())
-        return original(points, query_idx, n_candidates)
-
-    monkeypatch.setattr(metrics, "_candidates_sklearn", recording)
-    _, indices = metrics.neighbours(points, query=query)
-    assert searched_again == query.tolist()  # the edge lies inside the shell for every one
-    np.testing.assert_array_equal(indices, _exact_neighbourhoods(points, query))
-
-
-def test_the_float32_search_alone_would_miss_neighbours_on_the_shell():
-    """Why the check exists: without it, the data above loses true neighbours."""
-    points = _shell()
-    query = np.arange(5)
-    candidates, _ = metrics._candidates_float32(points, query, 90 + metrics.CANDIDATE_MARGIN, 1)
+    candidates, _ = SinglePrecisionSearch(points, query, 1).candidates(
+        90 + metrics.CANDIDATE_MARGIN
+    )
     _, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
-    assert not np.array_equal(indices, _exact_neighbourhoods(points, query))
+    assert not np.array_equal(indices, _exact_neighbourhoods(points, query)[1])
 
 
-def test_coordinates_too_large_for_float32_are_searched_in_float64():
+def _lattice(seed=31):
+    """Cells on a small integer lattice: hundreds of exact ties at every neighbourhood's edge."""
+    return np.random.default_rng(seed).integers(0, 4, size=(3000, 3)).astype(float)
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        _lattice(),
+        np.random.default_rng(32).integers(0, 6, size=(3000, 4)) * 0.1 + 7.3,  # rounded ties
+        np.concatenate([np.zeros((300, 4)), np.random.default_rng(33).normal(size=(1700, 4))]),
+        np.ones((400, 3)),  # every cell the same
+    ],
+    ids=["lattice", "decimal-lattice", "duplicates", "all-equal"],
+)
+def test_ties_at_the_neighbourhood_edge_are_broken_by_index(points):
+    query = np.arange(0, len(points), 7)
+    distances, indices = metrics.neighbours(points, query=query, threads=2)
+    expected_distances, expected = _exact_neighbourhoods(points, query)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(distances, expected_distances)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e19])
+def test_tiny_and_huge_coordinates_need_no_second_search(searched_again, scale):
+    """The coordinates are scaled by a power of two before single precision, so magnitudes far
+    from 1 neither underflow nor overflow it."""
     points, _ = _clustered(600, seed=5)
-    points = points * 1e19  # squared norms beyond float32's range
+    points = points * scale
     query = np.arange(0, 600, 5)
+    distances, indices = metrics.neighbours(points, query=query)
+    assert searched_again == []
+    expected_distances, expected = _exact_neighbourhoods(points, query)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(distances, expected_distances)
+
+
+def test_one_far_outlier_does_not_force_a_second_search(searched_again):
+    points, _ = _clustered(2000, seed=6, dims=8)
+    points = np.concatenate([points, np.full((1, 8), 1e4)])
+    query = np.arange(0, 2000, 20)
     _, indices = metrics.neighbours(points, query=query)
-    np.testing.assert_array_equal(indices, _exact_neighbourhoods(points, query))
+    assert searched_again == []
+    np.testing.assert_array_equal(indices, _exact_neighbourhoods(points, query)[1])
+
+
+def test_neighbours_do_not_depend_on_the_thread_count():
+    """With ties (the lattice), with second searches and with several query chunks."""
+    from harmony_step._step import cpu_neighbours
+
+    points = _lattice(seed=34)
+    query = np.arange(0, 3000, 3)  # 1000 query cells: several chunks of QUERY_ROWS
+    assert len(query) > 2 * cpu_neighbours.QUERY_ROWS
+    one = metrics.neighbours(points, query=query, threads=1)
+    three = metrics.neighbours(points, query=query, threads=3)
+    np.testing.assert_array_equal(one[0], three[0])
+    np.testing.assert_array_equal(one[1], three[1])
+
+
+def test_query_indices_outside_the_cells_are_refused():
+    points, _ = _clustered(200)
+    with pytest.raises(ValueError, match="Query cell indices"):
+        metrics.neighbours(points, query=np.array([0, -1]))
+    with pytest.raises(ValueError, match="Query cell indices"):
+        metrics.neighbours(points, query=np.array([200]))
+
+
+def _smallest_reference(rows, c):
+    """Columns and values of the c smallest entries of each row in (value, column) order."""
+    order = np.argsort(rows, axis=1, kind="stable")[:, :c]
+    return order, np.take_along_axis(rows, order, axis=1)
 
 
 @pytest.mark.parametrize("integer_values", [False, True])
 def test_running_smallest_kernel_equals_a_full_sort(integer_values):
-    """``keep_smallest`` over tiles of varied widths, then ``smallest_in_order``, against a stable
-    sort of the whole rows; small integer values make many ties, broken by column."""
-    from harmony_step._step import neighbour_kernels as nk
+    """``keep_smallest`` over tiles of varied widths (the first one narrower than c at times),
+    then ``smallest_in_order``, against a stable sort of the whole rows; small integer values make
+    many ties, broken by column. Columns are numbered from an offset, as in a search's later tiles."""
+    from harmony_step._step import cpu_neighbours as cn
 
     rng = np.random.default_rng(21)
-    c = 10
-    for _ in range(60):
-        n_columns, width = int(rng.integers(c, 400)), int(rng.integers(c, 120))
+    c, offset = 10, 1000
+    for _ in range(80):
+        n_columns, width = int(rng.integers(c, 400)), int(rng.integers(1, 120))
         if integer_values:
             rows = rng.integers(0, 30, size=(6, n_columns)).astype(np.float32)
         else:
             rows = rng.normal(size=(6, n_columns)).astype(np.float32)
-        values = np.empty((6, nk.BUFFER_FACTOR * c), dtype=np.float32)
-        columns = np.empty((6, nk.BUFFER_FACTOR * c), dtype=np.int64)
+        values = np.empty((6, cn.BUFFER_FACTOR * c), dtype=np.float32)
+        columns = np.empty((6, cn.BUFFER_FACTOR * c), dtype=np.int64)
         counts = np.zeros(6, dtype=np.int64)
         thresholds = np.full(6, np.inf, dtype=np.float32)
         for first in range(0, n_columns, width):
             tile = np.ascontiguousarray(rows[:, first : first + width])
-            nk.keep_smallest(tile, first, values, columns, counts, thresholds, c)
+            cn.keep_smallest(tile, offset + first, values, columns, counts, thresholds, c)
         found = np.empty((6, c), dtype=np.int64)
         found_values = np.empty((6, c), dtype=np.float32)
-        nk.smallest_in_order(values, columns, counts, c, found, found_values)
-        expected, expected_values = nk.smallest_reference(rows, c)
-        np.testing.assert_array_equal(found, expected)
+        cn.smallest_in_order(values, columns, counts, c, found, found_values)
+        expected, expected_values = _smallest_reference(rows, c)
+        np.testing.assert_array_equal(found, offset + expected)
         np.testing.assert_array_equal(found_values, expected_values)
 
 
@@ -350,7 +445,9 @@ def test_metrics_do_not_depend_on_the_thread_count(monkeypatch):
     """The CPU's chunks are fixed, so 1 and 3 threads give the same bits; chunks smaller than the
     sample exercise the pool."""
     monkeypatch.setattr(metrics, "_CPU_CHUNK_ROWS", 64)
-    monkeypatch.setattr(metrics, "_SEARCH_QUERY_ROWS", 64)
+    from harmony_step._step import cpu_neighbours
+
+    monkeypatch.setattr(cpu_neighbours, "QUERY_ROWS", 64)
     points, kind = _clustered(3000, seed=11)
     batches = np.random.default_rng(12).integers(0, 3, size=3000)
     common = {"batch_key": "b", "label_key": "t", "seed": 0, "sample_size": 1000}
@@ -368,15 +465,50 @@ def test_both_silhouettes_from_one_pass_equal_each_alone():
     assert together[2] is None  # one label
 
 
-def test_float32_search_bound_holds_for_every_cell_left_out():
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.random.default_rng(30).integers(0, 6, size=(3000, 4)) * 0.1 + 7.3,
+        np.concatenate([np.random.default_rng(35).normal(size=(3000, 4)), np.full((1, 4), 300.0)]),
+    ],
+    ids=["decimal-lattice", "outlier"],
+)
+def test_single_precision_bound_holds_for_every_cell_left_out(points):
     """Every cell the single-precision search leaves out lies at a squared distance of at least the
-    bound it returns, on data full of near-ties (a lattice of coordinates that float32 rounds)."""
-    rng = np.random.default_rng(30)
-    points = rng.integers(0, 6, size=(3000, 4)) * 0.1 + 7.3
-    query = np.arange(0, 3000, 10)
-    candidates, outside = metrics._candidates_float32(points, query, 40, 2)
-    everyone = np.tile(np.arange(3000), (len(query), 1))
+    bound it returns: on data full of near-ties that float32 rounds, and with one far outlier
+    (where the bound that does not use the largest norm is the one that counts)."""
+    from harmony_step._step.cpu_neighbours import SinglePrecisionSearch
+
+    query = np.arange(0, len(points), 10)
+    candidates, outside = SinglePrecisionSearch(points, query, 2).candidates(40)
+    everyone = np.tile(np.arange(len(points)), (len(query), 1))
     squared = metrics.exact_distances(points, query, everyone) ** 2
     left_out = np.ones_like(squared, dtype=bool)
     np.put_along_axis(left_out, candidates, False, axis=1)
     assert np.all(squared[left_out] >= np.repeat(outside, left_out.sum(axis=1)))
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.random.default_rng(36).integers(0, 6, size=(3000, 4)) * 0.1 + 7.3,
+        np.random.default_rng(37).normal(size=(3000, 4)),  # values round up past the edge's
+        np.concatenate([np.random.default_rng(38).normal(size=(3000, 4)), np.full((1, 4), 300.0)]),
+    ],
+    ids=["decimal-lattice", "gaussian", "outlier"],
+)
+def test_second_search_limit_admits_every_cell_within_the_edge(points):
+    """The second search measures every cell whose single-precision value is at most
+    ``value_limit``; every cell within the edge distance must pass it, ties at the edge included."""
+    from harmony_step._step.cpu_neighbours import SinglePrecisionSearch
+
+    query = np.arange(0, len(points), 10)
+    search = SinglePrecisionSearch(points, query, 1)
+    edge, _ = _exact_neighbourhoods(points, query)
+    rows = np.arange(len(query))
+    limit = search.value_limit(rows, edge[:, -1])
+    values = np.concatenate([tile.copy() for _, tile in search._tiles(rows)], axis=1)
+    everyone = np.tile(np.arange(len(points)), (len(query), 1))
+    within = metrics.exact_distances(points, query, everyone) <= edge[:, -1:]
+    assert within.sum(axis=1).min() >= 89
+    assert np.all(values[within] <= np.repeat(limit, within.sum(axis=1)))

@@ -18,14 +18,14 @@ with the run's random state, so the same run gives the same metrics.
 The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with the same results:
 
 * Neighbours are found in two stages. First ``3 * perplexity +`` :data:`CANDIDATE_MARGIN`
-  candidates per query cell, by distances from matrix products (on the CPU in single precision,
-  see :func:`_candidates_float32`, with a double-precision search by scikit-learn for the cells
-  whose neighbourhood rounding could have changed; on the GPU a brute-force search in large
-  tiles, see :func:`candidates_bruteforce`). Then the
-  candidates' distances are recomputed exactly, one dimension after the other (a sum of rounded
-  squares in a fixed order, so that NumPy and CuPy give the same bits), the cell itself is left
-  out, and the neighbours are ordered by (distance, index). Ties, duplicate cells included, are
-  therefore broken identically on both devices.
+  candidates per query cell, by distances from matrix products (on the GPU a brute-force search
+  in large tiles, see :func:`candidates_bruteforce`; on the CPU a single-precision search that
+  checks its own rounding, see ``cpu_neighbours``). Then the candidates' distances are recomputed
+  exactly, one dimension after the other (a sum of rounded squares in a fixed order, so that
+  NumPy and CuPy give the same bits), the cell itself is left out, and the neighbours are ordered
+  by (distance, index). Ties, duplicate cells included, are therefore broken identically on both
+  devices wherever the candidates hold the neighbourhood; on the CPU that is checked, and a cell
+  where it could fail is searched again exactly.
 * The perplexity calibration and the Simpson index are array operations in ``xp``.
 * The silhouette width is computed from tiles of the pairwise distance matrix of the sampled
   cells, so memory stays bounded, with the definition of scikit-learn's ``silhouette_score``; one
@@ -58,10 +58,6 @@ PERPLEXITY = 30.0
 _ENTROPY_TOL = 1e-5  # |H - log(perplexity)| accepted by the kernel-width bisection (as in R lisi)
 _MAX_BISECTIONS = 50  # R lisi's limit; cells that do not settle keep their last kernel width
 
-_SQUARE_SLACK = 2.0**-40  # the rounding of a squared float64 distance, with room to spare
-_FLOAT32_TINY = 2.0**-100  # covers underflow in the float32 products (d + 4 steps of 2^-149)
-_SEARCH_QUERY_ROWS = 256  # query cells per task of the CPU's single-precision search
-_SEARCH_CELL_COLUMNS = 2048  # cells per tile of that search (a tile is 2 MiB; a row, 8 KiB)
 
 CANDIDATE_MARGIN = 16
 """Extra candidates of the first neighbour stage, so that the exact re-ranking sees every cell that
@@ -264,43 +260,37 @@ def neighbours(
 ) -> tuple[Any, Any]:
     """Distances and indices of the LISI neighbourhood of each (query) cell, the cell itself left out.
 
-    Candidates come from :func:`candidates_bruteforce` on the GPU and from a single-precision
-    brute-force search on the CPU (:func:`_candidates_float32`); their distances are then
+    On the GPU the candidates come from :func:`candidates_bruteforce`; their distances are then
     recomputed exactly (:func:`exact_distances`) and the neighbourhood is the first
-    ``3 * perplexity - 1`` of them in (distance, index) order, so both devices return the same
-    neighbours, ties included. On the CPU, a cell whose neighbourhood the single-precision search
-    cannot vouch for (a cell it left out could lie within its rounding error of the
-    neighbourhood's edge) is searched again by scikit-learn in double precision.
+    ``3 * perplexity - 1`` of them in (distance, index) order. On the CPU,
+    ``cpu_neighbours.nearest_neighbours`` returns the same order exactly, as a full sort would:
+    its single-precision candidates are re-ranked the same way, and a cell whose neighbourhood
+    they might not hold (a cell left out could lie within their rounding error of its edge) is
+    searched again exactly.
 
     Returns
     -------
     Distances and indices (arrays of ``xp``), each of shape (n_query, 3 * perplexity - 1), nearest
     first.
+
+    Raises
+    ------
+    ValueError
+        A query index outside [0, n_cells).
     """
     points = xp.asarray(embedding, dtype=xp.float64)
     n_cells = points.shape[0]
     query_idx = xp.arange(n_cells) if query is None else xp.asarray(query, dtype=xp.int64)
+    if query_idx.size and (int(query_idx.min()) < 0 or int(query_idx.max()) >= n_cells):
+        raise ValueError(f"Query cell indices must lie in [0, {n_cells}).")
     n_neighbors = min(int(3 * perplexity), n_cells)  # the cell itself included
     n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
     if xp is not np:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
         return _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
-    candidates, outside = _candidates_float32(points, query_idx, n_candidates, threads)
-    distances, indices = _nearest_candidates(
-        points, query_idx, candidates, n_neighbors, np, threads
-    )
-    if n_neighbors > 1:
-        # Every cell left out of the candidates lies at a squared distance of at least
-        # ``outside``; where that could reach the neighbourhood's edge, the single-precision
-        # search may have left out a neighbour, and those cells are searched again.
-        edge = distances[:, -1] ** 2 * (1 + _SQUARE_SLACK)
-        unsure = np.flatnonzero(~(outside > edge))
-        if unsure.size:
-            again = _candidates_sklearn(points, query_idx[unsure], n_candidates)
-            distances[unsure], indices[unsure] = _nearest_candidates(
-                points, query_idx[unsure], again, n_neighbors, np, threads
-            )
-    return distances, indices
+    from harmony_step._step.cpu_neighbours import nearest_neighbours
+
+    return nearest_neighbours(points, query_idx, n_neighbors, threads)
 
 
 def _nearest_candidates(
@@ -316,76 +306,6 @@ def _nearest_candidates(
         xp.take_along_axis(distances, order, axis=1),
         xp.take_along_axis(candidates, order, axis=1),
     )
-
-
-def _candidates_float32(
-    points: np.ndarray, query_idx: np.ndarray, n_candidates: int, threads: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``n_candidates`` nearest cells of each query cell by a single-precision brute-force
-    search, and for each query cell a squared distance that every other cell is known to reach.
-
-    The coordinates are centred (smaller norms, smaller single-precision error) and rounded to
-    float32; one BLAS product per tile of :data:`_SEARCH_QUERY_ROWS` query cells and
-    :data:`_SEARCH_CELL_COLUMNS` cells gives ``|r|^2 - 2 q.r`` (the query's own norm does not
-    change the ranking), and ``neighbour_kernels.keep_smallest`` keeps each query's smallest. Each
-    chunk of query cells is one task on the thread pool, with single-threaded BLAS, so the result
-    does not depend on the thread count. The bound on what the others reach is the largest kept
-    value, plus ``|q|^2``, less a bound on the rounding error, 4 (d + 4) u (|q|^2 + max |r|^2)
-    with u = 2^-24 (the rounding of the coordinates to float32, of the products and of the sums,
-    each bounded and then doubled).
-    """
-    from harmony_step._step import neighbour_kernels as nk
-
-    n_cells, n_dims = points.shape
-    n_query = query_idx.shape[0]
-    if n_candidates >= n_cells:  # every cell is a candidate; none is left out
-        return np.tile(np.arange(n_cells), (n_query, 1)), np.full(n_query, np.inf)
-    centred = points - points.mean(axis=0)
-    norms = np.einsum("ij,ij->i", centred, centred)
-    if not 4 * norms.max() < np.finfo(np.float32).max:  # the products would overflow float32
-        return _candidates_sklearn(points, query_idx, n_candidates), np.full(n_query, np.inf)
-    # [r, |r|^2] against [-2 q, 1]
-    cells = np.empty((n_cells, n_dims + 1), dtype=np.float32)
-    cells[:, :n_dims] = centred
-    cells[:, n_dims] = norms
-    del centred
-    queries = np.empty((n_query, n_dims + 1), dtype=np.float32)
-    queries[:, :n_dims] = cells[query_idx, :n_dims]
-    queries[:, :n_dims] *= -2  # exact: a power of two
-    queries[:, n_dims] = 1
-    found = np.empty((n_query, n_candidates), dtype=np.int64)
-    largest = np.empty((n_query, n_candidates), dtype=np.float32)
-    capacity = nk.BUFFER_FACTOR * n_candidates
-    rows = _SEARCH_QUERY_ROWS
-
-    def task(k: int) -> None:
-        chunk = slice(k * rows, min(n_query, (k + 1) * rows))
-        m = chunk.stop - chunk.start
-        values = np.empty((m, capacity), dtype=np.float32)
-        columns = np.empty((m, capacity), dtype=np.int64)
-        counts = np.zeros(m, dtype=np.int64)
-        thresholds = np.full(m, np.inf, dtype=np.float32)
-        tile = np.empty((m, _SEARCH_CELL_COLUMNS), dtype=np.float32)
-        for first in range(0, n_cells, _SEARCH_CELL_COLUMNS):
-            block = cells[first : first + _SEARCH_CELL_COLUMNS]
-            view = tile[:, : block.shape[0]]
-            np.matmul(queries[chunk], block.T, out=view)
-            nk.keep_smallest(view, first, values, columns, counts, thresholds, n_candidates)
-        nk.smallest_in_order(values, columns, counts, n_candidates, found[chunk], largest[chunk])
-
-    _run_chunks(task, -(-n_query // rows), np, threads)
-    query_norms = norms[query_idx]
-    error = 4 * (n_dims + 4) * 2.0**-24 * (query_norms + norms.max()) + _FLOAT32_TINY
-    return found, largest[:, -1].astype(np.float64) + query_norms - error
-
-
-def _candidates_sklearn(points: np.ndarray, query_idx: np.ndarray, n_candidates: int) -> np.ndarray:
-    # scikit-learn's brute-force search runs at the speed of its matrix products on all threads;
-    # trees do not prune in 50 dense dimensions (40x slower on realistic data).
-    from sklearn.neighbors import NearestNeighbors
-
-    knn = NearestNeighbors(n_neighbors=n_candidates, algorithm="brute").fit(points)
-    return knn.kneighbors(points[query_idx], return_distance=False).astype(np.int64)
 
 
 def candidates_bruteforce(points: Any, query_idx: Any, n_candidates: int, *, xp: Any = np) -> Any:
@@ -495,18 +415,25 @@ def exact_distances(
 
     def task(i: int) -> None:
         rows = slice(i * step, (i + 1) * step)
-        squares = points[candidates[rows]]  # (rows, n_cand, n_dims)
-        squares -= points[query_idx[rows]][:, None, :]
-        squares *= squares
-        # dimension-major, so that each addition below runs over contiguous memory
-        squares = xp.ascontiguousarray(xp.moveaxis(squares, 2, 0))
-        total = squares[0]
-        for j in range(1, n_dims):
-            total += squares[j]
-        out[rows] = xp.sqrt(total)
+        differences = points[candidates[rows]]  # (rows, n_cand, n_dims)
+        differences -= points[query_idx[rows]][:, None, :]
+        out[rows] = ordered_distances(differences, xp=xp)
 
     _run_chunks(task, -(-n_query // step), xp, threads)
     return out
+
+
+def ordered_distances(differences: Any, *, xp: Any = np) -> Any:
+    """Euclidean norms over the last axis of ``differences`` (which this squares in place): the
+    squares added one dimension after the other, each addition rounded on its own, and a correctly
+    rounded square root, so that NumPy and CuPy, and any caller, get the same bits."""
+    differences *= differences
+    # dimension-major, so that each addition below runs over contiguous memory
+    squares = xp.ascontiguousarray(xp.moveaxis(differences, -1, 0))
+    total = squares[0]
+    for j in range(1, squares.shape[0]):
+        total += squares[j]
+    return xp.sqrt(total)
 
 
 def _chunk_rows(n_rows: int, cpu_rows: int, xp: Any, per_row: int = 1) -> int:
@@ -521,7 +448,7 @@ def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
     """``task(i)`` for each chunk: on a pool of ``threads`` threads on the CPU, with the BLAS
     library held at one thread (NumPy releases the GIL in its loops and in BLAS calls), and one
     after the other on the GPU."""
-    if xp is not np or threads <= 1 or n_chunks <= 1:
+    if xp is not np:
         for i in range(n_chunks):
             task(i)
         return
@@ -529,12 +456,18 @@ def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
 
     from threadpoolctl import threadpool_limits
 
-    with (
-        threadpool_limits(limits=1, user_api="blas"),
-        ThreadPoolExecutor(min(threads, n_chunks), thread_name_prefix="harmony-metrics") as pool,
-    ):
-        for future in [pool.submit(task, i) for i in range(n_chunks)]:
-            future.result()
+    # BLAS single-threaded also when the chunks run one after the other: a threaded BLAS rounds
+    # differently with its thread count.
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads <= 1 or n_chunks <= 1:
+            for i in range(n_chunks):
+                task(i)
+            return
+        with ThreadPoolExecutor(
+            min(threads, n_chunks), thread_name_prefix="harmony-metrics"
+        ) as pool:
+            for future in [pool.submit(task, i) for i in range(n_chunks)]:
+                future.result()
 
 
 def lisi_from_neighbours(
