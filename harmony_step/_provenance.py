@@ -38,7 +38,7 @@ from harmony_step._core.result import HarmonyResult, RoundRecord
 from harmony_step._params import HarmonyParams
 from harmony_step._version import __version__
 
-_LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "h5py", "scikit-learn")
+_LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "h5py", "numba")
 
 progress_log = logging.getLogger("harmony_step.progress")
 
