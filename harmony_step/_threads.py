@@ -81,6 +81,17 @@ _blas_limit: Any = None
 
 
 @contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Hold BLAS at one thread for the enclosed code (alone or inside :func:`cpu_threads`), taking
+    the role threadpoolctl gives one thread at a time, as :func:`cpu_threads` does."""
+    _hold_blas_limit()
+    try:
+        yield
+    finally:
+        _release_blas_limit()
+
+
+@contextlib.contextmanager
 def _limits(count: int) -> Iterator[None]:
     prepare_numba()
     import numba

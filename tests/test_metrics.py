@@ -206,17 +206,34 @@ def _exact_neighbourhoods(points, query, k=89):
 
 @pytest.fixture
 def searched_again(monkeypatch):
-    """The query positions the CPU's search measures again exactly, in order of the calls."""
+    """The query cells the CPU's search takes again in double precision, in order of the calls."""
     from harmony_step._step import cpu_neighbours
 
     seen = []
-    original = cpu_neighbours.SinglePrecisionSearch.within
+    original = cpu_neighbours._searched
+
+    def recording(search, n_candidates, n_neighbors):
+        if search.dtype == np.float64:
+            seen.extend(search.query_idx.tolist())
+        return original(search, n_candidates, n_neighbors)
+
+    monkeypatch.setattr(cpu_neighbours, "_searched", recording)
+    return seen
+
+
+@pytest.fixture
+def measured_exactly(monkeypatch):
+    """The query cells the CPU's search measures exactly against every nearby cell."""
+    from harmony_step._step import cpu_neighbours
+
+    seen = []
+    original = cpu_neighbours.TiledSearch.within
 
     def recording(self, rows, edge, k):
-        seen.extend(rows.tolist())
+        seen.extend(self.query_idx[rows].tolist())
         return original(self, rows, edge, k)
 
-    monkeypatch.setattr(cpu_neighbours.SinglePrecisionSearch, "within", recording)
+    monkeypatch.setattr(cpu_neighbours.TiledSearch, "within", recording)
     return seen
 
 
@@ -255,7 +272,7 @@ def test_cells_single_precision_cannot_order_are_searched_again_exactly(searched
     points = _shell() + offset
     query = np.array([3, 0, 4, 1, 2, 900, 2100])
     distances, indices = metrics.neighbours(points, query=query)
-    assert set(searched_again) >= {0, 1, 2, 3, 4}  # positions of the five cells in the middle
+    assert set(searched_again) >= {0, 1, 2, 3, 4}  # the five cells in the middle
     expected_distances, expected = _exact_neighbourhoods(points, query)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_array_equal(distances, expected_distances)
@@ -263,13 +280,11 @@ def test_cells_single_precision_cannot_order_are_searched_again_exactly(searched
 
 def test_single_precision_candidates_alone_would_miss_neighbours_on_the_shell():
     """Why the check exists: without the second search, the shell loses true neighbours."""
-    from harmony_step._step.cpu_neighbours import SinglePrecisionSearch
+    from harmony_step._step.cpu_neighbours import TiledSearch
 
     points = _shell()
     query = np.arange(5)
-    candidates, _ = SinglePrecisionSearch(points, query, 1).candidates(
-        90 + metrics.CANDIDATE_MARGIN
-    )
+    candidates, _ = TiledSearch(points, query, 1).candidates(90 + metrics.CANDIDATE_MARGIN)
     _, indices = metrics._nearest_candidates(points, query, candidates, 90, np, 1)
     assert not np.array_equal(indices, _exact_neighbourhoods(points, query)[1])
 
@@ -318,6 +333,58 @@ def test_one_far_outlier_does_not_force_a_second_search(searched_again):
     _, indices = metrics.neighbours(points, query=query)
     assert searched_again == []
     np.testing.assert_array_equal(indices, _exact_neighbourhoods(points, query)[1])
+
+
+def test_duplicated_cells_are_measured_exactly_and_stop_early(measured_exactly):
+    """Half the cells identical: their neighbourhoods are the lowest-index copies, found in the
+    first tiles (a row whose 89th distance is 0 is complete)."""
+    rng = np.random.default_rng(39)
+    points = rng.normal(size=(6000, 20))
+    points[::2] = points[0]
+    query = np.arange(0, 6000, 15)
+    distances, indices = metrics.neighbours(points, query=query, threads=2)
+    assert measured_exactly  # the copies tie at distance 0
+    expected_distances, expected = _exact_neighbourhoods(points, query)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(distances, expected_distances)
+
+
+def test_clusters_far_from_the_mean_are_resolved_in_double_precision(
+    searched_again, measured_exactly
+):
+    """Two clusters 1000 apart: single precision cannot vouch for any neighbourhood (its error
+    grows with the distance from the mean), double precision vouches for all of them."""
+    rng = np.random.default_rng(40)
+    points = np.concatenate([rng.normal(size=(2000, 10)), rng.normal(size=(2000, 10)) + 1000])
+    query = np.arange(0, 4000, 10)
+    distances, indices = metrics.neighbours(points, query=query, threads=2)
+    assert sorted(searched_again) == query.tolist()
+    assert measured_exactly == []
+    expected_distances, expected = _exact_neighbourhoods(points, query)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(distances, expected_distances)
+
+
+@pytest.mark.parametrize("exponent", [-600, 600])
+def test_neighbours_scale_exactly_with_powers_of_two(exponent):
+    """Scaling by 2^600 or 2^-600 (squares far outside float64's normal range) gives the same
+    neighbours and the distances scaled by the same power: such inputs are rescaled first."""
+    points, _ = _clustered(800, seed=41)
+    points[::7] = points[1]  # ties too
+    query = np.arange(0, 800, 9)
+    distances, indices = metrics.neighbours(points, query=query)
+    scaled_distances, scaled_indices = metrics.neighbours(np.ldexp(points, exponent), query=query)
+    np.testing.assert_array_equal(scaled_indices, indices)
+    np.testing.assert_array_equal(scaled_distances, np.ldexp(distances, exponent))
+
+
+def test_non_finite_coordinates_and_tiny_perplexities_are_refused():
+    points, _ = _clustered(200)
+    points[5, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        metrics.neighbours(points)
+    with pytest.raises(ValueError, match="perplexity"):
+        metrics.neighbours(_clustered(200)[0], perplexity=0.2)
 
 
 def test_neighbours_do_not_depend_on_the_thread_count():
@@ -477,10 +544,10 @@ def test_single_precision_bound_holds_for_every_cell_left_out(points):
     """Every cell the single-precision search leaves out lies at a squared distance of at least the
     bound it returns: on data full of near-ties that float32 rounds, and with one far outlier
     (where the bound that does not use the largest norm is the one that counts)."""
-    from harmony_step._step.cpu_neighbours import SinglePrecisionSearch
+    from harmony_step._step.cpu_neighbours import TiledSearch
 
     query = np.arange(0, len(points), 10)
-    candidates, outside = SinglePrecisionSearch(points, query, 2).candidates(40)
+    candidates, outside = TiledSearch(points, query, 2).candidates(40)
     everyone = np.tile(np.arange(len(points)), (len(query), 1))
     squared = metrics.exact_distances(points, query, everyone) ** 2
     left_out = np.ones_like(squared, dtype=bool)
@@ -500,10 +567,10 @@ def test_single_precision_bound_holds_for_every_cell_left_out(points):
 def test_second_search_limit_admits_every_cell_within_the_edge(points):
     """The second search measures every cell whose single-precision value is at most
     ``value_limit``; every cell within the edge distance must pass it, ties at the edge included."""
-    from harmony_step._step.cpu_neighbours import SinglePrecisionSearch
+    from harmony_step._step.cpu_neighbours import TiledSearch
 
     query = np.arange(0, len(points), 10)
-    search = SinglePrecisionSearch(points, query, 1)
+    search = TiledSearch(points, query, 1)
     edge, _ = _exact_neighbourhoods(points, query)
     rows = np.arange(len(query))
     limit = search.value_limit(rows, edge[:, -1])

@@ -1,31 +1,34 @@
 """The CPU's neighbour search for the mixing metrics: single precision, exact results.
 
 The metrics need, for each query cell, its ``k`` nearest cells in (exact float64 distance, index)
-order (``metrics.neighbours``). :func:`nearest_neighbours` finds them in three steps:
+order (``metrics.neighbours``). :func:`nearest_neighbours` finds them in up to four steps:
 
-1. **Candidates in single precision.** The coordinates are centred, scaled by a power of two into
-   [-1, 1] (exact; single precision then neither overflows nor loses tiny values) and rounded to
-   float32. One BLAS product per tile of :data:`QUERY_ROWS` query cells and :data:`CELL_COLUMNS`
-   cells gives ``|r|^2 - 2 q.r`` (the query's own norm does not change the ranking), and the
-   compiled kernel :func:`keep_smallest` keeps the smallest values of each query across tiles.
-   BLAS runs single-threaded on fixed tiles, the query chunks spread over the step's threads, so
-   the result does not depend on the thread count; this runs at the speed of single-precision BLAS.
-2. **Exact re-ranking** of the candidates (``metrics._nearest_candidates``), as on the GPU.
-3. **A check, and an exact second search where it fails.** Every cell left out of the candidates
-   has a single-precision value at least the largest kept one, so its true squared distance is at
-   least that less a bound on the rounding error (:meth:`SinglePrecisionSearch.candidates`). Where
-   that reach could touch the neighbourhood's edge (ties at the edge, or values closer than single
-   precision resolves), the query cell is searched again (:meth:`SinglePrecisionSearch.within`):
-   every cell whose single-precision value could lie within the edge is measured exactly and the
-   first ``k`` in (distance, index) order are kept. On realistic data no cell needs it; on data
-   with many cells at exactly the edge's distance (duplicates, lattices) it measures all of them.
+1. **Candidates in single precision** (:class:`TiledSearch` in float32). The coordinates are
+   centred, scaled by a power of two into [-1, 1] (exact; single precision then neither
+   overflows nor loses tiny values) and rounded. One BLAS product per tile of :data:`QUERY_ROWS`
+   query cells and :data:`CELL_COLUMNS` cells gives ``|r|^2 - 2 q.r`` (the query's own norm does
+   not change the ranking), and the compiled kernel :func:`keep_smallest` keeps the smallest
+   values of each query across tiles. BLAS runs single-threaded on fixed tiles, the query chunks
+   spread over the step's threads, so the result does not depend on the thread count; this runs
+   at the speed of single-precision BLAS.
+2. **Exact re-ranking** of the candidates (``metrics._nearest_candidates``), as on the GPU, and a
+   check: every cell left out has a computed value at least the largest kept one, so its true
+   squared distance is at least that less a bound on the rounding error
+   (:meth:`TiledSearch.candidates`). Where that could reach the neighbourhood's edge, the
+   candidates might not hold the neighbourhood. On realistic data that happens to no cell.
+3. **The same in double precision** for those cells only, whose rounding bound is about 10^9
+   times tighter (clusters far from the mean, values closer than single precision resolves).
+4. **An exact search** (:meth:`TiledSearch.within`) for the cells even that cannot vouch for,
+   in practice cells with ties at the edge (duplicates, lattices): every cell whose computed
+   value could lie within the edge is measured exactly and the first ``k`` in (distance, index)
+   order are kept.
 
-The rounding error of one value: the products and sums add at most (d + 1) u (|q|^2 + 2 |r|^2)
-for any order and with or without fused multiply-adds, the rounding of the coordinates to float32
-2 u (|q|^2 + |r|^2) to first order, and that of the norm column u |r|^2, with u = 2^-24; in all
-under (d + 3) u |q|^2 + (2d + 5) u |r|^2. :data:`_ERROR_PER_DIMENSION` doubles that for
-the second-order terms: the bound used is 4 (d + 4) u (|q|^2 + |r|^2), plus
-:data:`_FLOAT32_TINY` for underflow.
+The rounding error of one value, with u the unit roundoff (2^-24 or 2^-53): the products and
+sums add at most (d + 1) u (|q|^2 + 2 |r|^2) for any order and with or without fused multiply-adds,
+the rounding of the coordinates 2 u (|q|^2 + |r|^2) to first order, and that of the norm column
+u |r|^2; in all under (d + 3) u |q|^2 + (2d + 5) u |r|^2. The bound used, 4 (d + 4) u (|q|^2 +
+|r|^2), doubles that, which also covers the second-order terms and the float64 rounding of the
+centring and of the norms; :data:`_UNDERFLOW` adds what underflow can lose.
 
 Imported only on the CPU, so the package and the GPU path do not compile numba code for it.
 
@@ -62,10 +65,11 @@ CELL_COLUMNS = 2048
 """Cells per tile of the search: a tile of 256 x 2048 float32 is 2 MiB, a row 8 KiB."""
 
 _CENTRING_ROWS = 1 << 16  # cells centred per step: bounds the float64 scratch to 64 Ki rows
-_ERROR_PER_DIMENSION = 4 * 2.0**-24  # the rounding bound is this * (d + 4) * (|q|^2 + |r|^2)
-# Underflow in the float32 products and sums: d + 4 steps of 2^-149 at most (also when subnormal
-# results are flushed to zero), for d < 2^24.
-_FLOAT32_TINY = 2.0**-100
+_HITS_PER_BATCH = 1 << 15  # cells measured at once by the exact search: bounds its scratch
+# Absolute error from underflow in the products and sums, in the scaled units (where values are
+# at most d): d + 4 steps of the smallest normal number at most, also when subnormal results are
+# flushed to zero, for d < 2^24.
+_UNDERFLOW = {np.float32: 2.0**-100, np.float64: 2.0**-990}
 # The relative rounding of a squared float64 distance summed over d dimensions, with room to spare
 # (d 2^-53 is below it up to d ~ 8000).
 _SQUARE_SLACK = 2.0**-40
@@ -93,17 +97,30 @@ def nearest_neighbours(
     order: those of a full sort.
     """
     n_candidates = min(n_neighbors + metrics.CANDIDATE_MARGIN, points.shape[0])
-    search = SinglePrecisionSearch(points, query_idx, threads)
+    distances, indices, unsure = _searched(
+        TiledSearch(points, query_idx, threads, np.float32), n_candidates, n_neighbors
+    )
+    if unsure.size:  # again in double precision, for those cells only
+        search = TiledSearch(points, query_idx[unsure], threads, np.float64)
+        again, again_indices, still = _searched(search, n_candidates, n_neighbors)
+        if still.size:  # ties at the edge, or closer than double precision resolves
+            again[still], again_indices[still] = search.within(
+                still, again[still, -1], n_neighbors - 1
+            )
+        distances[unsure], indices[unsure] = again, again_indices
+    return distances, indices
+
+
+def _searched(
+    search: TiledSearch, n_candidates: int, n_neighbors: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The search's candidates re-ranked exactly: distances, indices, and the positions of the
+    query cells whose neighbourhood the candidates might not hold."""
     candidates, outside = search.candidates(n_candidates)
     distances, indices = metrics._nearest_candidates(
-        points, query_idx, candidates, n_neighbors, np, threads
+        search.points, search.query_idx, candidates, n_neighbors, np, search.threads
     )
-    unsure = unsure_rows(distances, outside)
-    if unsure.size:
-        distances[unsure], indices[unsure] = search.within(
-            unsure, distances[unsure, -1], n_neighbors - 1
-        )
-    return distances, indices
+    return distances, indices, unsure_rows(distances, outside)
 
 
 def unsure_rows(distances: np.ndarray, outside: np.ndarray) -> np.ndarray:
@@ -115,51 +132,60 @@ def unsure_rows(distances: np.ndarray, outside: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~(outside > edge))
 
 
-class SinglePrecisionSearch:
-    """The cells and query cells in single precision, and the two searches over them.
+class TiledSearch:
+    """The cells and query cells, centred and scaled, in ``dtype``, and the two searches over them.
 
     Parameters
     ----------
     points
-        All cells, shape (n_cells, n_dims), float64, finite.
+        All cells, shape (n_cells, n_dims), float64, finite, with squared distances in float64's
+        normal range (``metrics.neighbours`` rescales inputs that are not).
     query_idx
         Indices of the query cells, shape (n_query,).
     threads
         CPU threads of the searches.
+    dtype
+        float32 for the first, fast search; float64 for the second one, whose rounding bound is
+        about 10^9 times tighter.
     """
 
-    def __init__(self, points: np.ndarray, query_idx: np.ndarray, threads: int) -> None:
+    def __init__(
+        self, points: np.ndarray, query_idx: np.ndarray, threads: int, dtype: type = np.float32
+    ) -> None:
         n_cells, n_dims = points.shape
         self.points, self.query_idx, self.threads = points, query_idx, threads
+        self.dtype = np.dtype(dtype)
         mean = points.mean(axis=0)
         # the largest |x - mean| of any coordinate (rounding is monotonic), without a centred copy
         largest = max(float(np.max(points.max(axis=0) - mean, initial=0.0)),
                       float(np.max(mean - points.min(axis=0), initial=0.0)))  # fmt: skip
-        # a power of two: the scaling is exact and the ranking unchanged
-        self.scale = 2.0 ** -math.ceil(math.log2(largest)) if largest > 0 else 1.0
+        # Coordinates times 2^-shift lie in [-1, 1]: a power of two, so the scaling is exact and
+        # the ranking unchanged.
+        self.shift = math.ceil(math.log2(largest)) if largest > 0 else 0
         # [r, |r|^2] against [-2 q, 1], the coordinates centred and scaled in float64 chunk by chunk
-        self.cells = np.empty((n_cells, n_dims + 1), dtype=np.float32)
+        self.cells = np.empty((n_cells, n_dims + 1), dtype=self.dtype)
         norms = np.empty(n_cells)  # each at most n_dims
         for start in range(0, n_cells, _CENTRING_ROWS):
             rows = slice(start, start + _CENTRING_ROWS)
-            centred = points[rows] - mean
-            centred *= self.scale
+            centred = np.ldexp(points[rows] - mean, -self.shift)
             norms[rows] = np.einsum("ij,ij->i", centred, centred)
             self.cells[rows, :n_dims] = centred
         self.cells[:, n_dims] = norms
         self.largest_norm = float(norms.max(initial=0.0))
         self.query_norms = norms[query_idx]
-        self.queries = np.empty((query_idx.shape[0], n_dims + 1), dtype=np.float32)
+        self.queries = np.empty((query_idx.shape[0], n_dims + 1), dtype=self.dtype)
         self.queries[:, :n_dims] = self.cells[query_idx, :n_dims]
         self.queries[:, :n_dims] *= -2  # exact: a power of two
         self.queries[:, n_dims] = 1
-        self.error = _ERROR_PER_DIMENSION * (n_dims + 4)
+        unit = np.finfo(self.dtype).eps / 2  # 2^-24 or 2^-53
+        self.error = 4 * unit * (n_dims + 4)  # per unit of |q|^2 + |r|^2 (module docstring)
+        self.underflow = _UNDERFLOW[self.dtype.type]
 
     def _tiles(self, rows: np.ndarray | slice):
         """(first cell, values) for each tile of the query cells at positions ``rows``: values
-        ``|r|^2 - 2 q.r`` in float32, shape (rows, up to CELL_COLUMNS), in one reused buffer."""
+        ``|r|^2 - 2 q.r`` in ``dtype``, shape (rows, up to CELL_COLUMNS), in one reused buffer."""
         queries = self.queries[rows]
-        tile = np.empty((queries.shape[0], CELL_COLUMNS), dtype=np.float32)
+        tile = np.empty((queries.shape[0], CELL_COLUMNS), dtype=self.dtype)
         for first in range(0, self.cells.shape[0], CELL_COLUMNS):
             block = self.cells[first : first + CELL_COLUMNS]
             view = tile[:, : block.shape[0]]
@@ -167,33 +193,33 @@ class SinglePrecisionSearch:
             yield first, view
 
     def candidates(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``c`` cells of smallest single-precision distance from each query cell, and a
-        squared distance every other cell is known to reach.
+        """The ``c`` cells of smallest computed distance from each query cell, and a squared
+        distance every other cell is known to reach.
 
         Returns
         -------
-        Candidate indices, shape (n_query, c), int64, and the bound, shape (n_query,), float64:
-        the larger of two lower bounds on the true squared distance of a cell left out, whose
-        single-precision value ``a~`` is at least the largest kept one ``a``, so that its true
-        value is at least ``a - E (|q|^2 + |r|^2)`` (E the error per unit, module docstring).
-        With ``|r|^2 <= max |r|^2`` that gives ``a + |q|^2 - E (|q|^2 + max |r|^2)``; with
-        ``|r|^2 <= 2 |q|^2 + 2 D`` (D the squared distance) it gives
-        ``(a + |q|^2 - 3 E |q|^2) / (1 + 2 E)``, which one far outlier does not spoil. +inf
-        when every cell is a candidate.
+        Candidate indices, shape (n_query, c), int64, and the bound, shape (n_query,), float64,
+        in the units of ``points``. In the scaled units used here: the larger of two lower bounds
+        on the true squared distance D of a cell left out, whose computed value is at least the
+        largest kept one ``a``, so that its true value ``|r|^2 - 2 q.r`` is at least
+        ``a - E (|q|^2 + |r|^2)`` (E the error per unit, module docstring). With
+        ``|r|^2 <= max |r|^2`` that gives ``a + |q|^2 - E (|q|^2 + max |r|^2)``; with
+        ``|r|^2 <= 2 |q|^2 + 2 D`` it gives ``(a + |q|^2 - 3 E |q|^2) / (1 + 2 E)``, which one
+        far outlier does not spoil. +inf when every cell is a candidate.
         """
         n_cells, n_query = self.cells.shape[0], self.query_idx.shape[0]
         if c >= n_cells:
             return np.tile(np.arange(n_cells), (n_query, 1)), np.full(n_query, np.inf)
         found = np.empty((n_query, c), dtype=np.int64)
-        largest = np.empty((n_query, c), dtype=np.float32)
+        largest = np.empty((n_query, c), dtype=self.dtype)
         capacity = BUFFER_FACTOR * c
 
         def task(rows: slice) -> None:
             n_rows = rows.stop - rows.start
-            values = np.empty((n_rows, capacity), dtype=np.float32)
+            values = np.empty((n_rows, capacity), dtype=self.dtype)
             columns = np.empty((n_rows, capacity), dtype=np.int64)
             counts = np.zeros(n_rows, dtype=np.int64)
-            thresholds = np.full(n_rows, np.inf, dtype=np.float32)
+            thresholds = np.full(n_rows, np.inf, dtype=self.dtype)
             for first, tile in self._tiles(rows):
                 keep_smallest(tile, first, values, columns, counts, thresholds, c)
             smallest_in_order(values, columns, counts, c, found[rows], largest[rows])
@@ -203,16 +229,18 @@ class SinglePrecisionSearch:
         q2, e = self.query_norms, self.error
         by_largest = kept + q2 - e * (q2 + self.largest_norm)
         by_distance = (kept + q2 - 3 * e * q2) / (1 + 2 * e)
-        reach = np.maximum(by_largest, by_distance) - _FLOAT32_TINY
-        return found, reach / self.scale**2
+        reach = np.maximum(by_largest, by_distance) - self.underflow
+        return found, np.ldexp(reach, 2 * self.shift)
 
     def within(self, rows: np.ndarray, edge: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact ``k`` nearest cells of the query cells at positions ``rows``, given for each
         a distance ``edge`` that its k-th nearest cell does not exceed.
 
-        Every cell whose single-precision value could belong to a cell within ``edge`` (the
-        bound of :meth:`candidates` read the other way) is measured exactly, tile by tile, and the
-        first ``k`` in (distance, index) order are kept, the query cell itself left out.
+        Every cell whose computed value could belong to a cell within the edge
+        (:meth:`value_limit`) is measured exactly, tile by tile, and the first ``k`` in
+        (distance, index) order are kept, the query cell itself left out. After each tile a row's
+        edge shrinks to its k-th distance so far; a row whose k-th distance is 0 is complete,
+        since the cells still to come have larger indices.
 
         Returns
         -------
@@ -220,34 +248,41 @@ class SinglePrecisionSearch:
         """
         distances = np.empty((rows.shape[0], k))
         indices = np.empty((rows.shape[0], k), dtype=np.int64)
-        limit = self.value_limit(rows, edge)
 
         def task(chunk: slice) -> None:
-            query = self.query_idx[rows[chunk]]
+            positions = rows[chunk]
+            query = self.query_idx[positions]
+            row_edge = edge[chunk].copy()
             best = _Nearest(query.shape[0], k, self.points.shape[0])
-            for first, tile in self._tiles(rows[chunk]):
-                row, column = np.nonzero(tile <= limit[chunk, None])
+            for first, tile in self._tiles(positions):
+                limit = self.value_limit(positions, row_edge)
+                limit[best.distances[:, -1] == 0] = -np.inf  # complete rows
+                row, column = np.nonzero(tile <= limit[:, None])
                 column += first
                 other = column != query[row]
-                row, column = row[other], column[other]
-                if row.size:
-                    differences = self.points[column] - self.points[query[row]]
-                    best.add(row, metrics.ordered_distances(differences), column)
+                for part in range(0, other.shape[0], _HITS_PER_BATCH):  # bounds the scratch
+                    taken = slice(part, part + _HITS_PER_BATCH)
+                    r, col = row[taken][other[taken]], column[taken][other[taken]]
+                    measured = metrics.ordered_distances(self.points[col] - self.points[query[r]])
+                    near = measured <= row_edge[r]  # the others cannot enter
+                    best.add(r[near], measured[near], col[near])
+                np.minimum(row_edge, best.distances[:, -1], out=row_edge)
+            if not np.all(best.indices < self.points.shape[0]):
+                raise RuntimeError("The exact neighbour search found fewer cells than it must.")
             distances[chunk], indices[chunk] = best.distances, best.indices
 
         self._run(task, rows.shape[0])
         return distances, indices
 
     def value_limit(self, rows: np.ndarray, edge: np.ndarray) -> np.ndarray:
-        """The largest single-precision value a cell within distance ``edge`` of each query cell
-        at positions ``rows`` can have: its squared distance, scaled, less ``|q|^2``, plus the
+        """The largest computed value a cell within distance ``edge`` of each query cell at
+        positions ``rows`` can have: its squared distance, scaled, less ``|q|^2``, plus the
         rounding bound, with ``|r|^2`` bounded by ``max |r|^2`` or by ``2 |q|^2 + 2 edge^2``,
-        whichever is smaller. Shape (len(rows),), float64."""
-        reach = (edge * self.scale) ** 2 * (1 + _SQUARE_SLACK)
+        whichever is smaller. Shape (len(rows),), float64, in the scaled units."""
+        edge_squared = np.ldexp(edge, -self.shift) ** 2 * (1 + _SQUARE_SLACK)
         q2, e = self.query_norms[rows], self.error
-        return (
-            reach - q2 + e * np.minimum(q2 + self.largest_norm, 3 * q2 + 2 * reach) + _FLOAT32_TINY
-        )
+        rounding = e * np.minimum(q2 + self.largest_norm, 3 * q2 + 2 * edge_squared)
+        return edge_squared - q2 + rounding + self.underflow
 
     def _run(self, task, n_rows: int) -> None:
         """``task(rows)`` for each slice of :data:`QUERY_ROWS` rows, on the step's threads."""

@@ -15,7 +15,8 @@ neighbours are searched among all cells, so neighbourhoods are those of the full
 silhouette width on at most :data:`SAMPLE_SIZE` cells. The sample is drawn from a generator seeded
 with the run's random state, so the same run gives the same metrics.
 
-The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with the same results:
+The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with the same results
+except where many cells tie at a neighbourhood's edge (see the first point):
 
 * Neighbours are found in two stages. First ``3 * perplexity +`` :data:`CANDIDATE_MARGIN`
   candidates per query cell, by distances from matrix products (on the GPU a brute-force search
@@ -24,8 +25,10 @@ The same code runs on the CPU (NumPy) and on the GPU (CuPy, ``xp=cupy``), with t
   exactly, one dimension after the other (a sum of rounded squares in a fixed order, so that
   NumPy and CuPy give the same bits), the cell itself is left out, and the neighbours are ordered
   by (distance, index). Ties, duplicate cells included, are therefore broken identically on both
-  devices wherever the candidates hold the neighbourhood; on the CPU that is checked, and a cell
-  where it could fail is searched again exactly.
+  devices wherever the candidates hold the neighbourhood. On the CPU that is checked, and a cell
+  where it could fail is searched again until the result is that of a full sort. The GPU's
+  candidates are not checked: where more cells tie at the edge, or lie within rounding of it,
+  than the margin holds (duplicates, lattices of values), its neighbourhoods can differ.
 * The perplexity calibration and the Simpson index are array operations in ``xp``.
 * The silhouette width is computed from tiles of the pairwise distance matrix of the sampled
   cells, so memory stays bounded, with the definition of scikit-learn's ``silhouette_score``; one
@@ -60,8 +63,9 @@ _MAX_BISECTIONS = 50  # R lisi's limit; cells that do not settle keep their last
 
 
 CANDIDATE_MARGIN = 16
-"""Extra candidates of the first neighbour stage, so that the exact re-ranking sees every cell that
-rounding in the matrix-product distances could have moved across the neighbourhood's edge."""
+"""Extra candidates of the first neighbour stage, so that the exact re-ranking usually sees every
+cell that rounding in the matrix-product distances moved across the neighbourhood's edge (the CPU
+checks that it did; the GPU relies on the margin)."""
 
 _CPU_TILE_ELEMENTS = 1 << 24  # most matrix entries held at once on the CPU (128 MiB in float64)
 _GPU_TILE_ELEMENTS = 1 << 31  # at most this on a GPU (16 GiB in float64): larger tiles gain nothing
@@ -273,24 +277,57 @@ def neighbours(
     Distances and indices (arrays of ``xp``), each of shape (n_query, 3 * perplexity - 1), nearest
     first.
 
+    Coordinates whose squared distances would leave float64's normal range (a spread below
+    2^-400, or values above 2^400) are first scaled by a power of two, and the distances
+    returned are scaled back.
+
     Raises
     ------
     ValueError
-        A query index outside [0, n_cells).
+        A query index outside [0, n_cells), a perplexity below 1/3, or a coordinate that is not
+        finite.
     """
     points = xp.asarray(embedding, dtype=xp.float64)
     n_cells = points.shape[0]
     query_idx = xp.arange(n_cells) if query is None else xp.asarray(query, dtype=xp.int64)
     if query_idx.size and (int(query_idx.min()) < 0 or int(query_idx.max()) >= n_cells):
         raise ValueError(f"Query cell indices must lie in [0, {n_cells}).")
+    if not perplexity >= 1 / 3:
+        raise ValueError(f"The perplexity must be at least 1/3 (one neighbour); got {perplexity}.")
+    if not bool(xp.isfinite(points).all()):
+        raise ValueError("The metrics need finite coordinates; the embedding has NaN or Inf.")
+    shift = _safe_shift(points, xp)
+    if shift:
+        points = xp.ldexp(points, -shift)
     n_neighbors = min(int(3 * perplexity), n_cells)  # the cell itself included
     n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
     if xp is not np:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-        return _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
-    from harmony_step._step.cpu_neighbours import nearest_neighbours
+        found = _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
+    else:
+        from harmony_step._step.cpu_neighbours import nearest_neighbours
 
-    return nearest_neighbours(points, query_idx, n_neighbors, threads)
+        found = nearest_neighbours(points, query_idx, n_neighbors, threads)
+    distances, indices = found
+    return (xp.ldexp(distances, shift) if shift else distances), indices
+
+
+_NORMAL_RANGE_EXPONENT = 400  # coordinates between 2^-400 and 2^400 apart: squares stay normal
+
+
+def _safe_shift(points: Any, xp: Any) -> int:
+    """An exponent e such that ``points * 2^-e`` has a spread of at least 2^-400 (where the points
+    differ at all) and values of at most 2^400; 0 when ``points`` already has them."""
+    if points.size == 0:
+        return 0
+    largest = float(xp.abs(points).max())
+    spread = float((points.max(axis=0) - points.min(axis=0)).max())
+    limit = _NORMAL_RANGE_EXPONENT
+    if largest > 2.0**limit:
+        return math.ceil(math.log2(largest)) - limit
+    if 0 < spread < 2.0**-limit:
+        return max(math.floor(math.log2(spread)), math.ceil(math.log2(largest)) - limit)
+    return 0
 
 
 def _nearest_candidates(
@@ -454,11 +491,11 @@ def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
+    from harmony_step._threads import single_threaded_blas
 
     # BLAS single-threaded also when the chunks run one after the other: a threaded BLAS rounds
     # differently with its thread count.
-    with threadpool_limits(limits=1, user_api="blas"):
+    with single_threaded_blas():
         if threads <= 1 or n_chunks <= 1:
             for i in range(n_chunks):
                 task(i)
