@@ -82,13 +82,21 @@ _blas_limit: Any = None
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """Hold BLAS at one thread for the enclosed code (alone or inside :func:`cpu_threads`), taking
-    the role threadpoolctl gives one thread at a time, as :func:`cpu_threads` does."""
-    _hold_blas_limit()
+    """Hold BLAS at one thread for the enclosed code, whatever limit encloses it (the caller's own
+    ``threadpool_limits`` included), and put back the limit found; it takes the role threadpoolctl
+    gives one thread at a time, as :func:`cpu_threads` does."""
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        _take_blas_control()
+        limit = threadpool_limits(limits=1, user_api="blas")
     try:
         yield
     finally:
-        _release_blas_limit()
+        with _blas_lock:
+            _take_blas_control()
+            limit.restore_original_limits()
+            _take_blas_control()
 
 
 @contextlib.contextmanager

@@ -365,17 +365,39 @@ def test_clusters_far_from_the_mean_are_resolved_in_double_precision(
     np.testing.assert_array_equal(distances, expected_distances)
 
 
-@pytest.mark.parametrize("exponent", [-600, 600])
-def test_neighbours_scale_exactly_with_powers_of_two(exponent):
-    """Scaling by 2^600 or 2^-600 (squares far outside float64's normal range) gives the same
-    neighbours and the distances scaled by the same power: such inputs are rescaled first."""
+def test_huge_coordinates_are_rescaled_and_distances_scale_exactly():
+    """Coordinates near 2^603, whose squares would overflow, give the same neighbours as the
+    original ones and the distances times 2^600, to the bit."""
     points, _ = _clustered(800, seed=41)
     points[::7] = points[1]  # ties too
     query = np.arange(0, 800, 9)
     distances, indices = metrics.neighbours(points, query=query)
-    scaled_distances, scaled_indices = metrics.neighbours(np.ldexp(points, exponent), query=query)
-    np.testing.assert_array_equal(scaled_indices, indices)
-    np.testing.assert_array_equal(scaled_distances, np.ldexp(distances, exponent))
+    huge_distances, huge_indices = metrics.neighbours(np.ldexp(points, 600), query=query)
+    np.testing.assert_array_equal(huge_indices, indices)
+    np.testing.assert_array_equal(huge_distances, np.ldexp(distances, 600))
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        np.ldexp(_clustered(800, seed=42)[0], -600),  # squares subnormal or zero
+        np.concatenate(  # differences of 2^-600 beside a spread of 2^-349
+            [np.ldexp(np.arange(20.0, 0.0, -1.0), -600), [2.0**-350, -(2.0**-350)]]
+        )[:, None],
+        np.stack(  # a constant column, and differences of 1e-300 in the other
+            [np.ones(22), np.concatenate([[1e-300, 2e-300], np.zeros(20)])], axis=1
+        ),
+    ],
+    ids=["subnormal", "tiny-beside-small", "constant-column"],
+)
+def test_squared_differences_that_underflow_still_give_the_full_sort(points):
+    query = np.arange(len(points))
+    perplexity = 1.0 if len(points) < 100 else 30.0
+    distances, indices = metrics.neighbours(points, query=query, perplexity=perplexity)
+    k = indices.shape[1]
+    expected_distances, expected = _exact_neighbourhoods(points, query, k)
+    np.testing.assert_array_equal(indices, expected)
+    np.testing.assert_array_equal(distances, expected_distances)
 
 
 def test_non_finite_coordinates_and_tiny_perplexities_are_refused():
@@ -383,8 +405,9 @@ def test_non_finite_coordinates_and_tiny_perplexities_are_refused():
     points[5, 1] = np.nan
     with pytest.raises(ValueError, match="finite"):
         metrics.neighbours(points)
-    with pytest.raises(ValueError, match="perplexity"):
-        metrics.neighbours(_clustered(200)[0], perplexity=0.2)
+    for perplexity in (0.2, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="perplexity"):
+            metrics.neighbours(_clustered(200)[0], perplexity=perplexity)
 
 
 def test_neighbours_do_not_depend_on_the_thread_count():

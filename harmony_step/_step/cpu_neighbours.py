@@ -179,7 +179,11 @@ class TiledSearch:
         self.queries[:, n_dims] = 1
         unit = np.finfo(self.dtype).eps / 2  # 2^-24 or 2^-53
         self.error = 4 * unit * (n_dims + 4)  # per unit of |q|^2 + |r|^2 (module docstring)
-        self.underflow = _UNDERFLOW[self.dtype.type]
+        # Underflow in the computed values, and in the exact distances they are compared with
+        # (each square of the input's differences can lose 2^-1074), both in the scaled units.
+        self.underflow = _UNDERFLOW[self.dtype.type] + float(
+            np.ldexp((n_dims + 2) * 2.0**-1074, -2 * self.shift)
+        )
 
     def _tiles(self, rows: np.ndarray | slice):
         """(first cell, values) for each tile of the query cells at positions ``rows``: values
@@ -265,7 +269,8 @@ class TiledSearch:
                     r, col = row[taken][other[taken]], column[taken][other[taken]]
                     measured = metrics.ordered_distances(self.points[col] - self.points[query[r]])
                     near = measured <= row_edge[r]  # the others cannot enter
-                    best.add(r[near], measured[near], col[near])
+                    if near.any():
+                        best.add(r[near], measured[near], col[near])
                 np.minimum(row_edge, best.distances[:, -1], out=row_edge)
             if not np.all(best.indices < self.points.shape[0]):
                 raise RuntimeError("The exact neighbour search found fewer cells than it must.")

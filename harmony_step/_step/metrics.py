@@ -277,9 +277,8 @@ def neighbours(
     Distances and indices (arrays of ``xp``), each of shape (n_query, 3 * perplexity - 1), nearest
     first.
 
-    Coordinates whose squared distances would leave float64's normal range (a spread below
-    2^-400, or values above 2^400) are first scaled by a power of two, and the distances
-    returned are scaled back.
+    Coordinates above 2^500, whose squares could overflow float64, are first scaled down by a
+    power of two, and the distances returned are scaled back.
 
     Raises
     ------
@@ -292,7 +291,7 @@ def neighbours(
     query_idx = xp.arange(n_cells) if query is None else xp.asarray(query, dtype=xp.int64)
     if query_idx.size and (int(query_idx.min()) < 0 or int(query_idx.max()) >= n_cells):
         raise ValueError(f"Query cell indices must lie in [0, {n_cells}).")
-    if not perplexity >= 1 / 3:
+    if not (math.isfinite(perplexity) and perplexity >= 1 / 3):
         raise ValueError(f"The perplexity must be at least 1/3 (one neighbour); got {perplexity}.")
     if not bool(xp.isfinite(points).all()):
         raise ValueError("The metrics need finite coordinates; the embedding has NaN or Inf.")
@@ -312,21 +311,20 @@ def neighbours(
     return (xp.ldexp(distances, shift) if shift else distances), indices
 
 
-_NORMAL_RANGE_EXPONENT = 400  # coordinates between 2^-400 and 2^400 apart: squares stay normal
+_LARGEST_SAFE_EXPONENT = (
+    500  # squares of coordinates up to 2^500, summed over d < 2^20, stay finite
+)
 
 
 def _safe_shift(points: Any, xp: Any) -> int:
-    """An exponent e such that ``points * 2^-e`` has a spread of at least 2^-400 (where the points
-    differ at all) and values of at most 2^400; 0 when ``points`` already has them."""
+    """An exponent e such that ``points * 2^-e`` has values of at most 2^500, whose squares cannot
+    overflow; 0 when ``points`` already has them (then nothing is rescaled, and tiny values keep
+    every bit)."""
     if points.size == 0:
         return 0
     largest = float(xp.abs(points).max())
-    spread = float((points.max(axis=0) - points.min(axis=0)).max())
-    limit = _NORMAL_RANGE_EXPONENT
-    if largest > 2.0**limit:
-        return math.ceil(math.log2(largest)) - limit
-    if 0 < spread < 2.0**-limit:
-        return max(math.floor(math.log2(spread)), math.ceil(math.log2(largest)) - limit)
+    if largest > 2.0**_LARGEST_SAFE_EXPONENT:
+        return math.ceil(math.log2(largest)) - _LARGEST_SAFE_EXPONENT
     return 0
 
 
