@@ -270,19 +270,31 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cells", type=int, nargs="+", default=[60_000, 200_000, 1_000_000])
+def arguments(description: str, cells: list[int]) -> argparse.ArgumentParser:
+    """The options every CPU benchmark takes: ``--cells``, ``--threads`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cells", type=int, nargs="+", default=cells)
     parser.add_argument(
         "--threads", type=int, default=None, help="default: the CPUs this process may use"
     )
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser
+
+
+def start(args: argparse.Namespace) -> tuple[int, dict]:
+    """The thread count and the machine's description (logged); creates ``--out``."""
     threads = args.threads or available_cpus()
     meta = machine(threads)
     log(f"machine: {json.dumps(meta)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    return threads, meta
+
+
+def main() -> None:
+    parser = arguments(__doc__.split("\n")[0], [60_000, 200_000, 1_000_000])
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    args = parser.parse_args()
+    threads, meta = start(args)
     for cells in args.cells:
         row = measure(cells, args.dtype, threads)
         log(

@@ -19,7 +19,6 @@ cLISI, both silhouettes) with harmony-step's search.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -31,13 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realistic_data import generate
-from run_cpu import log, machine, machine_heading, merge
+from run_cpu import arguments, log, machine_heading, merge, start
 from threadpoolctl import threadpool_limits
 
 from harmony_step._step import cpu_neighbours, metrics
-from harmony_step._threads import available_cpus, cpu_threads
+from harmony_step._threads import cpu_threads
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP_CELLS = 20_000
 
 
@@ -137,17 +135,8 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cells", type=int, nargs="+", default=[200_000, 1_000_000])
-    parser.add_argument(
-        "--threads", type=int, default=None, help="default: the CPUs this process may use"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    threads = args.threads or available_cpus()
-    meta = machine(threads)
-    log(f"machine: {json.dumps(meta)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = arguments(__doc__.split("\n")[0], [200_000, 1_000_000]).parse_args()
+    threads, meta = start(args)
     for cells in args.cells:
         row = measure(cells, threads)
         log(f"{cells:,} cells: ours {row['ours_seconds']:.2f} s, scikit-learn "
