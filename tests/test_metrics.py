@@ -405,6 +405,9 @@ def test_non_finite_coordinates_and_tiny_perplexities_are_refused():
     points[5, 1] = np.nan
     with pytest.raises(ValueError, match="finite"):
         metrics.neighbours(points)
+    for empty in (np.zeros((0, 3)), np.zeros((5, 0))):
+        with pytest.raises(ValueError, match="cells with coordinates"):
+            metrics.neighbours(empty)
     for perplexity in (0.2, -1.0, np.inf, np.nan):
         with pytest.raises(ValueError, match="perplexity"):
             metrics.neighbours(_clustered(200)[0], perplexity=perplexity)

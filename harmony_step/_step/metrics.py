@@ -283,8 +283,8 @@ def neighbours(
     Raises
     ------
     ValueError
-        A query index outside [0, n_cells), a perplexity below 1/3, or a coordinate that is not
-        finite.
+        An embedding without cells or dimensions, a query index outside [0, n_cells), a
+        perplexity below 1/3, or a coordinate that is not finite.
     """
     points = xp.asarray(embedding, dtype=xp.float64)
     n_cells = points.shape[0]
@@ -293,6 +293,8 @@ def neighbours(
         raise ValueError(f"Query cell indices must lie in [0, {n_cells}).")
     if not (math.isfinite(perplexity) and perplexity >= 1 / 3):
         raise ValueError(f"The perplexity must be at least 1/3 (one neighbour); got {perplexity}.")
+    if points.ndim != 2 or 0 in points.shape:
+        raise ValueError(f"The metrics need cells with coordinates; got shape {points.shape}.")
     if not bool(xp.isfinite(points).all()):
         raise ValueError("The metrics need finite coordinates; the embedding has NaN or Inf.")
     shift = _safe_shift(points, xp)
