@@ -272,13 +272,13 @@ def neighbours(
     they might not hold (a cell left out could lie within their rounding error of its edge) is
     searched again exactly.
 
+    Coordinates above 2^500, whose squares could overflow float64, are first scaled down by a
+    power of two, and the distances returned are scaled back.
+
     Returns
     -------
     Distances and indices (arrays of ``xp``), each of shape (n_query, 3 * perplexity - 1), nearest
     first.
-
-    Coordinates above 2^500, whose squares could overflow float64, are first scaled down by a
-    power of two, and the distances returned are scaled back.
 
     Raises
     ------
@@ -287,14 +287,14 @@ def neighbours(
         perplexity below 1/3, or a coordinate that is not finite.
     """
     points = xp.asarray(embedding, dtype=xp.float64)
+    if points.ndim != 2 or 0 in points.shape:
+        raise ValueError(f"The metrics need cells with coordinates; got shape {points.shape}.")
     n_cells = points.shape[0]
     query_idx = xp.arange(n_cells) if query is None else xp.asarray(query, dtype=xp.int64)
     if query_idx.size and (int(query_idx.min()) < 0 or int(query_idx.max()) >= n_cells):
         raise ValueError(f"Query cell indices must lie in [0, {n_cells}).")
     if not (math.isfinite(perplexity) and perplexity >= 1 / 3):
         raise ValueError(f"The perplexity must be at least 1/3 (one neighbour); got {perplexity}.")
-    if points.ndim != 2 or 0 in points.shape:
-        raise ValueError(f"The metrics need cells with coordinates; got shape {points.shape}.")
     if not bool(xp.isfinite(points).all()):
         raise ValueError("The metrics need finite coordinates; the embedding has NaN or Inf.")
     shift = _safe_shift(points, xp)
@@ -313,9 +313,8 @@ def neighbours(
     return (xp.ldexp(distances, shift) if shift else distances), indices
 
 
-_LARGEST_SAFE_EXPONENT = (
-    500  # squares of coordinates up to 2^500, summed over d < 2^20, stay finite
-)
+# Squares of coordinates up to 2^500, summed over fewer than 2^20 dimensions, stay finite.
+_LARGEST_SAFE_EXPONENT = 500
 
 
 def _safe_shift(points: Any, xp: Any) -> int:
