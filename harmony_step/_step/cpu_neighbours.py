@@ -302,7 +302,6 @@ class _Nearest:
     """The ``k`` smallest (distance, index) pairs of each of ``n_rows`` rows seen so far."""
 
     def __init__(self, n_rows: int, k: int, no_index: int) -> None:
-        self.k = k
         self.distances = np.full((n_rows, k), np.inf)
         self.indices = np.full((n_rows, k), no_index, dtype=np.int64)  # sorts after every cell
 
