@@ -56,9 +56,10 @@ def searched_again(points: np.ndarray, query: np.ndarray, threads: int) -> int:
     """Query cells whose neighbourhood the single-precision candidates cannot vouch for."""
     n_neighbors = int(3 * metrics.PERPLEXITY)
     search = cpu_neighbours.TiledSearch(points, query, threads)
-    candidates, outside = search.candidates(n_neighbors + metrics.CANDIDATE_MARGIN)
-    distances, _ = metrics._nearest_candidates(points, query, candidates, n_neighbors, np, threads)
-    return int(cpu_neighbours.unsure_rows(distances, outside).size)
+    _, _, unsure = cpu_neighbours._searched(
+        search, n_neighbors + metrics.CANDIDATE_MARGIN, n_neighbors
+    )
+    return int(unsure.size)
 
 
 def timed(search, points: np.ndarray, query: np.ndarray, threads: int) -> tuple[float, tuple]:

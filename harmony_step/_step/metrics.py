@@ -41,6 +41,7 @@ waits for the device only a few times per tile.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,7 +61,6 @@ PERPLEXITY = 30.0
 
 _ENTROPY_TOL = 1e-5  # |H - log(perplexity)| accepted by the kernel-width bisection (as in R lisi)
 _MAX_BISECTIONS = 50  # R lisi's limit; cells that do not settle keep their last kernel width
-
 
 CANDIDATE_MARGIN = 16
 """Extra candidates of the first neighbour stage, so that the exact re-ranking usually sees every
@@ -304,12 +304,13 @@ def neighbours(
     n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
     if xp is not np:
         candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-        found = _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
+        distances, indices = _nearest_candidates(
+            points, query_idx, candidates, n_neighbors, xp, threads
+        )
     else:
         from harmony_step._step.cpu_neighbours import nearest_neighbours
 
-        found = nearest_neighbours(points, query_idx, n_neighbors, threads)
-    distances, indices = found
+        distances, indices = nearest_neighbours(points, query_idx, n_neighbors, threads)
     return (xp.ldexp(distances, shift) if shift else distances), indices
 
 
@@ -321,8 +322,6 @@ def _safe_shift(points: Any, xp: Any) -> int:
     """An exponent e such that ``points * 2^-e`` has values of at most 2^500, whose squares cannot
     overflow; 0 when ``points`` already has them (then nothing is rescaled, and tiny values keep
     every bit)."""
-    if points.size == 0:
-        return 0
     largest = float(xp.abs(points).max())
     if largest > 2.0**_LARGEST_SAFE_EXPONENT:
         return math.ceil(math.log2(largest)) - _LARGEST_SAFE_EXPONENT
@@ -484,18 +483,14 @@ def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
     """``task(i)`` for each chunk: on a pool of ``threads`` threads on the CPU, with the BLAS
     library held at one thread (NumPy releases the GIL in its loops and in BLAS calls), and one
     after the other on the GPU."""
-    if xp is not np:
-        for i in range(n_chunks):
-            task(i)
-        return
     from concurrent.futures import ThreadPoolExecutor
 
     from harmony_step._threads import single_threaded_blas
 
-    # BLAS single-threaded also when the chunks run one after the other: a threaded BLAS rounds
-    # differently with its thread count.
-    with single_threaded_blas():
-        if threads <= 1 or n_chunks <= 1:
+    # On the CPU, BLAS single-threaded also when the chunks run one after the other: a threaded
+    # BLAS rounds differently with its thread count.
+    with single_threaded_blas() if xp is np else contextlib.nullcontext():
+        if xp is not np or threads <= 1 or n_chunks <= 1:
             for i in range(n_chunks):
                 task(i)
             return
