@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -44,7 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from realistic_data import generate
-from run_realistic import TimingsCatcher, batch_r2_within_type, rel_frobenius, subsample
+from run_realistic import (
+    TimingsCatcher,
+    batch_r2_within_type,
+    commit,
+    rel_frobenius,
+    subsample,
+)
 
 import harmony_step
 from harmony_step._threads import available_cpus, cpu_threads
@@ -181,28 +186,6 @@ def measure(cells: int, dtype: str, threads: int) -> dict:
         ),
         "rel_frobenius_vs_peer": rel_frobenius(best_ours["embedding"], best_peer["embedding"]),
     }
-
-
-def commit() -> str:
-    """The checkout's commit, marked ``-dirty`` when files other than the results differ from it
-    (the results change between sizes of one call); ``unknown`` outside git. ``HARMONY_STEP_COMMIT``
-    names it instead, for a copy of the checkout whose history is missing or stale (a remote
-    machine's)."""
-    if os.environ.get("HARMONY_STEP_COMMIT"):
-        return os.environ["HARMONY_STEP_COMMIT"]
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short=8", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                      ":(top,exclude)benchmarks/results")  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if changed else "")
 
 
 def merge(path: Path, meta: dict, row: dict, key: tuple[str, ...] = ("dtype", "cells")) -> dict:
