@@ -477,12 +477,13 @@ def block_update(
     )
 
 
-@njit(cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def log_penalty_table(observed, level_share, theta, first_key_levels, stabilized):
-    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O."""
+    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O, one cluster per
+    task (two logarithms per entry: serial, this took 0.2 ms per block at 64 x 100)."""
     n_levels, n_clusters = observed.shape
     out = np.empty((n_levels, n_clusters), dtype=np.float64)
-    for k in range(n_clusters):
+    for k in prange(n_clusters):
         size = np.int64(0)
         for b in range(first_key_levels):
             size += observed[b, k]
