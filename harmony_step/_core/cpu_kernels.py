@@ -47,8 +47,12 @@ SUM_CHUNK_ROWS = 4096
 # Fewest rows a thread takes in the row-parallel kernels: below this the threads cost more than
 # they save.
 MIN_ROWS_PER_TASK = 256
-# Rows per chunk of a BLAS product (``matmul``): fixed, so results do not depend on the thread count.
-MATMUL_ROWS = 2048
+# Rows per chunk of a BLAS product: fixed, so results do not depend on the thread count. A
+# clustering block is a twentieth of the cells, so its product (``matmul``) needs short chunks to
+# keep 16 threads busy at 200,000 cells; the k-means ranking (``assign_nearest``) covers all sampled
+# points at once, and longer chunks there cost less of the pool's GIL-held bookkeeping.
+MATMUL_ROWS = 512
+ASSIGN_ROWS = 2048
 # Bits per pass of the radix sort of the 32-bit permutation keys.
 RADIX_BITS = 8
 
@@ -731,17 +735,17 @@ SCREEN_ABSOLUTE_ERROR = 8.0 * 2.0**-149
 
 def assign_nearest(points32, centres_t32, centre_sq, points, centres, slack, labels, distance):
     """Nearest centre of each point and the squared distance to it (``init._assign``), per fixed
-    chunk of ``MATMUL_ROWS`` points on the pool: the chunk's float32 products, then their ranking
+    chunk of ``ASSIGN_ROWS`` points on the pool: the chunk's float32 products, then their ranking
     (``assign_chunk``) on the same thread while the products are still in its cache."""
 
     def task(i):
-        rows = slice(i * MATMUL_ROWS, (i + 1) * MATMUL_ROWS)
+        rows = slice(i * ASSIGN_ROWS, (i + 1) * ASSIGN_ROWS)
         dots = np.matmul(points32[rows], centres_t32)
         assign_chunk(
             dots, centre_sq, points[rows], centres, slack[rows], labels[rows], distance[rows]
         )
 
-    _run_chunks(task, -(-points.shape[0] // MATMUL_ROWS))
+    _run_chunks(task, -(-points.shape[0] // ASSIGN_ROWS))
 
 
 @njit(cache=True, error_model="numpy", fastmath=_REORDER, nogil=True)
