@@ -53,8 +53,10 @@ MIN_ROWS_PER_TASK = 256
 # points at once, and longer chunks there cost less of the pool's GIL-held bookkeeping.
 MATMUL_ROWS = 512
 ASSIGN_ROWS = 2048
-# Bits per pass of the radix sort of the 32-bit permutation keys.
+# Bits per pass of the radix sort of the 32-bit permutation keys, and the fixed parts of the cells
+# that its first pass spreads over the threads.
 RADIX_BITS = 8
+ORDER_PARTS = 64
 
 
 # --- exp and log that the compiler can vectorise -------------------------------------------------
@@ -594,13 +596,13 @@ def largest_magnitude(values):
 # --- the cell order of an iteration ---------------------------------------------------------------
 
 
-@njit(cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _pcg_keys(n, seed):
     """``permutation.pcg_keys``: 32-bit arithmetic done in 64 bits and masked (numba widens)."""
     keys = np.empty(n, dtype=np.uint32)
     mask = np.uint64(0xFFFFFFFF)
     s = np.uint64(seed)
-    for j in range(n):
+    for j in prange(n):
         state = ((np.uint64(j) ^ s) * np.uint64(747796405) + np.uint64(2891336453)) & mask
         shift = (state >> np.uint64(28)) + np.uint64(4)
         word = (((state >> shift) ^ state) * np.uint64(277803737)) & mask
@@ -608,32 +610,72 @@ def _pcg_keys(n, seed):
     return keys
 
 
-@njit(cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def cell_order(n, seed):
-    """Cells sorted by their PCG hash key (``permutation.cell_order``), by an LSD radix sort.
+    """Cells sorted by their PCG hash key (``permutation.cell_order``), by a radix sort.
 
-    The keys of distinct cells are distinct, so this is exactly NumPy's argsort of the keys.
+    The keys of distinct cells are distinct, so this is exactly NumPy's argsort of the keys. The
+    top ``RADIX_BITS`` bits spread the cells over buckets in parallel (fixed parts of the cells,
+    each with its own counts, so the split is stable); each bucket, small enough for the cache,
+    is then sorted by the remaining bits on one thread, least significant digit first. A serial
+    sort of all cells spent most of its time waiting for memory.
     """
     keys = _pcg_keys(n, seed)
-    order = np.arange(n, dtype=np.int64)
-    next_keys = np.empty_like(keys)
-    next_order = np.empty_like(order)
-    buckets = 1 << RADIX_BITS
-    for shift in range(0, 32, RADIX_BITS):
-        count = np.zeros(buckets + 1, dtype=np.int64)
-        for j in range(n):
-            count[((keys[j] >> shift) & (buckets - 1)) + 1] += 1
-        for b in range(buckets):
-            count[b + 1] += count[b]
-        for j in range(n):
-            digit = (keys[j] >> shift) & (buckets - 1)
+    n_buckets = 1 << RADIX_BITS
+    top = 32 - RADIX_BITS
+    n_parts = ORDER_PARTS
+    per_part = -(-n // n_parts)
+    counts = np.zeros((n_parts, n_buckets), dtype=np.int64)
+    for p in prange(n_parts):
+        for j in range(p * per_part, min(n, (p + 1) * per_part)):
+            counts[p, keys[j] >> top] += 1
+    starts = np.empty(n_buckets + 1, dtype=np.int64)  # bucket b: starts[b] to starts[b + 1]
+    total = 0
+    for b in range(n_buckets):  # counts become each part's first position in each bucket
+        starts[b] = total
+        for p in range(n_parts):
+            size = counts[p, b]
+            counts[p, b] = total
+            total += size
+    starts[n_buckets] = total
+    order = np.empty(n, dtype=np.int64)
+    bucketed = np.empty(n, dtype=np.uint32)
+    for p in prange(n_parts):
+        for j in range(p * per_part, min(n, (p + 1) * per_part)):
+            at = counts[p, keys[j] >> top]
+            counts[p, keys[j] >> top] = at + 1
+            order[at] = j
+            bucketed[at] = keys[j]
+    for b in prange(n_buckets):
+        _sort_bucket(bucketed[starts[b] : starts[b + 1]], order[starts[b] : starts[b + 1]], top)
+    return order
+
+
+@njit(cache=True, error_model="numpy")
+def _sort_bucket(keys, order, bits):
+    """``order`` sorted in place by the low ``bits`` of ``keys``, ``RADIX_BITS`` at a time (stable)."""
+    m = keys.shape[0]
+    if m < 2:
+        return
+    digits = 1 << RADIX_BITS
+    keys_now, order_now = keys.copy(), order.copy()
+    keys_next, order_next = np.empty_like(keys), np.empty_like(order)
+    count = np.empty(digits + 1, dtype=np.int64)
+    for shift in range(0, bits, RADIX_BITS):
+        count[:] = 0
+        for j in range(m):
+            count[((keys_now[j] >> shift) & (digits - 1)) + 1] += 1
+        for d in range(digits):
+            count[d + 1] += count[d]
+        for j in range(m):
+            digit = (keys_now[j] >> shift) & (digits - 1)
             at = count[digit]
             count[digit] = at + 1
-            next_keys[at] = keys[j]
-            next_order[at] = order[j]
-        keys, next_keys = next_keys, keys
-        order, next_order = next_order, order
-    return order
+            keys_next[at] = keys_now[j]
+            order_next[at] = order_now[j]
+        keys_now, keys_next = keys_next, keys_now
+        order_now, order_next = order_next, order_now
+    order[:] = order_now
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
