@@ -453,8 +453,9 @@ def table(results: dict, easy: str | None) -> str:
         "",
         "| cells | flavor | dtype | harmony-step s | rapids-singlecell s | time ratio "
         "| harmony-step GPU GiB | rapids-singlecell GPU GiB | memory ratio "
-        "| rounds (ours / RSC) | inner iterations (ours) | converged (ours / RSC) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| rounds (ours / RSC) | inner iterations (ours) | converged (ours / RSC) "
+        "| measured (commit) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cells, flavor, dtype in configs:
         ours, peer = by.get((cells, flavor, dtype, OURS)), by.get((cells, flavor, dtype, PEER))
@@ -471,7 +472,8 @@ def table(results: dict, easy: str | None) -> str:
             f"{_fmt(mem_o / mem_p if mem_o and mem_p else None, '.2f')} | "
             f"{ours['rounds']} / {_fmt(peer.get('rounds'), 'd')} | {ours['inner_iterations']} | "
             f"{'yes' if ours['converged'] else 'no'} / "
-            f"{'-' if not peer else 'yes' if peer['converged'] else 'no'} |"
+            f"{'-' if not peer else 'yes' if peer['converged'] else 'no'} | "
+            f"{ours['date'][:10]} ({ours.get('commit', 'not recorded')}) |"
         )
     lines += [
         "",
