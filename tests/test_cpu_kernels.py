@@ -195,7 +195,7 @@ def test_largest_magnitude_finds_the_largest_and_any_nan(dtype):
 
 @pytest.mark.parametrize(
     ("n", "block", "levels"),
-    [(1, 1, 1), (63, 10, 3), (1000, 50, 7), (12_345, 617, 64), (200_003, 10_001, 64)],
+    [(0, 1, 1), (1, 1, 1), (63, 10, 3), (1000, 50, 7), (12_345, 617, 64), (200_003, 10_001, 64)],
 )
 def test_cell_order_and_grouping_match_reference(n, block, levels):
     for seed in (0, 2**32 - 1):

@@ -15,7 +15,8 @@ Determinism and threads: no result depends on the number of threads.
   chunk order.
 * The BLAS products (similarities, R^T Z, k-means distances, the per-level moments and, with one
   key, the correction) run single-threaded on fixed chunks of rows (``matmul``, ``cross_sums``,
-  ``level_moments``, ``correct_rows_by_level``), the chunks spread over a pool of threads: a
+  ``assign_nearest``, ``level_moments``, ``correct_rows_by_level``), the chunks spread over a
+  pool of threads: a
   threaded BLAS changes its rounding with its thread count (OpenBLAS does for these shapes).
 
 ``tests/test_cpu_kernels.py`` checks that 1 and 2 threads give bitwise-identical output.
@@ -47,16 +48,21 @@ SUM_CHUNK_ROWS = 4096
 # Fewest rows a thread takes in the row-parallel kernels: below this the threads cost more than
 # they save.
 MIN_ROWS_PER_TASK = 256
-# Rows per chunk of a BLAS product: fixed, so results do not depend on the thread count. A
-# clustering block is a twentieth of the cells, so its product (``matmul``) needs short chunks to
-# keep 16 threads busy at 200,000 cells; the k-means ranking (``assign_nearest``) covers all sampled
-# points at once, and longer chunks there cost less of the pool's GIL-held bookkeeping.
+# Rows per chunk of a BLAS product. A row's rounding depends on the chunk it sits in, so these are
+# part of what the output is: they must never follow the thread count or the machine. A clustering
+# block (a twentieth of the cells by default) gets its similarities from ``matmul``, whose short
+# chunks keep 16 threads busy at 200,000 cells (2048 rows made 5 chunks per block there); the
+# k-means ranking (``assign_nearest``) covers all sampled points at once, and longer chunks there
+# need fewer calls from Python.
 MATMUL_ROWS = 512
 ASSIGN_ROWS = 2048
-# Bits per pass of the radix sort of the 32-bit permutation keys, and the fixed parts of the cells
-# that its first pass spreads over the threads.
+# Bits per pass of the radix sort of the 32-bit permutation keys; below ``PARALLEL_ORDER_CELLS``
+# cells the sort runs on one thread, above it in parallel over ``ORDER_PARTS`` fixed parts.
 RADIX_BITS = 8
 ORDER_PARTS = 64
+PARALLEL_ORDER_CELLS = 1 << 16
+# Entries of the penalty table (B x K) from which it is filled by several threads.
+PARALLEL_PENALTY_ENTRIES = 1 << 12
 
 
 # --- exp and log that the compiler can vectorise -------------------------------------------------
@@ -483,22 +489,38 @@ def block_update(
     )
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
 def log_penalty_table(observed, level_share, theta, first_key_levels, stabilized):
-    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O, one cluster per
-    task (two logarithms per entry: serial, this took 0.2 ms per block at 64 x 100)."""
+    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O. Two logarithms
+    per entry, once per block: a large table is filled one cluster per task (the same bits)."""
     n_levels, n_clusters = observed.shape
     out = np.empty((n_levels, n_clusters), dtype=np.float64)
-    for k in prange(n_clusters):
-        size = np.int64(0)
-        for b in range(first_key_levels):
-            size += observed[b, k]
-        n_k = np.float64(size) / FIXED_POINT_SCALE
-        for b in range(n_levels):
-            e = level_share[b] * n_k
-            o = np.float64(observed[b, k]) / FIXED_POINT_SCALE
-            out[b, k] = theta[b] * (math.log1p(e) - math.log1p(o + e if stabilized else o))
+    fill = _penalty_columns if out.size >= PARALLEL_PENALTY_ENTRIES else _penalty_columns_serial
+    fill(observed, level_share, theta, first_key_levels, stabilized, out)
     return out
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _penalty_column(observed, level_share, theta, first_key_levels, stabilized, k, out):
+    size = np.int64(0)
+    for b in range(first_key_levels):
+        size += observed[b, k]
+    n_k = np.float64(size) / FIXED_POINT_SCALE
+    for b in range(observed.shape[0]):
+        e = level_share[b] * n_k
+        o = np.float64(observed[b, k]) / FIXED_POINT_SCALE
+        out[b, k] = theta[b] * (math.log1p(e) - math.log1p(o + e if stabilized else o))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _penalty_columns(observed, level_share, theta, first_key_levels, stabilized, out):
+    for k in prange(observed.shape[1]):
+        _penalty_column(observed, level_share, theta, first_key_levels, stabilized, k, out)
+
+
+@njit(cache=True, error_model="numpy")
+def _penalty_columns_serial(observed, level_share, theta, first_key_levels, stabilized, out):
+    for k in range(observed.shape[1]):
+        _penalty_column(observed, level_share, theta, first_key_levels, stabilized, k, out)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FUSED)
@@ -596,17 +618,30 @@ def largest_magnitude(values):
 # --- the cell order of an iteration ---------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def _pcg_keys(n, seed):
-    """``permutation.pcg_keys``: 32-bit arithmetic done in 64 bits and masked (numba widens)."""
-    keys = np.empty(n, dtype=np.uint32)
+@njit(cache=True, error_model="numpy", inline="always")
+def _pcg_key(j, seed):
+    """``permutation.pcg_keys`` of cell j: 32-bit arithmetic done in 64 bits and masked (numba
+    widens)."""
     mask = np.uint64(0xFFFFFFFF)
-    s = np.uint64(seed)
+    state = ((np.uint64(j) ^ np.uint64(seed)) * np.uint64(747796405) + np.uint64(2891336453)) & mask
+    shift = (state >> np.uint64(28)) + np.uint64(4)
+    word = (((state >> shift) ^ state) * np.uint64(277803737)) & mask
+    return np.uint32((word >> np.uint64(22)) ^ word)
+
+
+@njit(cache=True, error_model="numpy")
+def _pcg_keys(n, seed):
+    keys = np.empty(n, dtype=np.uint32)
+    for j in range(n):
+        keys[j] = _pcg_key(j, seed)
+    return keys
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _pcg_keys_parallel(n, seed):
+    keys = np.empty(n, dtype=np.uint32)
     for j in prange(n):
-        state = ((np.uint64(j) ^ s) * np.uint64(747796405) + np.uint64(2891336453)) & mask
-        shift = (state >> np.uint64(28)) + np.uint64(4)
-        word = (((state >> shift) ^ state) * np.uint64(277803737)) & mask
-        keys[j] = np.uint32((word >> np.uint64(22)) ^ word)
+        keys[j] = _pcg_key(j, seed)
     return keys
 
 
@@ -620,7 +655,12 @@ def cell_order(n, seed):
     is then sorted by the remaining bits on one thread, least significant digit first. A serial
     sort of all cells spent most of its time waiting for memory.
     """
-    keys = _pcg_keys(n, seed)
+    n = np.int64(n)
+    order = np.arange(n)
+    if n < PARALLEL_ORDER_CELLS:  # the threads' start-up would cost more than they save
+        _sort_bucket(_pcg_keys(n, seed), order, 32)
+        return order
+    keys = _pcg_keys_parallel(n, seed)
     n_buckets = 1 << RADIX_BITS
     top = 32 - RADIX_BITS
     n_parts = ORDER_PARTS
@@ -638,7 +678,6 @@ def cell_order(n, seed):
             counts[p, b] = total
             total += size
     starts[n_buckets] = total
-    order = np.empty(n, dtype=np.int64)
     bucketed = np.empty(n, dtype=np.uint32)
     for p in prange(n_parts):
         for j in range(p * per_part, min(n, (p + 1) * per_part)):
