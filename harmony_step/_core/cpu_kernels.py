@@ -618,30 +618,17 @@ def largest_magnitude(values):
 # --- the cell order of an iteration ---------------------------------------------------------------
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _pcg_key(j, seed):
-    """``permutation.pcg_keys`` of cell j: 32-bit arithmetic done in 64 bits and masked (numba
-    widens)."""
-    mask = np.uint64(0xFFFFFFFF)
-    state = ((np.uint64(j) ^ np.uint64(seed)) * np.uint64(747796405) + np.uint64(2891336453)) & mask
-    shift = (state >> np.uint64(28)) + np.uint64(4)
-    word = (((state >> shift) ^ state) * np.uint64(277803737)) & mask
-    return np.uint32((word >> np.uint64(22)) ^ word)
-
-
 @njit(cache=True, error_model="numpy")
 def _pcg_keys(n, seed):
+    """``permutation.pcg_keys``: 32-bit arithmetic done in 64 bits and masked (numba widens)."""
     keys = np.empty(n, dtype=np.uint32)
+    mask = np.uint64(0xFFFFFFFF)
+    s = np.uint64(seed)
     for j in range(n):
-        keys[j] = _pcg_key(j, seed)
-    return keys
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def _pcg_keys_parallel(n, seed):
-    keys = np.empty(n, dtype=np.uint32)
-    for j in prange(n):
-        keys[j] = _pcg_key(j, seed)
+        state = ((np.uint64(j) ^ s) * np.uint64(747796405) + np.uint64(2891336453)) & mask
+        shift = (state >> np.uint64(28)) + np.uint64(4)
+        word = (((state >> shift) ^ state) * np.uint64(277803737)) & mask
+        keys[j] = np.uint32((word >> np.uint64(22)) ^ word)
     return keys
 
 
@@ -656,11 +643,10 @@ def cell_order(n, seed):
     sort of all cells spent most of its time waiting for memory.
     """
     n = np.int64(n)
-    order = np.arange(n)
+    keys, order = _pcg_keys(n, seed), np.arange(n)
     if n < PARALLEL_ORDER_CELLS:  # the threads' start-up would cost more than they save
-        _sort_bucket(_pcg_keys(n, seed), order, 32)
+        _sort_bucket(keys, order, 32)
         return order
-    keys = _pcg_keys_parallel(n, seed)
     n_buckets = 1 << RADIX_BITS
     top = 32 - RADIX_BITS
     n_parts = ORDER_PARTS
