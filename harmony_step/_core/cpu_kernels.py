@@ -16,8 +16,8 @@ Determinism and threads: no result depends on the number of threads.
 * The BLAS products (similarities, R^T Z, k-means distances, the per-level moments and, with one
   key, the correction) run single-threaded on fixed chunks of rows (``matmul``, ``cross_sums``,
   ``assign_nearest``, ``level_moments``, ``correct_rows_by_level``), the chunks spread over a
-  pool of threads: a
-  threaded BLAS changes its rounding with its thread count (OpenBLAS does for these shapes).
+  pool of threads: a threaded BLAS changes its rounding with its thread count (OpenBLAS does for
+  these shapes).
 
 ``tests/test_cpu_kernels.py`` checks that 1 and 2 threads give bitwise-identical output.
 """
@@ -639,8 +639,8 @@ def cell_order(n, seed):
     The keys of distinct cells are distinct, so this is exactly NumPy's argsort of the keys. The
     top ``RADIX_BITS`` bits spread the cells over buckets in parallel (fixed parts of the cells,
     each with its own counts, so the split is stable); each bucket, small enough for the cache,
-    is then sorted by the remaining bits on one thread, least significant digit first. A serial
-    sort of all cells spent most of its time waiting for memory.
+    is then sorted by the remaining bits on one thread, least significant digit first. Small
+    inputs are sorted the same way as one bucket, on one thread.
     """
     n = np.int64(n)
     keys, order = _pcg_keys(n, seed), np.arange(n)
