@@ -90,7 +90,9 @@ def test_level_sums_equal_reference_exactly(n, levels, dtype):
 
 @pytest.mark.parametrize("flavor", ["harmony1", "harmony2"])
 @pytest.mark.parametrize(
-    ("levels", "clusters", "first"), [((1,), 1, 1), ((8,), 100, 8), ((3, 2), 300, 3)]
+    ("levels", "clusters", "first"),
+    # the last two are filled in parallel (at least cpu_kernels.PARALLEL_PENALTY_ENTRIES entries)
+    [((1,), 1, 1), ((8,), 100, 8), ((3, 2), 300, 3), ((41,), 100, 41), ((60, 4), 100, 60)],
 )
 def test_penalty_matches_reference(flavor, levels, clusters, first):
     rng = np.random.default_rng(1)
@@ -356,6 +358,28 @@ def integrate(dtype, keys, n=4000):
         n_clusters=300,
     )  # fmt: skip
     return adata.obsm["X_pca_harmony"]
+
+
+@pytest.mark.parametrize("n", [65_535, 65_536, 300_001])
+def test_parallel_order_and_penalty_do_not_depend_on_the_thread_count(n):
+    """Sizes on both sides of the serial/parallel switches: 1 and 2 threads give the same bits."""
+    rng = np.random.default_rng(0)
+    observed = kernels.fixed_point(rng.uniform(0, 100, (64, 100)))
+    share, theta = rng.uniform(0, 1, 64), rng.uniform(0, 3, 64)
+    results = []
+    for threads in (1, 2):
+        with cpu_threads(threads):
+            results.append(
+                (
+                    cpu_kernels.cell_order(n, 2**32 - 1),
+                    cpu_kernels.cell_order(np.uint32(n), 5),
+                    cpu_kernels.log_penalty_table(observed, share, theta, 64, True),
+                )
+            )
+    for one, two in zip(*results, strict=True):
+        np.testing.assert_array_equal(one, two)
+    keys = permutation.pcg_keys(np, n, 5)
+    np.testing.assert_array_equal(results[0][1], np.argsort(keys, kind="stable"))
 
 
 # 13,000 cells: every batch holds more than one chunk of SUM_CHUNK_ROWS cells. Two keys take the

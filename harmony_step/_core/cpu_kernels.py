@@ -57,7 +57,7 @@ MIN_ROWS_PER_TASK = 256
 MATMUL_ROWS = 512
 ASSIGN_ROWS = 2048
 # Bits per pass of the radix sort of the 32-bit permutation keys; below ``PARALLEL_ORDER_CELLS``
-# cells the sort runs on one thread, above it in parallel over ``ORDER_PARTS`` fixed parts.
+# cells the sort runs on one thread, from there on in parallel over ``ORDER_PARTS`` fixed parts.
 RADIX_BITS = 8
 ORDER_PARTS = 64
 PARALLEL_ORDER_CELLS = 1 << 16
@@ -638,8 +638,9 @@ def cell_order(n, seed):
 
     The keys of distinct cells are distinct, so this is exactly NumPy's argsort of the keys. The
     top ``RADIX_BITS`` bits spread the cells over buckets in parallel (fixed parts of the cells,
-    each with its own counts, so the split is stable); each bucket, small enough for the cache,
-    is then sorted by the remaining bits on one thread, least significant digit first. Small
+    each with its own counts, so the split is stable); each bucket (1/256 of the cells, within the
+    cache up to tens of millions of cells) is then sorted by the remaining bits on one thread,
+    least significant digit first. Small
     inputs are sorted the same way as one bucket, on one thread.
     """
     n = np.int64(n)
@@ -678,7 +679,8 @@ def cell_order(n, seed):
 
 @njit(cache=True, error_model="numpy")
 def _sort_bucket(keys, order, bits):
-    """``order`` sorted in place by the low ``bits`` of ``keys``, ``RADIX_BITS`` at a time (stable)."""
+    """``order`` sorted in place by the low ``bits`` of ``keys``, ``RADIX_BITS`` at a time (stable);
+    ``bits`` is a multiple of ``RADIX_BITS``."""
     m = keys.shape[0]
     if m < 2:
         return
