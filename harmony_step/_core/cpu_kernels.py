@@ -489,11 +489,12 @@ def block_update(
     )
 
 
-def log_penalty_table(observed, level_share, theta, first_key_levels, stabilized):
-    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O. Two logarithms
-    per entry, once per block: a large table is filled one cluster per task (the same bits)."""
-    n_levels, n_clusters = observed.shape
-    out = np.empty((n_levels, n_clusters), dtype=np.float64)
+def log_penalty_table(observed, level_share, theta, first_key_levels, stabilized, out=None):
+    """``kernels.log_penalty_table`` on the CPU: (B, K) float64 from fixed-point O, into ``out`` if
+    given. Two logarithms per entry, once per block: a large table is filled one cluster per task
+    (the same bits)."""
+    if out is None:
+        out = np.empty(observed.shape, dtype=np.float64)
     fill = _penalty_columns if out.size >= PARALLEL_PENALTY_ENTRIES else _penalty_columns_serial
     fill(observed, level_share, theta, first_key_levels, stabilized, out)
     return out

@@ -540,13 +540,9 @@ def log_penalty_table(
     if given, is a (B, K) float64 array to write into (no allocation: the launch can be recorded).
     """
     if xp is np:
-        table = cpu().log_penalty_table(
-            observed, level_share, theta, first_key_levels, flavor == "harmony2"
+        return cpu().log_penalty_table(
+            observed, level_share, theta, first_key_levels, flavor == "harmony2", out
         )
-        if out is None:
-            return table
-        out[...] = table
-        return out
     n_levels, n_clusters = observed.shape
     if out is None:
         out = xp.empty(observed.shape, dtype=xp.float64)
