@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from harmony_step._step.files import (
     read_harmony_inputs,
     remove_stale_temporaries,
     sha256_file,
+    sigterm_deferred,
     write_into_copy,
     write_small_h5ad,
 )
@@ -207,6 +211,52 @@ def test_staged_outputs_leave_nothing_when_the_block_fails(tmp_path):
         fail_half_way()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
     assert target.read_text() == "previous result"
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(_signum, _frame):
+    raise _Stopped
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["once", "nested"])
+def test_a_sigterm_held_back_is_acted_on_when_the_section_ends(nested):
+    # A thread started before the section (as BLAS, numba and the background copy are) does not
+    # block the signal, so the kernel delivers it there: the case a signal mask does not cover.
+    previous = signal.signal(signal.SIGTERM, _stop)
+    other_thread_free = threading.Event()
+    other = threading.Thread(target=other_thread_free.wait)
+    other.start()
+    reached = []
+
+    def signalled_section() -> None:
+        inner = sigterm_deferred() if nested else contextlib.nullcontext()
+        with sigterm_deferred(), inner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # Python runs pending handlers between bytecodes, many times here
+            reached.append(True)
+
+    try:
+        with pytest.raises(_Stopped):
+            signalled_section()
+        assert reached == [True]
+        assert signal.getsignal(signal.SIGTERM) is _stop
+    finally:
+        other_thread_free.set()
+        other.join()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_section_without_sigterm_leaves_the_handler_as_it_was():
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        with sigterm_deferred():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is _stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- writing results -----------------------------------------------------------------------------

@@ -28,9 +28,11 @@ import signal
 import socket
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -519,7 +521,7 @@ class StagedOutputs:
         destination = Path(destination)
         # SIGTERM is held back until the new file is registered, so a run terminated right here
         # still finds it and removes it.
-        with _sigterm_deferred():
+        with sigterm_deferred():
             descriptor, name = tempfile.mkstemp(
                 dir=destination.parent, prefix=_temporary_prefix(destination), suffix=".tmp"
             )
@@ -548,14 +550,33 @@ class StagedOutputs:
 
 
 @contextlib.contextmanager
-def _sigterm_deferred():
-    """Block SIGTERM in this thread for the duration; a pending one is delivered on exit."""
-    blocked = {signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+def sigterm_deferred() -> Iterator[None]:
+    """Hold back SIGTERM's Python handler for the duration; one that arrived runs on exit.
+
+    Blocking the signal in this thread would not do: the kernel may deliver it to any other thread
+    (BLAS, numba, a background copy), and Python then runs the handler in the main thread all the
+    same. Python runs handlers only in the main thread, so in any other this does nothing.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        yield  # None: a handler installed outside Python, which cannot be put back
+        return
+    arrived: list[FrameType | None] = []
+    signal.signal(signal.SIGTERM, lambda _signum, frame: arrived.append(frame))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGTERM, handler)
+        if arrived:
+            _deliver_sigterm(handler, arrived[0])
+
+
+def _deliver_sigterm(handler: Any, frame: FrameType | None) -> None:
+    """Act on a held-back SIGTERM as ``handler`` (what signal.getsignal returned) would have."""
+    if callable(handler):
+        handler(signal.SIGTERM, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGTERM)  # the default action: the process ends
 
 
 def _fsync_path(path: Path) -> None:

@@ -32,6 +32,7 @@ from harmony_step._step.files import (
     estimated_h5ad_bytes,
     read_harmony_inputs,
     sha256_file,
+    sigterm_deferred,
     write_small_h5ad,
     write_text,
 )
@@ -182,9 +183,12 @@ def run_step(
     copy = None
     try:
         if not request.embedding_only:  # the input's bytes go to the output while Harmony runs
-            copy = _Background(
-                copy_input, request.input, staged.temporary(request.output), name="copy"
-            )
+            # Held back until ``copy`` is set, so a SIGTERM here still waits for the thread before
+            # removing its file (a thread left running would create the file again).
+            with sigterm_deferred():
+                copy = _Background(
+                    copy_input, request.input, staged.temporary(request.output), name="copy"
+                )
         with _phase(seconds, "compute", started), cpu_threads(threads):
             integrate(adata, request.keys, params)
         harmony = adata.uns["harmony"]
