@@ -215,6 +215,32 @@ def test_docker_run_matches_host_run(
     assert (container_out / "convergence.png").stat().st_size > 0
 
 
+def test_a_cache_volume_serves_runs_as_any_user(
+    docker: list[str], image_tag: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """``-v VOLUME:/tmp/harmony-step-cache`` keeps the compiled kernels from one container to the
+    next: the image's folder there is world-writable, so a new volume is too. A run as another
+    uid (Nextflow's ``-u $(id -u)``) finds folders it cannot write and uses its own beside them."""
+    volume = f"harmony-step-test-cache-{os.getpid()}"
+    embeddings = {}
+    try:
+        for name, user in (("image-user", []), ("other-user", ["--user", "4321:4321"])):
+            out = tmp_path / name
+            out.mkdir()
+            out.chmod(0o777)
+            run([*docker, "run", "--rm", "--network", "none", *user,
+                 "-v", f"{volume}:/tmp/harmony-step-cache", "-v", f"{data_dir}:/in:ro",
+                 "-v", f"{out}:/out", image_tag, *cli_arguments(Path("/in") / DATASET, "/out")])  # fmt: skip
+            embeddings[name] = corrected_embedding(out / "corrected.h5ad")
+        cached = run([*docker, "run", "--rm", "--network", "none", "-v", f"{volume}:/cache",
+                      "--entrypoint", "find", image_tag, "/cache", "-name", "*.nbi"]).stdout.split()  # fmt: skip
+    finally:
+        subprocess.run([*docker, "volume", "rm", "-f", volume], capture_output=True, check=False)
+    assert any(path.startswith("/cache/numba/") for path in cached), cached
+    assert any(path.startswith("/cache/numba-4321/") for path in cached), cached
+    np.testing.assert_array_equal(embeddings["image-user"], embeddings["other-user"])
+
+
 # --- (b) the Snakemake workflow with its container: directive, through Apptainer -----------------
 
 
