@@ -75,9 +75,8 @@ def test_read_only_caches_are_replaced_by_the_users_own(shared_tmp):
     numba_dir, cupy_dir = cache / "numba", cache / "cupy"
     _made_by_someone_else(numba_dir)
     _made_by_someone_else(cupy_dir)
-    code = (
-        shared_tmp / "code"
-    )  # read-only, as an installed package is: numba cannot cache beside it
+    # read-only, as an installed package is: numba cannot cache beside it
+    code = shared_tmp / "code"
     code.mkdir()
     script = code / "child.py"
     script.write_text(CHILD)
