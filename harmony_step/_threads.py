@@ -1,8 +1,8 @@
 """CPU threads of the NumPy backend.
 
 The numba kernels run on ``n`` threads, and so do the BLAS products, cut into fixed chunks of rows
-on a pool of ``n`` Python threads while the BLAS library itself is held at one thread
-(``harmony_step._core.cpu_kernels``): a threaded BLAS changes its rounding with its thread count,
+on ``n`` threads of one Python thread pool (:func:`run_chunks`) while the BLAS library itself is
+held at one thread (``harmony_step._core.cpu_kernels``, the metrics): a threaded BLAS changes its rounding with its thread count,
 and its spinning threads would compete with numba's.
 
 By default Harmony uses the CPUs this process may run on: Slurm's ``SLURM_CPUS_PER_TASK`` when it
@@ -14,10 +14,12 @@ binding), never more. ``cpu_threads(n)`` sets another count for a block of code;
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _requested: int | None = None
@@ -145,3 +147,32 @@ def _take_blas_control() -> None:
     clear = getattr(OpenBLASController, "clear_controlling_thread", None)
     if clear is not None:
         clear(force=True)
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool for the process: it starts threads as tasks need them, at most one per CPU."""
+    return concurrent.futures.ThreadPoolExecutor(
+        os.cpu_count() or 1, thread_name_prefix="harmony-step"
+    )
+
+
+def run_chunks(task: Callable[[int], None], n_chunks: int, workers: int) -> None:
+    """``task(i)`` for every chunk ``i`` on up to ``workers`` threads of one shared pool: worker
+    ``w`` takes chunks ``w, w + workers, ...`` (one submission per worker, so the GIL-held
+    bookkeeping does not grow with the number of chunks). Waits for all of them, so that none
+    still writes when one failed, then raises the first error."""
+    workers = min(workers, n_chunks)
+    if workers <= 1:
+        for i in range(n_chunks):
+            task(i)
+        return
+
+    def share(first: int) -> None:
+        for i in range(first, n_chunks, workers):
+            task(i)
+
+    futures = [_pool().submit(share, w) for w in range(workers)]
+    concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()

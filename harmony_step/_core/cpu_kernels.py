@@ -24,8 +24,6 @@ Determinism and threads: no result depends on the number of threads.
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import math
 
 import numba
@@ -37,7 +35,7 @@ from numba.extending import intrinsic, overload
 
 from harmony_step._core.kernels import ENTROPY_EPS, FIXED_POINT_SCALE
 from harmony_step._core.sums import CROSS_CHUNK_ROWS
-from harmony_step._threads import prepare_numba
+from harmony_step._threads import prepare_numba, run_chunks
 
 prepare_numba()  # before the first parallel loop starts numba's threads
 
@@ -311,31 +309,9 @@ def _tasks(n_rows: int) -> int:
 # any thread count, and no BLAS threads spinning beside numba's.
 
 
-@functools.cache
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """One pool for every run: it starts threads as tasks need them, at most numba's thread count."""
-    return concurrent.futures.ThreadPoolExecutor(
-        numba.config.NUMBA_NUM_THREADS, thread_name_prefix="harmony-blas"
-    )
-
-
 def _run_chunks(task, n_chunks: int) -> None:
-    """task(i) for every chunk i: worker w takes chunks w, w + workers, ... (one submission per
-    worker, so the GIL-held bookkeeping does not grow with the number of chunks)."""
-    workers = min(numba.get_num_threads(), n_chunks)
-    if workers <= 1:
-        for i in range(n_chunks):
-            task(i)
-        return
-
-    def share(first: int) -> None:
-        for i in range(first, n_chunks, workers):
-            task(i)
-
-    futures = [_pool().submit(share, w) for w in range(workers)]
-    concurrent.futures.wait(futures)  # all of them, so that none still writes when one failed
-    for future in futures:
-        future.result()
+    """task(i) for every chunk i, on numba's thread count (``_threads.run_chunks``)."""
+    run_chunks(task, n_chunks, numba.get_num_threads())
 
 
 def matmul(left, right, out=None):

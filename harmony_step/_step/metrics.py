@@ -41,7 +41,6 @@ waits for the device only a few times per tile.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -480,25 +479,19 @@ def _chunk_rows(n_rows: int, cpu_rows: int, xp: Any, per_row: int = 1) -> int:
 
 
 def _run_chunks(task: Any, n_chunks: int, xp: Any, threads: int) -> None:
-    """``task(i)`` for each chunk: on a pool of ``threads`` threads on the CPU, with the BLAS
-    library held at one thread (NumPy releases the GIL in its loops and in BLAS calls), and one
-    after the other on the GPU."""
-    from concurrent.futures import ThreadPoolExecutor
+    """``task(i)`` for each chunk: on ``threads`` threads on the CPU (``_threads.run_chunks``),
+    with the BLAS library held at one thread (NumPy releases the GIL in its loops and in BLAS
+    calls), and one after the other on the GPU."""
+    if xp is not np:
+        for i in range(n_chunks):
+            task(i)
+        return
+    from harmony_step._threads import run_chunks, single_threaded_blas
 
-    from harmony_step._threads import single_threaded_blas
-
-    # On the CPU, BLAS single-threaded also when the chunks run one after the other: a threaded
-    # BLAS rounds differently with its thread count.
-    with single_threaded_blas() if xp is np else contextlib.nullcontext():
-        if xp is not np or threads <= 1 or n_chunks <= 1:
-            for i in range(n_chunks):
-                task(i)
-            return
-        with ThreadPoolExecutor(
-            min(threads, n_chunks), thread_name_prefix="harmony-metrics"
-        ) as pool:
-            for future in [pool.submit(task, i) for i in range(n_chunks)]:
-                future.result()
+    # BLAS single-threaded also when the chunks run one after the other: a threaded BLAS rounds
+    # differently with its thread count.
+    with single_threaded_blas():
+        run_chunks(task, n_chunks, threads)
 
 
 def lisi_from_neighbours(
