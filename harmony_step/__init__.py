@@ -6,7 +6,7 @@ and the ``harmony-step`` command (:mod:`harmony_step.cli`). The step on files
 on arrays (:mod:`harmony_step._core`), which never sees a file or an AnnData.
 """
 
-from harmony_step._caches import use_writable_caches
+from harmony_step._caches import use_own_caches
 from harmony_step._errors import (
     BatchKeyWarning,
     MissingBasisError,
@@ -27,7 +27,7 @@ from harmony_step._version import __version__
 from harmony_step.api import harmony_integrate
 
 # The package imports neither CuPy nor numba until it computes, so this comes before both.
-use_writable_caches()
+use_own_caches()
 
 __all__ = [
     "BatchKeyWarning",

@@ -8,6 +8,14 @@ natural type (``KeyError`` for a missing name, ``TypeError`` for a wrong type) k
 from __future__ import annotations
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived; raised by the command's handler so that the clean-up (removal of temporary
+    files) runs before it exits. ``outputs_written`` is set when the outputs had already appeared
+    (the signal came during their commit, which it does not interrupt, or after it)."""
+
+    outputs_written = False
+
+
 class _PlainMessage:
     """``str()`` gives the message itself (``KeyError`` would wrap it in quotes)."""
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from harmony_step._errors import Terminated
 from harmony_step._params import (
     KEYS,
     PARAMETERS,
@@ -59,10 +60,6 @@ _BAD_INPUT_ERRORS = frozenset({"ValueError", "TypeError", "KeyError", "WrongType
 
 class UsageError(Exception):
     """A malformed command line (exit code 2)."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived; raised so that cleanup (removal of temporary files) runs before exiting."""
 
 
 # --- flags -------------------------------------------------------------------------------------
@@ -365,6 +362,13 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+def _outputs_state(stop: BaseException) -> str:
+    """What a run stopped by a signal leaves (``run_step`` marks a stop after the commit)."""
+    if getattr(stop, "outputs_written", False):
+        return "the outputs were written"
+    return "no output was written"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     started = time.perf_counter()
@@ -386,11 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with attached(display, debug=args.debug):
             _run(step_request(args, argv), resolve_parameters(args), started)
         return EXIT_OK
-    except Terminated:
-        display.message("error", "terminated (SIGTERM); no output was written")
+    except Terminated as stop:
+        display.message("error", f"terminated (SIGTERM); {_outputs_state(stop)}")
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        display.message("error", "interrupted; no output was written")
+    except KeyboardInterrupt as stop:
+        display.message("error", f"interrupted; {_outputs_state(stop)}")
         return 130
     except Exception as err:
         code = exit_code(err)

@@ -1,8 +1,9 @@
-"""Kernel caches another user created: the package repoints them to this user's own folders.
+"""Kernel caches that are not this user's own: the package repoints them to folders that are.
 
 The checks run in a child process as another user: as root (CI), as ``nobody`` through
-``setpriv``; otherwise as this user, with the shared folders made read-only (root would ignore
-that).
+``setpriv``, so that root can make folders of other owners for it. Without root, the checks that
+need a folder of another owner are skipped (they say so); the read-only case runs with a folder
+made read-only instead.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,12 +23,19 @@ import pytest
 from harmony_step import _caches
 
 NOBODY = 65534
+AS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(
+    not AS_ROOT, reason="needs root, to give the child folders of another owner"
+)
+NAMES = ["NUMBA_CACHE_DIR", "CUPY_CACHE_DIR", "MPLCONFIGDIR"]
 
-# Imports the package, then compiles and caches one numba function: numba fails here when its
-# cache folder is read-only ("no locator available").
+# Imports the package (numba first when asked), then compiles and caches one numba function: numba
+# fails here when its cache folder is read-only ("no locator available").
 CHILD = textwrap.dedent(
     """
     import json, os, sys
+    if sys.argv[1] == "numba-first":
+        import numba
     import harmony_step
     from numba import njit
 
@@ -35,9 +44,10 @@ CHILD = textwrap.dedent(
         return x + 1
 
     assert plus_one(1) == 2
-    print(json.dumps({name: os.environ.get(name) for name in sys.argv[1:]}))
+    print(json.dumps({name: os.environ.get(name) for name in sys.argv[2:]}))
     """
 )
+IMPORT_ONLY = "import harmony_step, json, os, sys; print(json.dumps({n: os.environ.get(n) for n in sys.argv[1:]}))"
 
 
 @pytest.fixture
@@ -53,47 +63,61 @@ def shared_tmp():
     shutil.rmtree(folder)
 
 
-def _as_other_user(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    if os.geteuid() == 0:
+def _child_uid() -> int:
+    return NOBODY if AS_ROOT else os.getuid()
+
+
+def _run_child(arguments: list[str], env: dict[str, str], cwd: Path | None = None) -> dict:
+    """Run python with ``arguments`` as the child's user; returns the JSON it printed last."""
+    command = [sys.executable, *arguments]
+    if AS_ROOT:
         setpriv = shutil.which("setpriv")
         assert setpriv, "setpriv (util-linux) is needed to run the child as another user"
         command = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(Path(_caches.__file__).parents[1]), **env}
+    result = subprocess.run(
+        command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
 
 
-def _made_by_someone_else(folder: Path) -> None:
-    """``folder`` with a package subfolder, not writable by the child's user."""
-    (folder / "_core_0123").mkdir(parents=True)
-    for path in (folder / "_core_0123", folder):
-        path.chmod(0o755 if os.geteuid() == 0 else 0o555)
-
-
-def test_read_only_caches_are_replaced_by_the_users_own(shared_tmp):
-    cache = shared_tmp / "harmony-step-cache"
-    cache.mkdir(mode=0o1777)
-    cache.chmod(0o1777)
-    numba_dir, cupy_dir = cache / "numba", cache / "cupy"
-    _made_by_someone_else(numba_dir)
-    _made_by_someone_else(cupy_dir)
-    # read-only, as an installed package is: numba cannot cache beside it
+def _read_only_code(shared_tmp: Path) -> Path:
+    """The child script in a folder it cannot write, as an installed package's is: numba cannot
+    cache beside it."""
     code = shared_tmp / "code"
     code.mkdir()
     script = code / "child.py"
     script.write_text(CHILD)
     script.chmod(0o644)
-    code.chmod(0o755 if os.geteuid() == 0 else 0o555)
+    code.chmod(0o755 if AS_ROOT else 0o555)
+    return script
+
+
+def _not_the_childs(folder: Path) -> None:
+    """``folder`` with a package subfolder in it, not the child's: another owner's (root's) when
+    running as root, else read-only."""
+    (folder / "_core_0123").mkdir(parents=True)
+    for path in (folder / "_core_0123", folder):
+        path.chmod(0o755 if AS_ROOT else 0o555)
+
+
+@pytest.mark.parametrize("order", ["package-first", "numba-first"])
+def test_caches_of_another_user_are_replaced_by_the_users_own(shared_tmp, order):
+    cache = shared_tmp / "harmony-step-cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    numba_dir, cupy_dir = cache / "numba", cache / "cupy"
+    _not_the_childs(numba_dir)
+    _not_the_childs(cupy_dir)
+    script = _read_only_code(shared_tmp)
     env = {
-        **os.environ,
         "NUMBA_CACHE_DIR": str(numba_dir),
         "CUPY_CACHE_DIR": str(cupy_dir),
-        "MPLCONFIGDIR": str(cache / "matplotlib"),  # not there yet, and creatable: kept
-        "PYTHONPATH": str(Path(_caches.__file__).parents[1]),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),  # not there yet: made, and kept
     }
-    names = ["NUMBA_CACHE_DIR", "CUPY_CACHE_DIR", "MPLCONFIGDIR"]
-    result = _as_other_user([sys.executable, str(script), *names], env)
-    assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout.splitlines()[-1])
-    uid = NOBODY if os.geteuid() == 0 else os.getuid()
+    seen = _run_child([str(script), order, *NAMES], env)
+    uid = _child_uid()
     assert seen == {
         "NUMBA_CACHE_DIR": f"{numba_dir}-{uid}",
         "CUPY_CACHE_DIR": f"{cupy_dir}-{uid}",
@@ -101,19 +125,81 @@ def test_read_only_caches_are_replaced_by_the_users_own(shared_tmp):
     }
     assert any(Path(f"{numba_dir}-{uid}").rglob("*.nbi"))  # numba cached there
     assert list(numba_dir.rglob("*.nbi")) == []
+    made = (cache / "matplotlib").stat()
+    assert made.st_uid == uid
+    assert stat.S_IMODE(made.st_mode) == 0o700
+
+
+@needs_root
+def test_a_writable_folder_of_another_user_is_not_used(shared_tmp):
+    """Folders that someone else made and left writable, at the configured path and at the
+    per-user one beside it (predictable names): numba would load what they put there."""
+    cache = shared_tmp / "cache"
+    cache.mkdir()
+    cache.chmod(0o1777)
+    for planted in (cache / "numba", cache / f"numba-{NOBODY}"):
+        planted.mkdir()
+        planted.chmod(0o777)
+    personal = shared_tmp / "tmp"
+    personal.mkdir()
+    personal.chmod(0o1777)
+    script = _read_only_code(shared_tmp)
+    env = {"NUMBA_CACHE_DIR": str(cache / "numba"), "TMPDIR": str(personal)}
+    seen = _run_child([str(script), "package-first", "NUMBA_CACHE_DIR"], env)
+    own = personal / f"harmony-step-{NOBODY}" / "numba"
+    assert seen == {"NUMBA_CACHE_DIR": str(own)}
+    assert any(own.rglob("*.nbi"))
+    assert stat.S_IMODE(own.parent.stat().st_mode) == 0o700
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("value", "cwd"),
+    [("/", None), (".", "/"), ("{locked}/numba", None), ("{file}", None), ("{file}/numba", None)],
+)
+def test_paths_that_cannot_serve_give_way_to_a_folder_of_the_user(shared_tmp, value, cwd):
+    """The file system's root, a folder the child cannot enter, a file, a path through a file:
+    the import works and the variable names a folder of the child's own."""
+    locked = shared_tmp / "locked"
+    locked.mkdir(mode=0o700)  # root's, not enterable by the child
+    a_file = shared_tmp / "a-file"
+    a_file.write_text("")
+    personal = shared_tmp / "tmp"
+    personal.mkdir()
+    personal.chmod(0o1777)
+    value = value.format(locked=locked, file=a_file)
+    env = {"NUMBA_CACHE_DIR": value, "TMPDIR": str(personal)}
+    seen = Path(_run_child(["-c", IMPORT_ONLY, "NUMBA_CACHE_DIR"], env, cwd=cwd)["NUMBA_CACHE_DIR"])
+    assert seen.is_relative_to(shared_tmp)
+    assert seen.stat().st_uid == NOBODY
+    assert stat.S_IMODE(seen.stat().st_mode) == 0o700
 
 
 def test_usable_caches_and_unset_variables_are_left_alone(tmp_path, monkeypatch):
+    mpl = tmp_path / "mpl"
+    (mpl / "stylelib").mkdir(parents=True)
+    (mpl / "stylelib").chmod(0o555)  # only numba's folder must hold writable folders
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
-    assert _caches.use_writable_caches() == {}
+    monkeypatch.setenv("MPLCONFIGDIR", str(mpl))
+    try:
+        assert _caches.use_own_caches() == {}
+    finally:
+        (mpl / "stylelib").chmod(0o755)
     assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "numba")
+    monkeypatch.delenv("MPLCONFIGDIR")
+    assert _caches.use_own_caches() == {}
     assert "MPLCONFIGDIR" not in os.environ
 
 
-def test_a_folder_that_cannot_be_created_is_unusable(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    assert not _caches.usable(blocker / "cache")
-    assert _caches.usable(tmp_path / "a" / "b")
+def test_a_link_or_a_file_is_not_a_folder_of_this_user(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    assert not _caches.own_folder(str(tmp_path / "file"), inside=False)
+    assert not _caches.own_folder(str(tmp_path / "file" / "cache"), inside=False)
+    assert not _caches.own_folder(str(tmp_path / "dangling"), inside=False)
+    assert _caches.own_folder(str(tmp_path / "link"), inside=False)  # this user's link and folder
+    assert _caches.own_folder(str(tmp_path / "a" / "b"), inside=False)  # made
+    assert (tmp_path / "a" / "b").is_dir()

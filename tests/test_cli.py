@@ -810,6 +810,16 @@ def test_a_killed_run_leaves_no_output(sig, big_input, tmp_path):
         assert code == -signal.SIGKILL
 
 
+def test_the_last_line_of_a_stopped_run_says_whether_the_outputs_were_written():
+    from harmony_step._errors import Terminated
+    from harmony_step.cli import _outputs_state
+
+    before, after = Terminated(15), KeyboardInterrupt()
+    after.outputs_written = True
+    assert _outputs_state(before) == "no output was written"
+    assert _outputs_state(after) == "the outputs were written"
+
+
 # --- outputs: space, write errors, leftovers of killed runs ----------------------------------------
 
 

@@ -31,10 +31,10 @@ from harmony_step._step.files import (
     check_free_space,
     check_output_path,
     estimated_h5ad_bytes,
+    interruptions_deferred,
     read_harmony_inputs,
     remove_stale_temporaries,
     sha256_file,
-    sigterm_deferred,
     write_into_copy,
     write_small_h5ad,
 )
@@ -221,42 +221,87 @@ def _stop(_signum, _frame):
     raise _Stopped
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["once", "nested"])
-def test_a_sigterm_held_back_is_acted_on_when_the_section_ends(nested):
-    # A thread started before the section (as BLAS, numba and the background copy are) does not
-    # block the signal, so the kernel delivers it there: the case a signal mask does not cover.
-    previous = signal.signal(signal.SIGTERM, _stop)
+@pytest.fixture
+def stopping_handlers():
+    """SIGTERM and SIGINT raise ``_Stopped``; a thread started first, which does not block the
+    signals (as BLAS, numba and the background copy do not), so the kernel may deliver them
+    there: the case a signal mask in the main thread does not cover."""
+    previous = {number: signal.signal(number, _stop) for number in (signal.SIGTERM, signal.SIGINT)}
     other_thread_free = threading.Event()
     other = threading.Thread(target=other_thread_free.wait)
     other.start()
+    yield
+    other_thread_free.set()
+    other.join()
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+@pytest.mark.usefixtures("stopping_handlers")
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("nested", [False, True], ids=["once", "nested"])
+def test_a_signal_held_back_is_acted_on_when_the_section_ends(nested, number):
     reached = []
 
     def signalled_section() -> None:
-        inner = sigterm_deferred() if nested else contextlib.nullcontext()
-        with sigterm_deferred(), inner:
-            os.kill(os.getpid(), signal.SIGTERM)
+        inner = interruptions_deferred() if nested else contextlib.nullcontext()
+        with interruptions_deferred(), inner:
+            os.kill(os.getpid(), number)
+            os.kill(os.getpid(), number)  # twice: acted on once
             time.sleep(0.05)  # Python runs pending handlers between bytecodes, many times here
             reached.append(True)
 
-    try:
+    with pytest.raises(_Stopped):
+        signalled_section()
+    assert reached == [True]
+    assert signal.getsignal(signal.SIGTERM) is _stop
+    assert signal.getsignal(signal.SIGINT) is _stop
+
+
+@pytest.mark.usefixtures("stopping_handlers")
+def test_a_section_without_signals_leaves_the_handlers_as_they_were():
+    with interruptions_deferred():
+        pass
+    assert signal.getsignal(signal.SIGTERM) is _stop
+    assert signal.getsignal(signal.SIGINT) is _stop
+
+
+@pytest.mark.usefixtures("stopping_handlers")
+def test_a_signal_right_after_a_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    made = files.tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        result = made(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_signal)
+    with pytest.raises(_Stopped), StagedOutputs() as staged:
+        staged.temporary(tmp_path / "out.h5ad")
+    with pytest.raises(_Stopped):
+        check_output_path(tmp_path / "out.h5ad", "output")  # its probe file
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("stopping_handlers")
+def test_a_signal_during_the_commit_lets_every_output_appear(tmp_path, monkeypatch):
+    replace = os.replace
+    signalled = []
+
+    def replace_then_signal(source, destination):
+        replace(source, destination)
+        if not signalled:
+            signalled.append(destination)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_signal)
+    with StagedOutputs() as staged:
+        staged.temporary(tmp_path / "a.txt").write_text("a")
+        staged.temporary(tmp_path / "b.txt").write_text("b")
         with pytest.raises(_Stopped):
-            signalled_section()
-        assert reached == [True]
-        assert signal.getsignal(signal.SIGTERM) is _stop
-    finally:
-        other_thread_free.set()
-        other.join()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def test_a_section_without_sigterm_leaves_the_handler_as_it_was():
-    previous = signal.signal(signal.SIGTERM, _stop)
-    try:
-        with sigterm_deferred():
-            pass
-        assert signal.getsignal(signal.SIGTERM) is _stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            staged.commit()
+    assert staged.committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
 # --- writing results -----------------------------------------------------------------------------

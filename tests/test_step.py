@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import re
+import threading
 
 import anndata as ad
 import numpy as np
@@ -120,6 +121,73 @@ def test_a_failed_compute_leaves_no_copy_behind(counts_h5ad, tmp_path, monkeypat
     with pytest.raises(ValueError, match="compute failed"):
         _run(counts_h5ad, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+@pytest.fixture
+def sigterm_raises_terminated():
+    """The command's SIGTERM handler, for runs in this process."""
+    import signal
+
+    from harmony_step.cli import _raise_terminated
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.usefixtures("sigterm_raises_terminated")
+def test_sigterm_as_the_copy_starts_leaves_no_copy_behind(counts_h5ad, tmp_path, monkeypatch):
+    """SIGTERM right after the copy thread started: the run waits for the thread (a slow one,
+    which would otherwise create its file after the clean-up) before removing the file."""
+    import os
+    import signal
+    import time
+
+    from harmony_step._errors import Terminated
+    from harmony_step._step import run
+
+    copy_input = run.copy_input
+
+    def slow_copy(source, target):
+        time.sleep(0.3)
+        return copy_input(source, target)
+
+    class SignalledBackground(run._Background):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(run, "copy_input", slow_copy)
+    monkeypatch.setattr(run, "_Background", SignalledBackground)
+    with pytest.raises(Terminated) as stopped:
+        _run(counts_h5ad, tmp_path)
+    for thread in threading.enumerate():  # a copy left running would write its file now
+        if thread.name == "harmony-step-copy":
+            thread.join()
+    assert not stopped.value.outputs_written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+@pytest.mark.usefixtures("sigterm_raises_terminated")
+def test_sigterm_during_the_commit_is_reported_after_the_outputs(
+    counts_h5ad, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from harmony_step._errors import Terminated
+
+    replace = os.replace
+
+    def replace_then_signal(source, destination):
+        replace(source, destination)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_signal)
+    with pytest.raises(Terminated) as stopped:
+        _run(counts_h5ad, tmp_path)
+    assert stopped.value.outputs_written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.h5ad", "summary.json"]
 
 
 def test_a_failed_copy_names_the_output(counts_h5ad, tmp_path, monkeypatch):

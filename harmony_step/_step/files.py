@@ -230,16 +230,17 @@ def check_output_path(path: str | os.PathLike[str], what: str) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{what.capitalize()} {str(path)!r} is a folder; pass a file name.")
     refuse_non_regular(path, what)
-    try:
-        descriptor, probe = tempfile.mkstemp(
-            dir=folder, prefix=_temporary_prefix(path), suffix=".probe"
-        )
-    except OSError as err:
-        raise type(err)(
-            err.errno, f"Cannot write {what} into folder {str(folder)!r}: {err.strerror}"
-        ) from err
-    os.close(descriptor)
-    os.unlink(probe)
+    with interruptions_deferred():  # the probe never outlives the check
+        try:
+            descriptor, probe = tempfile.mkstemp(
+                dir=folder, prefix=_temporary_prefix(path), suffix=".probe"
+            )
+        except OSError as err:
+            raise type(err)(
+                err.errno, f"Cannot write {what} into folder {str(folder)!r}: {err.strerror}"
+            ) from err
+        os.close(descriptor)
+        os.unlink(probe)
 
 
 def check_paths(input_path: Path, outputs: Mapping[str, Path]) -> None:
@@ -482,6 +483,7 @@ class StagedOutputs:
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        self.committed = False  # every output in place
         # mkstemp creates files readable by the owner only; outputs get the usual umask mode
         umask = os.umask(0)
         os.umask(umask)
@@ -492,7 +494,8 @@ class StagedOutputs:
 
     def __exit__(self, exc_type: object, error: BaseException | None, tb: object) -> None:
         destination = self._destination_of(error)
-        self.discard()
+        with interruptions_deferred():  # a second SIGTERM must not cut the clean-up short
+            self.discard()
         if destination is not None:
             assert isinstance(error, OSError)
             detail = (error.strerror or str(error)).rstrip(".")
@@ -519,9 +522,9 @@ class StagedOutputs:
     def temporary(self, destination: str | os.PathLike[str]) -> Path:
         """A new empty temporary file in the destination's folder, renamed onto it at commit."""
         destination = Path(destination)
-        # SIGTERM is held back until the new file is registered, so a run terminated right here
-        # still finds it and removes it.
-        with sigterm_deferred():
+        # SIGTERM and Ctrl-C are held back until the new file is registered, so a run stopped
+        # right here still finds it and removes it.
+        with interruptions_deferred():
             descriptor, name = tempfile.mkstemp(
                 dir=destination.parent, prefix=_temporary_prefix(destination), suffix=".tmp"
             )
@@ -531,7 +534,15 @@ class StagedOutputs:
         return Path(name)
 
     def commit(self) -> None:
-        """fsync every temporary file, rename each onto its destination, then fsync the folders."""
+        """fsync every temporary file, rename each onto its destination, then fsync the folders.
+
+        SIGTERM and Ctrl-C are held back meanwhile, so that all outputs appear or none; one that
+        arrived is acted on after the last rename.
+        """
+        with interruptions_deferred():
+            self._commit()
+
+    def _commit(self) -> None:
         for temporary, destination in self._pending:
             _fsync_path(temporary)
             refuse_non_regular(destination, "output")  # it may have appeared since the check
@@ -540,6 +551,7 @@ class StagedOutputs:
         for folder in {destination.parent for _, destination in self._pending}:
             _fsync_folder(folder)
         self._pending.clear()
+        self.committed = True
 
     def discard(self) -> None:
         """Remove every temporary file not yet committed."""
@@ -549,34 +561,43 @@ class StagedOutputs:
         self._pending.clear()
 
 
-@contextlib.contextmanager
-def sigterm_deferred() -> Iterator[None]:
-    """Hold back SIGTERM's Python handler for the duration; one that arrived runs on exit.
+# Signals whose Python handlers end a run early: the command's SIGTERM handler and Ctrl-C's.
+_INTERRUPTIONS = (signal.SIGTERM, signal.SIGINT)
 
-    Blocking the signal in this thread would not do: the kernel may deliver it to any other thread
-    (BLAS, numba, a background copy), and Python then runs the handler in the main thread all the
-    same. Python runs handlers only in the main thread, so in any other this does nothing.
+
+@contextlib.contextmanager
+def interruptions_deferred() -> Iterator[None]:
+    """Hold back the Python handlers of SIGTERM and SIGINT for the duration; each signal that
+    arrived meanwhile then runs its handler once, in the order they came.
+
+    Blocking the signals in this thread would not do: the kernel may deliver them to any other
+    thread (BLAS, numba, a background copy), and Python then runs the handler in the main thread
+    all the same. Python runs handlers only in the main thread, so in any other this does nothing;
+    a handler installed outside Python (``signal.getsignal`` gives None) is left alone.
     """
-    handler = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or handler is None:
-        yield  # None: a handler installed outside Python, which cannot be put back
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    arrived: list[FrameType | None] = []
-    signal.signal(signal.SIGTERM, lambda _signum, frame: arrived.append(frame))
+    handlers = {number: signal.getsignal(number) for number in _INTERRUPTIONS}
+    held = {number: handler for number, handler in handlers.items() if handler is not None}
+    arrived: dict[int, FrameType | None] = {}  # first arrival of each, in order
+    for number in held:
+        signal.signal(number, lambda signum, frame: arrived.setdefault(signum, frame))
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, handler)
-        if arrived:
-            _deliver_sigterm(handler, arrived[0])
+        for number, handler in held.items():
+            signal.signal(number, handler)
+        for number, frame in arrived.items():
+            _deliver(number, held[number], frame)
 
 
-def _deliver_sigterm(handler: Any, frame: FrameType | None) -> None:
-    """Act on a held-back SIGTERM as ``handler`` (what signal.getsignal returned) would have."""
+def _deliver(number: int, handler: Any, frame: FrameType | None) -> None:
+    """Act on a held-back signal as ``handler`` (what signal.getsignal returned) would have."""
     if callable(handler):
-        handler(signal.SIGTERM, frame)
+        handler(number, frame)
     elif handler == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGTERM)  # the default action: the process ends
+        signal.raise_signal(number)  # the default action: the process ends
 
 
 def _fsync_path(path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from harmony_step._errors import Terminated
 from harmony_step._integrate import integrate
 from harmony_step._params import HarmonyParams
 from harmony_step._provenance import format_seconds
@@ -30,9 +31,9 @@ from harmony_step._step.files import (
     check_paths,
     copy_input,
     estimated_h5ad_bytes,
+    interruptions_deferred,
     read_harmony_inputs,
     sha256_file,
-    sigterm_deferred,
     write_small_h5ad,
     write_text,
 )
@@ -185,7 +186,7 @@ def run_step(
         if not request.embedding_only:  # the input's bytes go to the output while Harmony runs
             # Held back until ``copy`` is set, so a SIGTERM here still waits for the thread before
             # removing its file (a thread left running would create the file again).
-            with sigterm_deferred():
+            with interruptions_deferred():
                 copy = _Background(
                     copy_input, request.input, staged.temporary(request.output), name="copy"
                 )
@@ -199,12 +200,33 @@ def run_step(
         with _phase(seconds, "hash", started):  # the wait for the background hash, if any
             input_sha256 = input_hash.result() if input_hash is not None else ""
     except BaseException:
-        if copy is not None:
-            copy.join()  # no thread may write a temporary file while it is removed
-        staged.discard()
+        with interruptions_deferred():  # a second SIGTERM must not cut the clean-up short
+            if copy is not None:
+                copy.join()  # no thread may write a temporary file while it is removed
+            staged.discard()
         raise
     if input_hash is not None:
         seconds["hash_thread"] = input_hash.seconds
+    try:
+        _write_outputs(staged, request, adata, params, copy, input_sha256, seconds, started)
+        return _report_outcome(request, harmony, seconds, copy, started)
+    except (Terminated, KeyboardInterrupt) as stop:
+        stop.outputs_written = staged.committed  # for the command's last line
+        raise
+
+
+def _write_outputs(
+    staged: StagedOutputs,
+    request: StepRequest,
+    adata: Any,
+    params: HarmonyParams,
+    copy: _Background | None,
+    input_sha256: str,
+    seconds: dict[str, float],
+    started: float,
+) -> None:
+    """Every output into its temporary file, then all of them into place together."""
+    harmony = adata.uns["harmony"]
     with staged:
         try:
             with _phase(seconds, "write", started):
@@ -216,10 +238,20 @@ def run_step(
             if copy is not None:
                 copy.join()
         staged.commit()
+
+
+def _report_outcome(
+    request: StepRequest,
+    harmony: Mapping[str, Any],
+    seconds: dict[str, float],
+    copy: _Background | None,
+    started: float,
+) -> StepOutcome:
+    """Log the timings and the outcome (the log only: the files stay byte-identical across
+    reruns)."""
     if copy is not None:
         seconds["copy_thread"] = copy.seconds
     seconds["total"] = time.perf_counter() - started
-    # Timings and peak memory go to the log only: the files stay byte-identical across reruns.
     progress_log.info(
         f"timings: {format_seconds(seconds)}; peak host memory {_peak_host_mib()} MiB"
     )

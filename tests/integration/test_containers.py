@@ -219,8 +219,9 @@ def test_a_cache_volume_serves_runs_as_any_user(
     docker: list[str], image_tag: str, data_dir: Path, tmp_path: Path
 ) -> None:
     """``-v VOLUME:/tmp/harmony-step-cache`` keeps the compiled kernels from one container to the
-    next: the image's folder there is world-writable, so a new volume is too. A run as another
-    uid (Nextflow's ``-u $(id -u)``) finds folders it cannot write and uses its own beside them."""
+    next: the image's folder there is world-writable (with the sticky bit, as /tmp), so a new
+    volume is too. A run as another uid (Nextflow's ``-u $(id -u)``) finds folders of another
+    user there and makes its own beside them."""
     volume = f"harmony-step-test-cache-{os.getpid()}"
     embeddings = {}
     try:
@@ -232,8 +233,10 @@ def test_a_cache_volume_serves_runs_as_any_user(
                  "-v", f"{volume}:/tmp/harmony-step-cache", "-v", f"{data_dir}:/in:ro",
                  "-v", f"{out}:/out", image_tag, *cli_arguments(Path("/in") / DATASET, "/out")])  # fmt: skip
             embeddings[name] = corrected_embedding(out / "corrected.h5ad")
-        cached = run([*docker, "run", "--rm", "--network", "none", "-v", f"{volume}:/cache",
-                      "--entrypoint", "find", image_tag, "/cache", "-name", "*.nbi"]).stdout.split()  # fmt: skip
+        # as root: each run's folders are private to its user
+        cached = run([*docker, "run", "--rm", "--network", "none", "--user", "0:0",
+                      "-v", f"{volume}:/cache", "--entrypoint", "find", image_tag, "/cache",
+                      "-name", "*.nbi"]).stdout.split()  # fmt: skip
     finally:
         subprocess.run([*docker, "volume", "rm", "-f", volume], capture_output=True, check=False)
     assert any(path.startswith("/cache/numba/") for path in cached), cached
