@@ -362,9 +362,10 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
-def _outputs_state(stop: BaseException) -> str:
-    """What a run stopped by a signal leaves (``run_step`` marks a stop after the commit)."""
-    if getattr(stop, "outputs_written", False):
+def _outputs_state(stop: BaseException, finished: bool = False) -> str:
+    """What a run stopped by a signal leaves: ``run_step`` marks a stop after its commit, and
+    ``finished`` says the step had returned."""
+    if finished or getattr(stop, "outputs_written", False):
         return "the outputs were written"
     return "no output was written"
 
@@ -386,15 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     display = ProgressDisplay(stderr, quiet=args.quiet)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    finished = False  # the step returned: its outputs are in place
     try:
         with attached(display, debug=args.debug):
             _run(step_request(args, argv), resolve_parameters(args), started)
+            finished = True
         return EXIT_OK
     except Terminated as stop:
-        display.message("error", f"terminated (SIGTERM); {_outputs_state(stop)}")
+        display.message("error", f"terminated (SIGTERM); {_outputs_state(stop, finished)}")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt as stop:
-        display.message("error", f"interrupted; {_outputs_state(stop)}")
+        display.message("error", f"interrupted; {_outputs_state(stop, finished)}")
         return 130
     except Exception as err:
         code = exit_code(err)

@@ -175,6 +175,78 @@ def test_paths_that_cannot_serve_give_way_to_a_folder_of_the_user(shared_tmp, va
     assert stat.S_IMODE(seen.stat().st_mode) == 0o700
 
 
+ATTACKER = 4321  # another user, who may write where the planted folders let him
+
+
+def _plant_unguarded_parent(shared: Path) -> Path:
+    """A folder that another user owns and anyone may write, without the sticky bit: the
+    attacker could rename the cache folder made in it and put his own in its place."""
+    evil = shared / "evil"
+    evil.mkdir()
+    os.chown(evil, ATTACKER, ATTACKER)
+    evil.chmod(0o777)
+    return evil / "numba"
+
+
+def _plant_everything(shared: Path) -> Path:
+    """The same, and the per-user folder in the temporary folder taken too."""
+    taken = shared / "tmp" / f"harmony-step-{NOBODY}"
+    taken.mkdir()
+    os.chown(taken, ATTACKER, ATTACKER)
+    taken.chmod(0o777)
+    return _plant_unguarded_parent(shared)
+
+
+def _plant_link_inside(shared: Path) -> Path:
+    """The child's own folder, holding a link (to the attacker's folder) where numba looks."""
+    folder, elsewhere = shared / "own" / "numba", shared / "elsewhere"
+    folder.mkdir(parents=True)
+    elsewhere.mkdir()
+    (folder / "_core_0123").symlink_to(elsewhere)
+    for path in (folder.parent, folder):
+        os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+        path.chmod(0o700)
+    return folder
+
+
+def _plant_group_writable(shared: Path) -> Path:
+    """The child's own folder, writable by its group, which other users may share (nogroup)."""
+    folder = shared / "grouped" / "numba"
+    folder.mkdir(parents=True)
+    os.chown(folder, NOBODY, NOBODY)
+    folder.chmod(0o770)
+    return folder
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "plant",
+    [_plant_unguarded_parent, _plant_everything, _plant_link_inside, _plant_group_writable],
+    ids=["unguarded-parent", "every-name-taken", "link-inside", "group-writable"],
+)
+def test_folders_others_could_write_or_move_are_never_used(shared_tmp, plant):
+    """Numba unpickles its cache: the variable ends at a folder private to the child, never at
+    one the attacker can reach, whatever he planted."""
+    personal = shared_tmp / "tmp"
+    personal.mkdir()
+    personal.chmod(0o1777)
+    planted = plant(shared_tmp)
+    script = _read_only_code(shared_tmp)
+    env = {"NUMBA_CACHE_DIR": str(planted), "TMPDIR": str(personal)}
+    chosen = Path(
+        _run_child([str(script), "package-first", "NUMBA_CACHE_DIR"], env)["NUMBA_CACHE_DIR"]
+    )
+    assert chosen != planted
+    assert chosen.is_relative_to(shared_tmp)
+    for folder in [chosen, *chosen.parents]:
+        info = folder.lstat()
+        assert info.st_uid in (0, NOBODY), folder
+        assert info.st_mode & stat.S_ISVTX or not info.st_mode & 0o022, folder
+        if folder == shared_tmp:
+            break
+    assert any(chosen.rglob("*.nbi"))
+
+
 def test_usable_caches_and_unset_variables_are_left_alone(tmp_path, monkeypatch):
     mpl = tmp_path / "mpl"
     (mpl / "stylelib").mkdir(parents=True)
@@ -197,9 +269,11 @@ def test_a_link_or_a_file_is_not_a_folder_of_this_user(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")
-    assert not _caches.own_folder(str(tmp_path / "file"), inside=False)
-    assert not _caches.own_folder(str(tmp_path / "file" / "cache"), inside=False)
-    assert not _caches.own_folder(str(tmp_path / "dangling"), inside=False)
-    assert _caches.own_folder(str(tmp_path / "link"), inside=False)  # this user's link and folder
-    assert _caches.own_folder(str(tmp_path / "a" / "b"), inside=False)  # made
+    assert not _caches.private_folder(str(tmp_path / "file"), inside=False)
+    assert not _caches.private_folder(str(tmp_path / "file" / "cache"), inside=False)
+    assert not _caches.private_folder(str(tmp_path / "dangling"), inside=False)
+    assert _caches.private_folder(
+        str(tmp_path / "link"), inside=False
+    )  # this user's link and folder
+    assert _caches.private_folder(str(tmp_path / "a" / "b"), inside=False)  # made
     assert (tmp_path / "a" / "b").is_dir()

@@ -818,6 +818,7 @@ def test_the_last_line_of_a_stopped_run_says_whether_the_outputs_were_written():
     after.outputs_written = True
     assert _outputs_state(before) == "no output was written"
     assert _outputs_state(after) == "the outputs were written"
+    assert _outputs_state(before, finished=True) == "the outputs were written"
 
 
 # --- outputs: space, write errors, leftovers of killed runs ----------------------------------------

@@ -285,7 +285,7 @@ def test_a_signal_right_after_a_temporary_file_is_made_leaves_nothing(tmp_path, 
 
 @pytest.mark.usefixtures("stopping_handlers")
 def test_a_signal_during_the_commit_lets_every_output_appear(tmp_path, monkeypatch):
-    replace = os.replace
+    replace = files._rename
     signalled = []
 
     def replace_then_signal(source, destination):
@@ -294,7 +294,7 @@ def test_a_signal_during_the_commit_lets_every_output_appear(tmp_path, monkeypat
             signalled.append(destination)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(files.os, "replace", replace_then_signal)
+    monkeypatch.setattr(files, "_rename", replace_then_signal)
     with StagedOutputs() as staged:
         staged.temporary(tmp_path / "a.txt").write_text("a")
         staged.temporary(tmp_path / "b.txt").write_text("b")

@@ -136,9 +136,13 @@ def sigterm_raises_terminated():
 
 
 @pytest.mark.usefixtures("sigterm_raises_terminated")
-def test_sigterm_as_the_copy_starts_leaves_no_copy_behind(counts_h5ad, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "again-during-the-clean-up"])
+def test_sigterm_as_the_copy_starts_leaves_no_copy_behind(
+    counts_h5ad, tmp_path, monkeypatch, signals
+):
     """SIGTERM right after the copy thread started: the run waits for the thread (a slow one,
-    which would otherwise create its file after the clean-up) before removing the file."""
+    which would otherwise create its file after the clean-up) before removing the file; a second
+    SIGTERM while it waits does not cut the clean-up short."""
     import os
     import signal
     import time
@@ -149,13 +153,15 @@ def test_sigterm_as_the_copy_starts_leaves_no_copy_behind(counts_h5ad, tmp_path,
     copy_input = run.copy_input
 
     def slow_copy(source, target):
-        time.sleep(0.3)
+        time.sleep(0.5)
         return copy_input(source, target)
 
     class SignalledBackground(run._Background):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGTERM)
+            if signals == 2:  # from another thread while the clean-up waits for the copy
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     monkeypatch.setattr(run, "copy_input", slow_copy)
     monkeypatch.setattr(run, "_Background", SignalledBackground)
@@ -177,13 +183,13 @@ def test_sigterm_during_the_commit_is_reported_after_the_outputs(
 
     from harmony_step._errors import Terminated
 
-    replace = os.replace
+    replace = files._rename
 
     def replace_then_signal(source, destination):
         replace(source, destination)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(files.os, "replace", replace_then_signal)
+    monkeypatch.setattr(files, "_rename", replace_then_signal)
     with pytest.raises(Terminated) as stopped:
         _run(counts_h5ad, tmp_path)
     assert stopped.value.outputs_written

@@ -547,7 +547,7 @@ class StagedOutputs:
             _fsync_path(temporary)
             refuse_non_regular(destination, "output")  # it may have appeared since the check
         for temporary, destination in self._pending:
-            os.replace(temporary, destination)
+            _rename(temporary, destination)
         for folder in {destination.parent for _, destination in self._pending}:
             _fsync_folder(folder)
         self._pending.clear()
@@ -581,13 +581,15 @@ def interruptions_deferred() -> Iterator[None]:
     handlers = {number: signal.getsignal(number) for number in _INTERRUPTIONS}
     held = {number: handler for number, handler in handlers.items() if handler is not None}
     arrived: dict[int, FrameType | None] = {}  # first arrival of each, in order
-    for number in held:
-        signal.signal(number, lambda signum, frame: arrived.setdefault(signum, frame))
-    try:
+    swapped = []
+    try:  # a signal between two swaps still finds every swapped handler put back
+        for number in held:
+            signal.signal(number, lambda signum, frame: arrived.setdefault(signum, frame))
+            swapped.append(number)
         yield
     finally:
-        for number, handler in held.items():
-            signal.signal(number, handler)
+        for number in swapped:
+            signal.signal(number, held[number])
         for number, frame in arrived.items():
             _deliver(number, held[number], frame)
 
@@ -598,6 +600,11 @@ def _deliver(number: int, handler: Any, frame: FrameType | None) -> None:
         handler(number, frame)
     elif handler == signal.SIG_DFL:
         signal.raise_signal(number)  # the default action: the process ends
+
+
+def _rename(temporary: Path, destination: Path) -> None:
+    """One output into place (atomic within a file system)."""
+    os.replace(temporary, destination)
 
 
 def _fsync_path(path: Path) -> None:
