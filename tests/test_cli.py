@@ -859,10 +859,10 @@ def test_a_full_disk_while_writing_names_the_output(small, tmp_path, monkeypatch
 
     out, args = _small_run_args(small, tmp_path)
 
-    def full_disk(source, target):
-        raise OSError(errno.ENOSPC, "No space left on device", str(source), str(target))
+    def full_disk(reader, writer, offset, count):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files.shutil, "copyfile", full_disk)
+    monkeypatch.setattr(files, "_copy_chunk", full_disk)
     assert cli.main([*args, "--quiet"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"{ERROR_PREFIX}Cannot write '{out / 'out.h5ad'}': No space left")

@@ -304,6 +304,39 @@ def test_a_signal_during_the_commit_lets_every_output_appear(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
+@pytest.mark.parametrize("sendfile", [True, False], ids=["sendfile", "read-write"])
+def test_the_input_copy_is_byte_for_byte_in_steps(tmp_path, monkeypatch, sendfile):
+    source, target = tmp_path / "in.bin", tmp_path / "out.bin"
+    source.write_bytes(np.random.default_rng(0).bytes(10_000))
+    monkeypatch.setattr(files, "COPY_CHUNK_BYTES", 3000)  # four steps, the last one short
+    if not sendfile:  # a file system without sendfile between files
+
+        def unsupported(*args):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        monkeypatch.setattr(files.os, "sendfile", unsupported)
+    assert files.copy_input(source, target) == target
+    assert target.read_bytes() == source.read_bytes()
+
+
+def test_a_stopped_copy_ends_at_its_next_step(tmp_path, monkeypatch):
+    source, target = tmp_path / "in.bin", tmp_path / "out.bin"
+    source.write_bytes(b"x" * 10_000)
+    monkeypatch.setattr(files, "COPY_CHUNK_BYTES", 1000)
+    stop = threading.Event()
+    copy_chunk = files._copy_chunk
+
+    def stop_after_the_second(reader, writer, offset, count):
+        if offset >= 1000:
+            stop.set()
+        return copy_chunk(reader, writer, offset, count)
+
+    monkeypatch.setattr(files, "_copy_chunk", stop_after_the_second)
+    with pytest.raises(files.CopyStopped):
+        files.copy_input(source, target, stop)
+    assert target.stat().st_size == 2000
+
+
 # --- writing results -----------------------------------------------------------------------------
 
 

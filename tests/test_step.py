@@ -152,9 +152,9 @@ def test_sigterm_as_the_copy_starts_leaves_no_copy_behind(
 
     copy_input = run.copy_input
 
-    def slow_copy(source, target):
+    def slow_copy(source, target, stop):
         time.sleep(0.5)
-        return copy_input(source, target)
+        return copy_input(source, target, stop)
 
     class SignalledBackground(run._Background):
         def __init__(self, *args, **kwargs):
@@ -199,10 +199,10 @@ def test_sigterm_during_the_commit_is_reported_after_the_outputs(
 def test_a_failed_copy_names_the_output(counts_h5ad, tmp_path, monkeypatch):
     import errno
 
-    def full_disk(source, target):
-        raise OSError(errno.ENOSPC, "No space left on device", str(source), str(target))
+    def full_disk(reader, writer, offset, count):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files.shutil, "copyfile", full_disk)
+    monkeypatch.setattr(files, "_copy_chunk", full_disk)
     with pytest.raises(files.OutputWriteError, match=r"Cannot write '.*out\.h5ad': No space"):
         _run(counts_h5ad, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]

@@ -181,15 +181,16 @@ def run_step(
     before = adata.obsm[params.basis]
     threads = request.threads or available_cpus()
     staged = StagedOutputs()
-    copy = None
+    copy, stop_copy = None, threading.Event()
     try:
         if not request.embedding_only:  # the input's bytes go to the output while Harmony runs
             # Held back until ``copy`` is set, so a SIGTERM here still waits for the thread before
             # removing its file (a thread left running would create the file again).
             with interruptions_deferred():
                 copy = _Background(
-                    copy_input, request.input, staged.temporary(request.output), name="copy"
-                )
+                    copy_input, request.input, staged.temporary(request.output), stop_copy,
+                    name="copy",
+                )  # fmt: skip
         with _phase(seconds, "compute", started), cpu_threads(threads):
             integrate(adata, request.keys, params)
         harmony = adata.uns["harmony"]
@@ -202,6 +203,7 @@ def run_step(
     except BaseException:
         with interruptions_deferred():  # a second SIGTERM must not cut the clean-up short
             if copy is not None:
+                stop_copy.set()  # it ends within one step of the copy
                 copy.join()  # no thread may write a temporary file while it is removed
             staged.discard()
         raise
