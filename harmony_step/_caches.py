@@ -10,18 +10,24 @@ index with ``pickle``, whoever can write there can run code as this user.
 A folder is therefore used only if it is private to this user (:func:`private_folder`): this user
 owns it and may write it, no other user may (its group only if that is this user's own group), no
 one else can move it (every folder above it belongs to root or this user, and one others may
-write has the sticky bit, as ``/tmp``), and for numba the same holds for what lies directly in it.
+write has the sticky bit, as ``/tmp``; in a user namespace without root, as Apptainer's default,
+root's folders show the overflow uid and are taken as root's where they cannot be another user's
+shared folder), and for numba what lies directly in it is this user's too.
 A missing folder is created with mode 700. Otherwise the variable is pointed, for this process and
 those it starts, at the first private one of ``<folder>-<uid>`` beside it,
 ``harmony-step-<uid>/<name>`` in the temporary folder, and a new folder of a random name there
-(kept only for this run). If even that fails the variable is removed, so that the library's own
+(removed when the run ends). If even that fails the variable is removed, so that the library's own
 default applies. Nothing changes where the variable is unset, and nothing here raises.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import logging
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -62,9 +68,17 @@ def _first_private(folder: str, *, inside: bool) -> str | None:
         for candidate in _candidates(folder):
             if private_folder(candidate, inside=inside):
                 return candidate
-        return tempfile.mkdtemp(prefix=f"harmony-step-{os.getuid()}-")  # private by construction
+        temporary = tempfile.mkdtemp(prefix=f"harmony-step-{os.getuid()}-")  # private as made
     except (OSError, ValueError):  # no temporary folder, a path that cannot be looked at
         return None
+    atexit.register(_remove_if_mine, temporary, os.getpid())
+    return temporary
+
+
+def _remove_if_mine(folder: str, pid: int) -> None:
+    """Remove a run's own cache folder at its exit (not in the processes it started)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _candidates(folder: str) -> Iterator[str]:
@@ -84,38 +98,57 @@ def private_folder(path: str, *, inside: bool) -> bool:
     """Whether ``path`` is (or, missing, has now been made) a folder private to this user (module
     docstring); with ``inside``, the same for everything directly in it."""
     path = os.path.abspath(path)
-    if not _made(path) or not (_safe_route(path) and _private(path, follow=True)):
-        return False
-    if not inside:
+    made = _made(path)
+    usable = made is not None and _safe_route(path) and _private(path, follow=True)
+    if usable and (not inside or _private_inside(path)):
         return True
+    for folder in made or []:  # leave nothing behind where the folder is not used
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    return False
+
+
+def _private_inside(path: str) -> bool:
+    """What lies directly in ``path`` (numba's folder) is this user's: no links, no folders of
+    others; in a folder that others cannot enter, this user's is enough, whatever its mode (numba
+    makes its folders with the umask, group-writable under umask 002)."""
+    closed = not os.stat(path).st_mode & 0o077
     try:
-        entries = list(os.scandir(path))
+        entries = [entry for entry in os.scandir(path) if not entry.is_file(follow_symlinks=False)]
     except OSError:
         return False
-    return all(
-        _private(entry.path, follow=False)
-        for entry in entries
-        if not entry.is_file(follow_symlinks=False)
-    )
+    for entry in entries:
+        info = entry.stat(follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        if not closed and not _private(entry.path, follow=False):
+            return False
+    return True
 
 
-def _made(path: str) -> bool:
-    """``path`` exists, or has been made, each missing folder with mode 700."""
+def _made(path: str) -> list[str] | None:
+    """``path`` exists, or has been made, each missing folder with mode 700: the folders made,
+    innermost first; None if it could not be made."""
     missing = []
     while not os.path.lexists(path):
         missing.append(path)
         parent = os.path.dirname(path)
         if parent == path:
-            return False
+            return None
         path = parent
+    made = []
     try:
         for folder in reversed(missing):
             os.mkdir(folder, mode=0o700)
+            made.insert(0, folder)
     except FileExistsError:
         pass  # made meanwhile by someone else: the checks that follow decide
     except OSError:
-        return False
-    return True
+        for folder in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        return None
+    return made
 
 
 def _private(path: str, *, follow: bool) -> bool:
@@ -143,11 +176,45 @@ def _safe_route(path: str) -> bool:
             info = os.lstat(part)
         except OSError:
             return False
-        if info.st_uid not in (0, uid):
+        if info.st_uid != uid and not _root_like(info, part):
             return False
         if stat.S_ISDIR(info.st_mode) and not _guarded(info):
             return False
     return True
+
+
+def _root_like(info: os.stat_result, path: str) -> bool:
+    """Owned by root; or, in a user namespace without root (Apptainer's default), by the
+    overflow uid that stands for every unmapped owner, where that cannot be someone else's
+    shared folder: not writable by others, or a public temporary folder (/tmp, ...)."""
+    if info.st_uid == 0:
+        return True
+    if info.st_uid != _overflow_uid() or _root_mapped():
+        return False
+    return not info.st_mode & stat.S_IWOTH or os.path.realpath(path) in _PUBLIC_TEMPORARY
+
+
+_PUBLIC_TEMPORARY = frozenset({"/tmp", "/var/tmp", "/dev/shm"})
+
+
+@functools.cache
+def _overflow_uid() -> int:
+    try:
+        with open("/proc/sys/kernel/overflowuid") as stream:
+            return int(stream.read())
+    except (OSError, ValueError):
+        return 65534
+
+
+@functools.cache
+def _root_mapped() -> bool:
+    """Whether uid 0 outside is mapped into this process's user namespace (always, outside one)."""
+    try:
+        with open("/proc/self/uid_map") as stream:
+            ranges = [tuple(map(int, line.split())) for line in stream if line.strip()]
+    except (OSError, ValueError):
+        return True
+    return any(outside <= 0 < outside + count for _, outside, count in ranges)
 
 
 def _guarded(info: os.stat_result) -> bool:

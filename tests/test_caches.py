@@ -238,6 +238,10 @@ def test_folders_others_could_write_or_move_are_never_used(shared_tmp, plant):
     )
     assert chosen != planted
     assert chosen.is_relative_to(shared_tmp)
+    if chosen.name.startswith(f"harmony-step-{NOBODY}-"):  # the last resort: this run's own
+        assert chosen.parent == personal
+        assert not chosen.exists()  # removed when the run ended
+        return
     for folder in [chosen, *chosen.parents]:
         info = folder.lstat()
         assert info.st_uid in (0, NOBODY), folder
@@ -245,6 +249,54 @@ def test_folders_others_could_write_or_move_are_never_used(shared_tmp, plant):
         if folder == shared_tmp:
             break
     assert any(chosen.rglob("*.nbi"))
+
+
+USERNS_PROBE = textwrap.dedent(
+    """
+    import importlib.util, json, os, sys
+    spec = importlib.util.spec_from_file_location("caches", sys.argv[1])
+    caches = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(caches)
+    changed = caches.use_own_caches()
+    print(json.dumps({"changed": changed, "uid_map": open("/proc/self/uid_map").read().split()}))
+    """
+)
+
+
+@needs_root
+def test_in_a_user_namespace_without_root_the_usual_folders_are_kept():
+    """Apptainer's default: only the user's uid is mapped, so root's folders (/, /tmp) show the
+    overflow uid. The usual per-user folder under /tmp is still kept, not replaced run by run."""
+    unshare, python = shutil.which("unshare"), "/usr/bin/python3"
+    folder = Path(tempfile.gettempdir()) / f"harmony-step-userns-{os.getpid()}"
+    command = [shutil.which("setpriv"), "--reuid=1", "--regid=1", "--clear-groups", unshare,
+               "--user", "--map-user=1", "--map-group=1", python, "-c", USERNS_PROBE,
+               _caches.__file__]  # fmt: skip
+    env = {"PATH": os.environ["PATH"], "NUMBA_CACHE_DIR": str(folder / "numba")}
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0 and "unshare" in result.stderr:
+            pytest.skip(f"no user namespaces here: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout)
+        assert seen["uid_map"][:3] == ["1", "1", "1"]  # root is not mapped
+        assert seen["changed"] == {}
+        assert (folder / "numba").stat().st_uid == 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@needs_root
+def test_a_closed_numba_folder_may_hold_group_writable_folders_of_the_user(shared_tmp):
+    """Under umask 002 numba makes its folders group-writable; inside a folder only the user
+    can enter, they are still the user's alone, and the cache is kept."""
+    folder = shared_tmp / "own" / "numba"
+    (folder / "_core_0123").mkdir(parents=True)
+    for path, mode in ((folder.parent, 0o700), (folder, 0o700), (folder / "_core_0123", 0o775)):
+        os.chown(path, NOBODY, NOBODY)
+        path.chmod(mode)
+    seen = _run_child(["-c", IMPORT_ONLY, "NUMBA_CACHE_DIR"], {"NUMBA_CACHE_DIR": str(folder)})
+    assert seen == {"NUMBA_CACHE_DIR": str(folder)}
 
 
 def test_usable_caches_and_unset_variables_are_left_alone(tmp_path, monkeypatch):

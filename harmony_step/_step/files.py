@@ -657,17 +657,28 @@ def copy_input(
     Harmony computes, leaves little for the flush at commit. When ``stop`` is set the copy ends at
     the next step with :class:`CopyStopped`, so that a stopped run need not wait for all of it.
     """
+    if os.path.lexists(target) and os.path.samefile(source, target):
+        raise shutil.SameFileError(f"{str(source)!r} and {str(target)!r} are the same file")
     with open(source, "rb", buffering=0) as reader, open(target, "wb", buffering=0) as writer:
-        size, offset = os.fstat(reader.fileno()).st_size, 0
-        while offset < size:
-            if stop is not None and stop.is_set():
-                raise CopyStopped(f"copy of {str(source)!r} stopped")
-            sent = _copy_chunk(reader, writer, offset, min(COPY_CHUNK_BYTES, size - offset))
-            if sent == 0:  # the source shrank meanwhile: copy what there is
+        offset = 0
+        while True:  # to the end of the file, also if it grows meanwhile
+            _check_stop(stop, source)
+            try:
+                sent = _copy_chunk(reader, writer, offset, COPY_CHUNK_BYTES)
+            except OSError as err:
+                err.filename, err.filename2 = err.filename or str(source), str(target)
+                raise
+            if sent == 0:
                 break
             offset += sent
+        _check_stop(stop, source)  # before a flush that may take long
         os.fsync(writer.fileno())
     return Path(target)
+
+
+def _check_stop(stop: threading.Event | None, source: str | os.PathLike[str]) -> None:
+    if stop is not None and stop.is_set():
+        raise CopyStopped(f"copy of {str(source)!r} stopped")
 
 
 def _copy_chunk(reader: Any, writer: Any, offset: int, count: int) -> int:
@@ -676,7 +687,7 @@ def _copy_chunk(reader: Any, writer: Any, offset: int, count: int) -> int:
     try:
         return os.sendfile(writer.fileno(), reader.fileno(), offset, count)
     except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        if err.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK):
             raise
     reader.seek(offset)
     data = reader.read(count)

@@ -90,6 +90,9 @@ class _Background:
         self.waited = 0.0
         self._value: Any = None
         self._error: BaseException | None = None
+        # Waited on instead of Thread.join: a join interrupted by a signal's exception can leave
+        # the thread marked as finished while it still runs (CPython 3.11, 3.12).
+        self._done = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(work, args), name=f"harmony-step-{name}", daemon=True
         )
@@ -103,14 +106,15 @@ class _Background:
             self._error = err
         finally:
             self.seconds = time.perf_counter() - start
+            self._done.set()
 
     def join(self) -> None:
         """Wait for the thread without raising its error."""
-        self._thread.join()
+        self._done.wait()
 
     def result(self) -> Any:
         start = time.perf_counter()
-        self._thread.join()
+        self._done.wait()
         self.waited = time.perf_counter() - start
         if self._error is not None:
             raise self._error
@@ -210,7 +214,9 @@ def run_step(
     if input_hash is not None:
         seconds["hash_thread"] = input_hash.seconds
     try:
-        _write_outputs(staged, request, adata, params, copy, input_sha256, seconds, started)
+        _write_outputs(
+            staged, request, adata, params, copy, stop_copy, input_sha256, seconds, started
+        )  # fmt: skip
         return _report_outcome(request, harmony, seconds, copy, started)
     except (Terminated, KeyboardInterrupt) as stop:
         stop.outputs_written = staged.committed  # for the command's last line
@@ -223,6 +229,7 @@ def _write_outputs(
     adata: Any,
     params: HarmonyParams,
     copy: _Background | None,
+    stop_copy: threading.Event,
     input_sha256: str,
     seconds: dict[str, float],
     started: float,
@@ -236,9 +243,13 @@ def _write_outputs(
                 _write_reports(staged, request, harmony)
                 if request.summary:
                     _write_summary(staged, request, adata, params, input_sha256)
+        except BaseException:
+            stop_copy.set()  # a copy still running ends within one step
+            raise
         finally:
             if copy is not None:
-                copy.join()
+                with interruptions_deferred():  # an interrupted join would stop waiting for good
+                    copy.join()
         staged.commit()
 
 
