@@ -248,7 +248,7 @@ def _write_outputs(
             raise
         finally:
             if copy is not None:
-                with interruptions_deferred():  # an interrupted join would stop waiting for good
+                with interruptions_deferred():  # the wait must end before the file is removed
                     copy.join()
         staged.commit()
 
