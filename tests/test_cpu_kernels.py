@@ -303,7 +303,8 @@ def level_index(codes, levels):
     cells = []
     for c, (count, offset) in enumerate(zip(levels, offsets, strict=True)):
         cells.extend(np.flatnonzero(codes[:, c] == offset + j) for j in range(count))
-    return correction.LevelIndex(tuple(cells), levels[0], None, None)
+    pieces = correction.LevelPieces.build(XP, cells, codes.shape[0])
+    return correction.LevelIndex(tuple(cells), levels[0], None, None, pieces)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -322,6 +323,40 @@ def test_correction_kernels_match_reference(n, k, levels, dtype):
     kernels.correct_rows(np, x, r, per_level, codes, index.cells, out)
     kernels._correct_rows_reference(x, r, per_level, index.cells, out_ref)
     np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize(
+    "scratch", [1, correction.PIECE_SCRATCH_BYTES], ids=["piece-by-piece", "one-group"]
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, scratch, dtype):
+    """Uneven levels (one empty, one of a single cell, one of many pieces), pieces padded."""
+    monkeypatch.setattr(correction, "PIECE_SCRATCH_BYTES", scratch)
+    rng = np.random.default_rng(3)
+    sizes = [0, 1, 700, 31, 2300, 64]
+    codes = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(codes)
+    codes = codes.astype(np.int32).reshape(-1, 1)
+    x = rng.normal(size=(codes.shape[0], 30)).astype(dtype)
+    r = rng.dirichlet(np.ones(9), codes.shape[0]).astype(dtype)
+    index = level_index(codes, (len(sizes),))
+    assert correction.piece_rows(codes.shape[0], len(sizes)) == 128
+    moments = correction.level_moments(XP, RawRows(XP, x, dtype, x), r, codes, index)
+    x64, r64 = x.astype(np.float64), r.astype(np.float64)
+    expected = np.stack(
+        [r64[codes[:, 0] == b].T @ x64[codes[:, 0] == b] for b in range(len(sizes))]
+    )
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(moments, expected, rtol=tol, atol=tol * 10)
+    assert not moments[0].any()
+
+
+@pytest.mark.parametrize(
+    ("n_cells", "n_levels", "rows"),
+    [(1, 1, 32), (100_000, 64, 256), (1_000_000, 64, 2048), (10_000_000, 64, 4096), (50, 200, 32)],
+)
+def test_piece_rows_keep_the_padding_under_a_quarter_of_the_cells(n_cells, n_levels, rows):
+    assert correction.piece_rows(n_cells, n_levels) == rows
 
 
 # --- threads ----------------------------------------------------------------------------------------

@@ -21,12 +21,58 @@ import numpy as np
 from harmony_step._batches import BatchDesign
 from harmony_step._core import kernels
 from harmony_step._core.raw import RawRows
-from harmony_step._core.sums import chunk_rows, counts, cross_sums, level_sums
+from harmony_step._core.sums import counts, cross_sums, level_sums
 
 # A cluster whose total mass is below this fraction of N gets no correction (docs/algorithm.md §8.2).
 ZERO_MASS_FRACTION = 1e-12
 # Automatic choice: the batched solve while K (B+1)^2 elements fit in this many bytes.
 BATCHED_SCRATCH_BYTES = 1 << 30
+# The device's level moments: each level's cells in pieces of PIECE_ROWS (a power of two, at most
+# a quarter of the cells padded over all levels, within these bounds), and the R rows of pieces
+# gathered at once up to this many bytes. A per-level loop costs some ten launches per level (64
+# levels: about 20 ms of host time per round at 100k cells, most of the correction there).
+MIN_PIECE_ROWS, MAX_PIECE_ROWS = 32, 4096
+PIECE_SCRATCH_BYTES = 1 << 27
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelPieces:
+    """Every level's cells cut into pieces of equal length, for batched products on the device.
+
+    The pieces of a level are consecutive and hold its cells in order; the last one is padded with
+    cell 0, masked out by ``valid``.
+    """
+
+    cells: Any  # (n_pieces, P) int32 cell indices (int64 beyond 2^31 - 1 cells)
+    valid: Any  # (n_pieces, P, 1) bool, False on padding
+    levels: Any  # (B, n_pieces) float64 0/1: the level of each piece
+
+    @classmethod
+    def build(cls, xp: Any, level_cells: list[np.ndarray], n_cells: int) -> LevelPieces:
+        """Pieces of the host index arrays ``level_cells`` (one per level) over ``n_cells`` rows."""
+        rows = piece_rows(n_cells, len(level_cells))
+        per_level = [-(-cells.size // rows) for cells in level_cells]
+        n_pieces = sum(per_level)
+        index_type = np.int32 if n_cells <= np.iinfo(np.int32).max else np.int64
+        padded = np.zeros((n_pieces, rows), dtype=index_type)
+        valid = np.zeros((n_pieces, rows), dtype=bool)
+        levels = np.zeros((len(level_cells), n_pieces))
+        first = 0
+        for level, (cells, count) in enumerate(zip(level_cells, per_level, strict=True)):
+            padded.reshape(-1)[first * rows : first * rows + cells.size] = cells
+            valid.reshape(-1)[first * rows : first * rows + cells.size] = True
+            levels[level, first : first + count] = 1.0
+            first += count
+        return cls(xp.asarray(padded), xp.asarray(valid[:, :, None]), xp.asarray(levels))
+
+
+def piece_rows(n_cells: int, n_levels: int) -> int:
+    """Rows per piece: the largest power of two with the padding (at most one piece per level)
+    below a quarter of the cells, within ``MIN_PIECE_ROWS`` and ``MAX_PIECE_ROWS``."""
+    rows = MIN_PIECE_ROWS
+    while rows < MAX_PIECE_ROWS and 2 * rows * n_levels <= n_cells // 4:
+        rows *= 2
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +83,7 @@ class LevelIndex:
     first_key_levels: int
     joint_codes: Any  # (N, 1) int32 combination index per cell; None with one key
     joint_membership: np.ndarray | None  # (J, B) 0/1 levels of each observed combination
+    pieces: LevelPieces | None = None  # the same cells in pieces (device only)
 
     @classmethod
     def build(
@@ -62,7 +109,11 @@ class LevelIndex:
             for c in range(design.n_keys):
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
             joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
-        return cls(tuple(cells), design.n_levels[0], joint_codes, membership)
+        pieces = None
+        if xp is not np:
+            host_cells = [c.get() if hasattr(c, "get") else np.asarray(c) for c in cells]
+            pieces = LevelPieces.build(xp, host_cells, codes.shape[0])
+        return cls(tuple(cells), design.n_levels[0], joint_codes, membership, pieces)
 
 
 def resolve_method(
@@ -118,12 +169,28 @@ def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: Le
     if not raw.resident:
         _streamed_level_moments(xp, raw, assignments, codes, moments)
         return moments
-    x, step = raw.device, chunk_rows(raw.shape[0])
-    for b, cells in enumerate(index.cells):
-        for start in range(0, cells.shape[0], step):
-            chunk = cells[start : start + step]
-            moments[b] += cross_sums(xp, assignments[chunk], x[chunk])
+    _piece_level_moments(xp, raw.device, assignments, index.pieces, moments)
     return moments
+
+
+def _piece_level_moments(xp: Any, x: Any, assignments: Any, pieces: LevelPieces, out: Any) -> None:
+    """out (B, K, d) float64 += the level moments, from batched products over groups of pieces.
+
+    Each piece's R^T x is one GEMM of a batch in the working dtype; the pieces' products join their
+    levels' float64 totals through a 0/1 product, in piece order (the same bits on every run).
+    """
+    n_pieces, rows = pieces.cells.shape
+    n_clusters, n_pcs = assignments.shape[1], x.shape[1]
+    group = max(1, PIECE_SCRATCH_BYTES // (rows * n_clusters * assignments.dtype.itemsize))
+    flat = out.reshape(out.shape[0], n_clusters * n_pcs)
+    for first in range(0, n_pieces, group):
+        cells = pieces.cells[first : first + group]
+        r = assignments[cells]  # (m, P, K)
+        xs = x[cells]  # (m, P, d)
+        xs *= pieces.valid[first : first + group]
+        products = xp.matmul(r.transpose(0, 2, 1), xs)  # (m, K, d)
+        products = products.reshape(products.shape[0], -1).astype(xp.float64, copy=False)
+        flat += pieces.levels[:, first : first + group] @ products
 
 
 def _streamed_level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, out: Any) -> None:
