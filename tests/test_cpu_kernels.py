@@ -304,7 +304,7 @@ def level_index(codes, levels):
     for c, (count, offset) in enumerate(zip(levels, offsets, strict=True)):
         cells.extend(np.flatnonzero(codes[:, c] == offset + j) for j in range(count))
     pieces = correction.LevelPieces.build(XP, cells, codes.shape[0])
-    return correction.LevelIndex(tuple(cells), levels[0], None, None, pieces)
+    return correction.LevelIndex(len(cells), tuple(cells), levels[0], None, None, pieces)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -349,6 +349,33 @@ def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, sc
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(moments, expected, rtol=tol, atol=tol * 10)
     assert not moments[0].any()
+
+
+@pytest.mark.parametrize("levels", [(5,), (3, 4)])
+def test_device_index_in_pieces_gives_the_cpu_moments(levels):
+    """LevelIndex.build on the device path (the stand-in namespace): pieces instead of lists,
+    with the moments of the CPU's per-level lists; without pieces (X streamed) no lists at all."""
+    from harmony_step._batches import BatchDesign
+
+    codes, x, r, _ = correction_inputs(4000, 12, levels, np.float64)
+    design = BatchDesign(
+        keys=tuple(f"k{c}" for c in range(len(levels))), codes=codes, n_levels=levels,
+        level_names=tuple(tuple(map(str, range(n))) for n in levels),
+    )  # fmt: skip
+    device = correction.LevelIndex.build(XP, codes, design, pieces=True)
+    host = correction.LevelIndex.build(np, codes, design)
+    assert device.cells == ()
+    assert device.pieces is not None
+    assert host.pieces is None
+    assert device.n_levels == host.n_levels == sum(levels)
+    np.testing.assert_allclose(
+        correction.level_moments(XP, RawRows(XP, x, np.float64, x), r, codes, device),
+        correction.level_moments(np, RawRows(np, x, np.float64, x), r, codes, host),
+        rtol=1e-12, atol=1e-10,
+    )  # fmt: skip
+    streamed = correction.LevelIndex.build(XP, codes, design)
+    assert streamed.cells == ()
+    assert streamed.pieces is None
 
 
 @pytest.mark.parametrize(

@@ -77,30 +77,29 @@ def piece_rows(n_cells: int, n_levels: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LevelIndex:
-    """Cells of every level, for gathered per-level products: one device index array per level."""
+    """Cells of every level, for per-level products: index arrays per level on the CPU (the numba
+    kernels), pieces of equal length on the device (batched products)."""
 
-    cells: tuple[Any, ...]  # B arrays of int64 cell indices
+    n_levels: int  # B, over all keys
+    cells: tuple[Any, ...]  # B arrays of int64 cell indices (CPU; empty on the device)
     first_key_levels: int
     joint_codes: Any  # (N, 1) int32 combination index per cell; None with one key
     joint_membership: np.ndarray | None  # (J, B) 0/1 levels of each observed combination
-    pieces: LevelPieces | None = None  # the same cells in pieces (device only)
+    pieces: LevelPieces | None = None  # device, when X is kept there
 
     @classmethod
     def build(
-        cls, xp: Any, codes: Any, design: BatchDesign, rows: slice | None = None
-    ) -> LevelIndex:
-        """Per-level cell lists from a stable sort of each key's codes on the device.
+        cls, xp: Any, codes: Any, design: BatchDesign, rows: slice | None = None, *,
+        pieces: bool = False,
+    ) -> LevelIndex:  # fmt: skip
+        """Per-level cell lists from a stable sort of each key's codes.
 
         ``codes`` are the design's codes of ``rows`` (all cells by default), and the lists index
-        those rows; the level combinations of several keys are those of all cells.
+        those rows; the level combinations of several keys are those of all cells. On the device
+        the lists become ``pieces`` when asked for (X resident), and are not kept otherwise: a
+        streamed X sorts each chunk's rows itself.
         """
         rows = slice(None) if rows is None else rows
-        counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
-        cells = []
-        for c, offset in enumerate(design.offsets):
-            order = xp.argsort(codes[:, c], kind="stable") if xp is np else xp.argsort(codes[:, c])
-            bounds = np.concatenate([[0], np.cumsum(counts[offset : offset + design.n_levels[c]])])
-            cells.extend(order[bounds[j] : bounds[j + 1]] for j in range(design.n_levels[c]))
         joint_codes, membership = None, None
         if design.n_keys > 1:
             joint, table = design.joint_codes()
@@ -109,11 +108,28 @@ class LevelIndex:
             for c in range(design.n_keys):
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
             joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
-        pieces = None
-        if xp is not np:
+        cells, level_pieces = [], None
+        if xp is np or pieces:
+            cells = _level_cells(xp, codes, design, rows)
+        if xp is not np and pieces:
             host_cells = [c.get() if hasattr(c, "get") else np.asarray(c) for c in cells]
-            pieces = LevelPieces.build(xp, host_cells, codes.shape[0])
-        return cls(tuple(cells), design.n_levels[0], joint_codes, membership, pieces)
+            level_pieces = LevelPieces.build(xp, host_cells, codes.shape[0])
+            cells = []  # the pieces hold them
+        return cls(
+            design.n_levels_total, tuple(cells), design.n_levels[0], joint_codes, membership,
+            level_pieces,
+        )  # fmt: skip
+
+
+def _level_cells(xp: Any, codes: Any, design: BatchDesign, rows: slice) -> list[Any]:
+    """The cells of each level (all keys' levels in order), each in increasing order."""
+    counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
+    cells = []
+    for c, offset in enumerate(design.offsets):
+        order = xp.argsort(codes[:, c], kind="stable") if xp is np else xp.argsort(codes[:, c])
+        bounds = np.concatenate([[0], np.cumsum(counts[offset : offset + design.n_levels[c]])])
+        cells.extend(order[bounds[j] : bounds[j + 1]] for j in range(design.n_levels[c]))
+    return cells
 
 
 def resolve_method(
@@ -158,14 +174,15 @@ def ridge_and_active(
 def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: LevelIndex) -> Any:
     """M_bk = sum over cells of level b of R_ik x_i, shape (B, K, d), float64.
 
-    X on the device: per level, the level's cells in fixed chunks. X streamed from the host: per
-    row chunk of X (``raw.CHUNK_ROWS``), its rows sorted by level, one product per level.
+    X on the device: the levels' cells in pieces, one batched product per group of pieces. X
+    streamed from the host: per row chunk of X (``raw.CHUNK_ROWS``), its rows sorted by level,
+    one product per level.
     """
     if xp is np:
         x = raw.device if raw.resident else raw.host.astype(raw.dtype)  # X lives in host memory
         return kernels.cpu().level_moments(x, assignments, index.cells)
     n_clusters, n_pcs = assignments.shape[1], raw.shape[1]
-    moments = xp.zeros((len(index.cells), n_clusters, n_pcs), dtype=xp.float64)
+    moments = xp.zeros((index.n_levels, n_clusters, n_pcs), dtype=xp.float64)
     if not raw.resident:
         _streamed_level_moments(xp, raw, assignments, codes, moments)
         return moments
