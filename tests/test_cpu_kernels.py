@@ -303,7 +303,8 @@ def level_index(codes, levels):
     cells = []
     for c, (count, offset) in enumerate(zip(levels, offsets, strict=True)):
         cells.extend(np.flatnonzero(codes[:, c] == offset + j) for j in range(count))
-    pieces = correction.LevelPieces.build(XP, cells, codes.shape[0])
+    counts = np.bincount(codes.ravel(), minlength=sum(levels))
+    pieces = correction.LevelPieces.build(XP, codes, counts)
     return correction.LevelIndex(len(cells), tuple(cells), levels[0], None, None, pieces)
 
 
@@ -368,6 +369,11 @@ def test_device_index_in_pieces_gives_the_cpu_moments(levels):
     assert device.pieces is not None
     assert host.pieces is None
     assert device.n_levels == host.n_levels == sum(levels)
+    pieces = device.pieces
+    for b, cells in enumerate(host.cells):  # each level's pieces hold exactly its cells
+        own = pieces.levels[b].astype(bool)
+        held = pieces.cells[own][pieces.valid[own, :, 0]]
+        np.testing.assert_array_equal(np.sort(held), cells)
     np.testing.assert_allclose(
         correction.level_moments(XP, RawRows(XP, x, np.float64, x), r, codes, device),
         correction.level_moments(np, RawRows(np, x, np.float64, x), r, codes, host),

@@ -48,22 +48,37 @@ class LevelPieces:
     levels: Any  # (B, n_pieces) float64 0/1: the level of each piece
 
     @classmethod
-    def build(cls, xp: Any, level_cells: list[np.ndarray], n_cells: int) -> LevelPieces:
-        """Pieces of the host index arrays ``level_cells`` (one per level) over ``n_cells`` rows."""
-        rows = piece_rows(n_cells, len(level_cells))
-        per_level = [-(-cells.size // rows) for cells in level_cells]
-        n_pieces = sum(per_level)
+    def build(cls, xp: Any, codes: Any, counts: np.ndarray) -> LevelPieces:
+        """Pieces of every level of ``codes`` (N, n_keys) on the device, the cells of a level in
+        the order of a stable sort of its key's codes; ``counts`` (B,) are the cells per level, on
+        the host. A handful of launches per key, with no per-level transfer to the host."""
+        n_cells = codes.shape[0]
+        rows = piece_rows(n_cells, counts.size)
+        per_level = -(-counts // rows)
+        n_pieces = int(per_level.sum())
+        # A cell at position p of its key's sorted order, in level b, goes to slot
+        # first_piece[b] * rows + (p - first cell of b in that order); the keys' levels follow one
+        # another, so the first cell of b there is its exclusive count over all earlier levels,
+        # less N per earlier key.
+        shift = _exclusive_cumsum(per_level) * rows - _exclusive_cumsum(counts)
+        shift = xp.asarray(shift.astype(np.int64))
         index_type = np.int32 if n_cells <= np.iinfo(np.int32).max else np.int64
-        padded = np.zeros((n_pieces, rows), dtype=index_type)
-        valid = np.zeros((n_pieces, rows), dtype=bool)
-        levels = np.zeros((len(level_cells), n_pieces))
-        first = 0
-        for level, (cells, count) in enumerate(zip(level_cells, per_level, strict=True)):
-            padded.reshape(-1)[first * rows : first * rows + cells.size] = cells
-            valid.reshape(-1)[first * rows : first * rows + cells.size] = True
-            levels[level, first : first + count] = 1.0
-            first += count
-        return cls(xp.asarray(padded), xp.asarray(valid[:, :, None]), xp.asarray(levels))
+        padded = xp.zeros(n_pieces * rows, dtype=index_type)
+        valid = xp.zeros(n_pieces * rows, dtype=bool)
+        for c in range(codes.shape[1]):
+            order = xp.argsort(codes[:, c])  # stable: CuPy's radix sort
+            slots = shift[codes[order, c]] + (xp.arange(n_cells) + c * n_cells)
+            padded[slots] = order
+            valid[slots] = True
+        levels = np.zeros((counts.size, n_pieces))
+        levels[np.repeat(np.arange(counts.size), per_level), np.arange(n_pieces)] = 1.0
+        return cls(
+            padded.reshape(n_pieces, rows), valid.reshape(n_pieces, rows, 1), xp.asarray(levels)
+        )
+
+
+def _exclusive_cumsum(values: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(values)[:-1]]).astype(np.int64)
 
 
 def piece_rows(n_cells: int, n_levels: int) -> int:
@@ -109,24 +124,23 @@ class LevelIndex:
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
             joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
         cells, level_pieces = [], None
-        if xp is np or pieces:
-            cells = _level_cells(xp, codes, design, rows)
-        if xp is not np and pieces:
-            host_cells = [c.get() if hasattr(c, "get") else np.asarray(c) for c in cells]
-            level_pieces = LevelPieces.build(xp, host_cells, codes.shape[0])
-            cells = []  # the pieces hold them
+        if xp is np:
+            cells = _level_cells(codes, design, rows)
+        elif pieces:
+            counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
+            level_pieces = LevelPieces.build(xp, codes, counts)
         return cls(
             design.n_levels_total, tuple(cells), design.n_levels[0], joint_codes, membership,
             level_pieces,
         )  # fmt: skip
 
 
-def _level_cells(xp: Any, codes: Any, design: BatchDesign, rows: slice) -> list[Any]:
+def _level_cells(codes: np.ndarray, design: BatchDesign, rows: slice) -> list[np.ndarray]:
     """The cells of each level (all keys' levels in order), each in increasing order."""
     counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
     cells = []
     for c, offset in enumerate(design.offsets):
-        order = xp.argsort(codes[:, c], kind="stable") if xp is np else xp.argsort(codes[:, c])
+        order = np.argsort(codes[:, c], kind="stable")
         bounds = np.concatenate([[0], np.cumsum(counts[offset : offset + design.n_levels[c]])])
         cells.extend(order[bounds[j] : bounds[j + 1]] for j in range(design.n_levels[c]))
     return cells
