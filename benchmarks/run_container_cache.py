@@ -28,8 +28,9 @@ import re
 import shlex
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from commands import run_timed
 
 HERE = Path(__file__).resolve().parent
 DATASET = HERE.parent / "tests" / "data" / "pbmc_3500"
@@ -44,11 +45,7 @@ def one_run(docker: list[str], image: str, extra: list[str], workdir: Path) -> d
                "-v", f"{DATASET}:/in:ro", "-v", f"{workdir}:/out", image,
                "run", "--input", "/in/pbmc_3500.h5ad", "--output", "/out/out.h5ad",
                "--key", "donor", "--device", "cpu"]  # fmt: skip
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
+    result, wall = run_timed(command)
     total = _TOTAL.search(result.stderr)
     return {
         "wall_seconds": round(wall, 2),

@@ -48,6 +48,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from commands import run_timed  # noqa: E402
+
 N_GENES = 20_000
 PHASES = ("read", "compute", "metrics", "hash", "write", "total")
 THREADS = ("hash_thread", "copy_thread")
@@ -125,11 +127,7 @@ def run_command(
         command.append("--embedding-only")
     if metrics_cells is not None:
         command += ["--metrics-cells", str(metrics_cells)]
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    done, wall = run_timed(command)
     match = _TIMINGS.search(done.stderr)
     if match is None:
         raise RuntimeError(f"no timings line in the log:\n{done.stderr}")
