@@ -11,6 +11,14 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
+# Each Snakemake start imports the Slurm executor plugin, which asks `scontrol show config` for the
+# cluster's MinJobAge (to word a help text). Where no Slurm controller answers, scontrol waits for
+# it about 10 s, once per Snakemake run: most of this suite's time. Outside the integration suites,
+# which run a real cluster, Slurm's tools get an empty configuration and fail at once; the plugin
+# then proceeds as on a machine without Slurm. A SLURM_CONF set by the caller is kept.
+if os.environ.get("HARMONY_STEP_INTEGRATION") != "1":
+    os.environ.setdefault("SLURM_CONF", os.devnull)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from harmony_step._backend import _cupy_or_reason
