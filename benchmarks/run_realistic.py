@@ -66,6 +66,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from commands import commit
 from realistic_data import describe, generate
 
 import harmony_step
@@ -296,28 +297,6 @@ def rel_frobenius(a: np.ndarray, b: np.ndarray, rows: int = 1 << 20) -> float:
 
 
 # --- machine and results ----------------------------------------------------------------------
-
-
-def commit() -> str:
-    """The checkout's commit, marked ``-dirty`` when files other than the results differ from it
-    (the results change between sizes of one call); ``unknown`` outside git. ``HARMONY_STEP_COMMIT``
-    names it instead, for a copy of the checkout whose history is missing or stale (a remote
-    machine's)."""
-    if os.environ.get("HARMONY_STEP_COMMIT"):
-        return os.environ["HARMONY_STEP_COMMIT"]
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short=8", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                      ":(top,exclude)benchmarks/results")  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if changed else "")
 
 
 def machine(gpu: Gpu | None, peer: Peer | None, copy_bytes: int) -> dict:

@@ -48,7 +48,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from commands import run_timed  # noqa: E402
+from commands import commit, run_timed  # noqa: E402
 
 N_GENES = 20_000
 PHASES = ("read", "compute", "metrics", "hash", "write", "total")
@@ -144,7 +144,7 @@ def run_command(
         "metrics_cells": _metrics_cells(summary),
         "converged": summary.get("converged"),
         "metrics": summary.get("metrics"),
-        "log": done.stderr.splitlines(),
+        "log": done.stderr.replace(str(folder), "<workdir>").splitlines(),
     }
 
 
@@ -186,7 +186,7 @@ def markdown(result: dict) -> str:
         f"({info['counts_per_cell']} per cell), file {info['file_bytes'] / 1e9:.2f} GB. "
         f"Host: {result['host']['cpus']} CPUs"
         + (f", {result['host']['gpu']}" if result["host"].get("gpu") else "")
-        + f"; {result['date']}.",
+        + f"; {result['date']} (commit {result.get('commit', 'not recorded')}).",
         "",
         f"anndata read + write of the whole file: {result['floor_io']['read']:.2f} s + "
         f"{result['floor_io']['write']:.2f} s. Floor = that + the Harmony compute on the device. "
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         build_input(warm_up_path, WARM_UP_CELLS, args.seed, 0.01)
         base = {
             "date": datetime.date.today().isoformat(),
+            "commit": commit(),
             "host": {
                 "cpus": os.cpu_count(),
                 "gpu": _gpu_name(),

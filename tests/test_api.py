@@ -226,7 +226,7 @@ def test_input_streamed_from_host_memory_gives_the_same_result(data_dir, dtype):
     pool = cupy.get_default_memory_pool()
     shape = adata.obsm["X_pca"].shape
     assert raw.keep_on_device(cupy, shape, 100, np.dtype(dtype))
-    pool.set_limit(size=200 << 20)  # below the planned bytes (their fixed 256 MiB share alone)
+    pool.set_limit(size=200 << 20)  # below the planned bytes (their fixed 384 MiB share alone)
     try:
         assert not raw.keep_on_device(cupy, shape, 100, np.dtype(dtype))
         streamed = integrate(adata, "donor", dtype=dtype, device="gpu")

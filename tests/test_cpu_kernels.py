@@ -21,6 +21,7 @@ from harmony_step._core.sums import counts, level_sums
 from harmony_step._threads import available_cpus, cpu_threads
 
 XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if name[:2] != "__"})
+XP.argsort = lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable")  # as CuPy's radix sort
 """NumPy under another name: the generic (GPU) code path, run on the host."""
 
 
@@ -298,13 +299,13 @@ def correction_inputs(n, k, levels, dtype, seed=0):
     return codes, x, r, weights
 
 
-def level_index(codes, levels):
+def level_index(codes, levels, n_clusters, dtype):
     offsets = np.concatenate([[0], np.cumsum(levels)[:-1]])
     cells = []
     for c, (count, offset) in enumerate(zip(levels, offsets, strict=True)):
         cells.extend(np.flatnonzero(codes[:, c] == offset + j) for j in range(count))
     counts = np.bincount(codes.ravel(), minlength=sum(levels))
-    pieces = correction.LevelPieces.build(XP, codes, counts)
+    pieces = correction.LevelPieces.build(XP, codes, counts, (n_clusters, 30, dtype))
     return correction.LevelIndex(len(cells), tuple(cells), levels[0], None, None, pieces)
 
 
@@ -314,7 +315,7 @@ def level_index(codes, levels):
 )
 def test_correction_kernels_match_reference(n, k, levels, dtype):
     codes, x, r, weights = correction_inputs(n, k, levels, dtype)
-    index = level_index(codes, levels)
+    index = level_index(codes, levels, k, dtype)
     moments = correction.level_moments(np, RawRows(np, x, dtype, x), r, codes, index)
     expected = correction.level_moments(XP, RawRows(XP, x, dtype, x), r, codes, index)
     tol = 1e-5 if dtype == np.float32 else 1e-12
@@ -327,7 +328,7 @@ def test_correction_kernels_match_reference(n, k, levels, dtype):
 
 
 @pytest.mark.parametrize(
-    "scratch", [1, correction.PIECE_SCRATCH_BYTES], ids=["piece-by-piece", "one-group"]
+    "scratch", [1, correction.PIECE_SCRATCH_BYTES], ids=["piece-by-piece", "budgeted"]
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, scratch, dtype):
@@ -340,8 +341,10 @@ def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, sc
     codes = codes.astype(np.int32).reshape(-1, 1)
     x = rng.normal(size=(codes.shape[0], 30)).astype(dtype)
     r = rng.dirichlet(np.ones(9), codes.shape[0]).astype(dtype)
-    index = level_index(codes, (len(sizes),))
+    index = level_index(codes, (len(sizes),), 9, dtype)
     assert correction.piece_rows(codes.shape[0], len(sizes)) == 128
+    if scratch == 1:
+        assert len(index.pieces.groups) == index.pieces.cells.shape[0]
     moments = correction.level_moments(XP, RawRows(XP, x, dtype, x), r, codes, index)
     x64, r64 = x.astype(np.float64), r.astype(np.float64)
     expected = np.stack(
@@ -363,17 +366,17 @@ def test_device_index_in_pieces_gives_the_cpu_moments(levels):
         keys=tuple(f"k{c}" for c in range(len(levels))), codes=codes, n_levels=levels,
         level_names=tuple(tuple(map(str, range(n))) for n in levels),
     )  # fmt: skip
-    device = correction.LevelIndex.build(XP, codes, design, pieces=True)
+    device = correction.LevelIndex.build(XP, codes, design, pieces_for=(12, 30, np.float64))
     host = correction.LevelIndex.build(np, codes, design)
     assert device.cells == ()
     assert device.pieces is not None
     assert host.pieces is None
     assert device.n_levels == host.n_levels == sum(levels)
     pieces = device.pieces
-    for b, cells in enumerate(host.cells):  # each level's pieces hold exactly its cells
-        own = pieces.levels[b].astype(bool)
-        held = pieces.cells[own][pieces.valid[own, :, 0]]
-        np.testing.assert_array_equal(np.sort(held), cells)
+    level_of_piece = piece_levels(pieces)
+    for b, cells in enumerate(host.cells):  # each level's pieces hold its cells, in order
+        own = level_of_piece == b
+        np.testing.assert_array_equal(pieces.cells[own][pieces.valid[own, :, 0]], cells)
     np.testing.assert_allclose(
         correction.level_moments(XP, RawRows(XP, x, np.float64, x), r, codes, device),
         correction.level_moments(np, RawRows(np, x, np.float64, x), r, codes, host),
@@ -382,6 +385,43 @@ def test_device_index_in_pieces_gives_the_cpu_moments(levels):
     streamed = correction.LevelIndex.build(XP, codes, design)
     assert streamed.cells == ()
     assert streamed.pieces is None
+
+
+def piece_levels(pieces):
+    """The level of each piece, from the groups."""
+    return np.concatenate([g.levels[g.piece_level[0]] for g in pieces.groups])
+
+
+def test_empty_levels_get_no_pieces_and_do_not_shorten_them():
+    """2,000 levels of which 5 hold cells (unused categories): pieces as long as for 5 levels,
+    none for an empty level, each group adds only into its own levels."""
+    rng = np.random.default_rng(5)
+    used = np.array([3, 700, 701, 1500, 1999])
+    codes = rng.choice(used, 40_000).astype(np.int32).reshape(-1, 1)
+    x = rng.normal(size=(codes.shape[0], 30))
+    r = rng.dirichlet(np.ones(9), codes.shape[0])
+    index = level_index(codes, (2000,), 9, np.float64)
+    pieces = index.pieces
+    assert pieces.cells.shape[1] == correction.piece_rows(codes.shape[0], used.size) == 1024
+    assert set(piece_levels(pieces)) == set(used)
+    assert all(g.levels.size <= g.stop - g.first for g in pieces.groups)
+    moments = correction.level_moments(XP, RawRows(XP, x, np.float64, x), r, codes, index)
+    expected = np.zeros_like(moments)
+    for b in used:
+        expected[b] = r[codes[:, 0] == b].T @ x[codes[:, 0] == b]
+    np.testing.assert_allclose(moments, expected, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("n_cells", "rows"), [(100_000, 256), (10_000_000, 4096), (3000, 32)])
+def test_a_group_of_pieces_keeps_its_scratch_within_the_budget(n_cells, rows, dtype):
+    n_clusters, n_pcs, itemsize = 100, 50, np.dtype(dtype).itemsize
+    group = correction.group_pieces(n_cells, rows, n_clusters, n_pcs, dtype)
+    budget = min(correction.PIECE_SCRATCH_BYTES, n_cells * n_clusters * itemsize // 4)
+    gathered = group * rows * (n_clusters + n_pcs) * itemsize
+    products = group * n_clusters * n_pcs * (itemsize + (8 if itemsize < 8 else 0))
+    assert group == 1 or gathered + products <= budget
+    assert group == 1 or group * group * 8 <= budget  # the 0/1 matrix
 
 
 @pytest.mark.parametrize(
@@ -559,7 +599,7 @@ def test_streamed_input_gives_the_resident_sums(monkeypatch, levels):
 
     monkeypatch.setattr(raw_module, "CHUNK_ROWS", 700)
     codes, x, r, weights = correction_inputs(3000, 20, levels, np.float64)
-    index = level_index(codes, levels)
+    index = level_index(codes, levels, 20, np.float64)
     resident = RawRows(XP, x, np.float64, x)
     streamed = RawRows(XP, x, np.float64)
     np.testing.assert_allclose(

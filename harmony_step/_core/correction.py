@@ -13,6 +13,7 @@ subtraction of each cell's predicted batch effect (on the device). Strategies di
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -27,33 +28,53 @@ from harmony_step._core.sums import counts, cross_sums, level_sums
 ZERO_MASS_FRACTION = 1e-12
 # Automatic choice: the batched solve while K (B+1)^2 elements fit in this many bytes.
 BATCHED_SCRATCH_BYTES = 1 << 30
-# The device's level moments: each level's cells in pieces of PIECE_ROWS (a power of two, at most
-# a quarter of the cells padded over all levels, within these bounds), and the R rows of pieces
-# gathered at once up to this many bytes. A per-level loop costs some ten launches per level (64
-# levels: about 20 ms of host time per round at 100k cells, most of the correction there).
+# The device's level moments: each non-empty level's cells in pieces of equal length (a power of
+# two within these bounds, the padding, at most one piece per level, under a quarter of the cells),
+# a group of pieces gathered and multiplied at once. A group's scratch (gathered R and X rows and
+# the products) stays under a quarter of R's bytes and under PIECE_SCRATCH_BYTES. A per-level loop
+# costs some ten launches per level (64 levels: about 20 ms of host time per round at 100k cells).
 MIN_PIECE_ROWS, MAX_PIECE_ROWS = 32, 4096
 PIECE_SCRATCH_BYTES = 1 << 27
 
 
 @dataclasses.dataclass(frozen=True)
-class LevelPieces:
-    """Every level's cells cut into pieces of equal length, for batched products on the device.
+class PieceGroup:
+    """Pieces ``[first, stop)``, gathered and multiplied at once, and the levels they hold.
 
-    The pieces of a level are consecutive and hold its cells in order; the last one is padded with
-    cell 0, masked out by ``valid``.
+    The 0/1 matrix that adds the pieces' products into their levels, (L, stop - first), is formed
+    when used (``level_rows == piece_level``), so only one group's exists at a time.
+    """
+
+    first: int
+    stop: int
+    levels: Any  # (L,) int64: the group's levels (global indices), each once, in piece order
+    level_rows: Any  # (L, 1) int64: 0 .. L-1
+    piece_level: Any  # (1, stop - first) int64: each piece's row in ``levels``
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelPieces:
+    """Every non-empty level's cells cut into pieces of equal length, for batched products on the
+    device.
+
+    The pieces of a level are consecutive and hold its cells in increasing order; the last one is
+    padded with cell 0, masked out by ``valid``. Empty levels have no pieces.
     """
 
     cells: Any  # (n_pieces, P) int32 cell indices (int64 beyond 2^31 - 1 cells)
     valid: Any  # (n_pieces, P, 1) bool, False on padding
-    levels: Any  # (B, n_pieces) float64 0/1: the level of each piece
+    groups: tuple[PieceGroup, ...]
 
     @classmethod
-    def build(cls, xp: Any, codes: Any, counts: np.ndarray) -> LevelPieces:
+    def build(
+        cls, xp: Any, codes: Any, counts: np.ndarray, product: tuple[int, int, np.dtype]
+    ) -> LevelPieces:
         """Pieces of every level of ``codes`` (N, n_keys) on the device, the cells of a level in
         the order of a stable sort of its key's codes; ``counts`` (B,) are the cells per level, on
-        the host. A handful of launches per key, with no per-level transfer to the host."""
+        the host, and ``product`` the (K, d, working dtype) of the moments, which sizes the groups.
+        A handful of launches per key, with no per-level transfer to the host."""
         n_cells = codes.shape[0]
-        rows = piece_rows(n_cells, counts.size)
+        rows = piece_rows(n_cells, int(np.count_nonzero(counts)))
         per_level = -(-counts // rows)
         n_pieces = int(per_level.sum())
         # A cell at position p of its key's sorted order, in level b, goes to slot
@@ -70,24 +91,48 @@ class LevelPieces:
             slots = shift[codes[order, c]] + (xp.arange(n_cells) + c * n_cells)
             padded[slots] = order
             valid[slots] = True
-        levels = np.zeros((counts.size, n_pieces))
-        levels[np.repeat(np.arange(counts.size), per_level), np.arange(n_pieces)] = 1.0
-        return cls(
-            padded.reshape(n_pieces, rows), valid.reshape(n_pieces, rows, 1), xp.asarray(levels)
+        level_of_piece = np.repeat(np.arange(counts.size), per_level)
+        size = group_pieces(n_cells, rows, *product)
+        groups = tuple(
+            _piece_group(xp, level_of_piece, first, min(first + size, n_pieces))
+            for first in range(0, n_pieces, size)
         )
+        return cls(padded.reshape(n_pieces, rows), valid.reshape(n_pieces, rows, 1), groups)
 
 
-def _exclusive_cumsum(values: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(values)[:-1]]).astype(np.int64)
+def _piece_group(xp: Any, level_of_piece: np.ndarray, first: int, stop: int) -> PieceGroup:
+    levels, piece_level = np.unique(level_of_piece[first:stop], return_inverse=True)
+    return PieceGroup(
+        first, stop, xp.asarray(levels.astype(np.int64)),
+        xp.arange(levels.size, dtype=xp.int64).reshape(-1, 1),
+        xp.asarray(piece_level.astype(np.int64).reshape(1, -1)),
+    )  # fmt: skip
+
+
+def group_pieces(n_cells: int, rows: int, n_clusters: int, n_pcs: int, dtype: np.dtype) -> int:
+    """Pieces per group: their scratch (gathered R and X rows, the products in the working dtype
+    and, below float64, their float64 copy, and the group's 0/1 matrix) under a quarter of R's
+    bytes and under ``PIECE_SCRATCH_BYTES``; at least one piece."""
+    itemsize = np.dtype(dtype).itemsize
+    product_bytes = n_clusters * n_pcs * (itemsize + (8 if itemsize < 8 else 0))
+    per_piece = rows * (n_clusters + n_pcs) * itemsize + product_bytes
+    budget = min(PIECE_SCRATCH_BYTES, n_cells * n_clusters * itemsize // 4)
+    # the 0/1 matrix of a group, at most (pieces)^2 float64, within the budget too
+    return max(1, min(budget // per_piece, math.isqrt(budget // 8)))
 
 
 def piece_rows(n_cells: int, n_levels: int) -> int:
-    """Rows per piece: the largest power of two with the padding (at most one piece per level)
-    below a quarter of the cells, within ``MIN_PIECE_ROWS`` and ``MAX_PIECE_ROWS``."""
+    """Rows per piece: the largest power of two with the padding (at most one piece per non-empty
+    level, ``n_levels`` of them) below a quarter of the cells, within ``MIN_PIECE_ROWS`` and
+    ``MAX_PIECE_ROWS``."""
     rows = MIN_PIECE_ROWS
     while rows < MAX_PIECE_ROWS and 2 * rows * n_levels <= n_cells // 4:
         rows *= 2
     return rows
+
+
+def _exclusive_cumsum(values: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(values)[:-1]]).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +150,15 @@ class LevelIndex:
     @classmethod
     def build(
         cls, xp: Any, codes: Any, design: BatchDesign, rows: slice | None = None, *,
-        pieces: bool = False,
+        pieces_for: tuple[int, int, np.dtype] | None = None,
     ) -> LevelIndex:  # fmt: skip
         """Per-level cell lists from a stable sort of each key's codes.
 
         ``codes`` are the design's codes of ``rows`` (all cells by default), and the lists index
         those rows; the level combinations of several keys are those of all cells. On the device
-        the lists become ``pieces`` when asked for (X resident), and are not kept otherwise: a
-        streamed X sorts each chunk's rows itself.
+        the lists become ``pieces`` when ``pieces_for`` gives the (K, d, working dtype) of the
+        moments (X resident), and are not kept otherwise: a streamed X sorts each chunk's rows
+        itself.
         """
         rows = slice(None) if rows is None else rows
         joint_codes, membership = None, None
@@ -126,9 +172,9 @@ class LevelIndex:
         cells, level_pieces = [], None
         if xp is np:
             cells = _level_cells(codes, design, rows)
-        elif pieces:
+        elif pieces_for is not None:
             counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
-            level_pieces = LevelPieces.build(xp, codes, counts)
+            level_pieces = LevelPieces.build(xp, codes, counts, pieces_for)
         return cls(
             design.n_levels_total, tuple(cells), design.n_levels[0], joint_codes, membership,
             level_pieces,
@@ -207,21 +253,20 @@ def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: Le
 def _piece_level_moments(xp: Any, x: Any, assignments: Any, pieces: LevelPieces, out: Any) -> None:
     """out (B, K, d) float64 += the level moments, from batched products over groups of pieces.
 
-    Each piece's R^T x is one GEMM of a batch in the working dtype; the pieces' products join their
-    levels' float64 totals through a 0/1 product, in piece order (the same bits on every run).
+    Each piece's R^T x is one GEMM of a batch in the working dtype; a group's products join their
+    levels' float64 totals through a 0/1 product, group after group (the same bits on every run).
     """
-    n_pieces, rows = pieces.cells.shape
     n_clusters, n_pcs = assignments.shape[1], x.shape[1]
-    group = max(1, PIECE_SCRATCH_BYTES // (rows * n_clusters * assignments.dtype.itemsize))
     flat = out.reshape(out.shape[0], n_clusters * n_pcs)
-    for first in range(0, n_pieces, group):
-        cells = pieces.cells[first : first + group]
+    for group in pieces.groups:
+        cells = pieces.cells[group.first : group.stop]
         r = assignments[cells]  # (m, P, K)
         xs = x[cells]  # (m, P, d)
-        xs *= pieces.valid[first : first + group]
+        xs *= pieces.valid[group.first : group.stop]
         products = xp.matmul(r.transpose(0, 2, 1), xs)  # (m, K, d)
         products = products.reshape(products.shape[0], -1).astype(xp.float64, copy=False)
-        flat += pieces.levels[:, first : first + group] @ products
+        membership = (group.level_rows == group.piece_level).astype(xp.float64)  # (L, m)
+        flat[group.levels] += membership @ products
 
 
 def _streamed_level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, out: Any) -> None:

@@ -122,7 +122,8 @@ def _run(
     )
     raw = RawRows(xp, embedding, params.numpy_dtype, x)
     codes = backend.asarray(design.codes[rows])
-    index = LevelIndex.build(xp, codes, design, rows, pieces=raw.resident)
+    moments = (problem.n_clusters, embedding.shape[1], params.numpy_dtype)
+    index = LevelIndex.build(xp, codes, design, rows, pieces_for=moments if raw.resident else None)
     consts = ClusteringConstants(
         theta=xp.asarray(problem.theta), level_share=xp.asarray(problem.level_share),
         first_key_levels=problem.first_key_levels, n_levels=design.n_levels_total,

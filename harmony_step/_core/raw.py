@@ -55,14 +55,15 @@ def keep_on_device(xp: Any, shape: tuple[int, int], n_clusters: int, dtype: np.d
     """Whether X can stay on the device beside Z_hat, R and the block loop's scratch.
 
     Planned bytes: X, Z_hat and R, the iteration's index arrays (about four N-long int64 arrays
-    while the visiting order is sorted) and the similarity span, against ``USABLE_SHARE`` of the
+    while the visiting order is sorted), the similarity span, and the correction's level pieces
+    (8 bytes per cell) and their scratch (at most 128 MiB), against ``USABLE_SHARE`` of the
     device's total memory or of the memory pool's limit if one is set. Always True on the CPU.
     """
     if xp is np:
         return True
     n_cells, n_pcs = shape
     itemsize = np.dtype(dtype).itemsize
-    planned = n_cells * (2 * n_pcs + n_clusters) * itemsize + 4 * 8 * n_cells + (1 << 28)
+    planned = n_cells * (2 * n_pcs + n_clusters) * itemsize + 5 * 8 * n_cells + (3 << 27)
     _, total = xp.cuda.runtime.memGetInfo()
     limit = xp.get_default_memory_pool().get_limit()
     return planned <= USABLE_SHARE * (min(limit, total) if limit else total)
