@@ -327,13 +327,12 @@ def test_correction_kernels_match_reference(n, k, levels, dtype):
     np.testing.assert_allclose(out, out_ref, rtol=tol, atol=tol * 10)
 
 
-@pytest.mark.parametrize(
-    "scratch", [1, correction.PIECE_SCRATCH_BYTES], ids=["piece-by-piece", "budgeted"]
-)
+@pytest.mark.parametrize("grouped", [False, True], ids=["piece-by-piece", "one-group"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, scratch, dtype):
+def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, grouped, dtype):
     """Uneven levels (one empty, one of a single cell, one of many pieces), pieces padded."""
-    monkeypatch.setattr(correction, "PIECE_SCRATCH_BYTES", scratch)
+    monkeypatch.setattr(correction, "PIECE_SCRATCH_BYTES", 1 << 30 if grouped else 1)
+    monkeypatch.setattr(correction, "PIECE_SCRATCH_SHARE", 1e6 if grouped else 1.0)
     rng = np.random.default_rng(3)
     sizes = [0, 1, 700, 31, 2300, 64]
     codes = np.repeat(np.arange(len(sizes)), sizes)
@@ -342,9 +341,9 @@ def test_device_level_moments_in_pieces_match_the_sums_per_level(monkeypatch, sc
     x = rng.normal(size=(codes.shape[0], 30)).astype(dtype)
     r = rng.dirichlet(np.ones(9), codes.shape[0]).astype(dtype)
     index = level_index(codes, (len(sizes),), 9, dtype)
-    assert correction.piece_rows(codes.shape[0], len(sizes)) == 128
-    if scratch == 1:
-        assert len(index.pieces.groups) == index.pieces.cells.shape[0]
+    assert index.pieces.cells.shape[1] == 128
+    n_groups = len(index.pieces.groups)
+    assert n_groups == (1 if grouped else index.pieces.cells.shape[0])
     moments = correction.level_moments(XP, RawRows(XP, x, dtype, x), r, codes, index)
     x64, r64 = x.astype(np.float64), r.astype(np.float64)
     expected = np.stack(
@@ -412,16 +411,42 @@ def test_empty_levels_get_no_pieces_and_do_not_shorten_them():
     np.testing.assert_allclose(moments, expected, rtol=1e-12, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("n_cells", "rows"), [(100_000, 256), (10_000_000, 4096), (3000, 32)])
-def test_a_group_of_pieces_keeps_its_scratch_within_the_budget(n_cells, rows, dtype):
-    n_clusters, n_pcs, itemsize = 100, 50, np.dtype(dtype).itemsize
-    group = correction.group_pieces(n_cells, rows, n_clusters, n_pcs, dtype)
-    budget = min(correction.PIECE_SCRATCH_BYTES, n_cells * n_clusters * itemsize // 4)
-    gathered = group * rows * (n_clusters + n_pcs) * itemsize
-    products = group * n_clusters * n_pcs * (itemsize + (8 if itemsize < 8 else 0))
-    assert group == 1 or gathered + products <= budget
-    assert group == 1 or group * group * 8 <= budget  # the 0/1 matrix
+@pytest.mark.parametrize(
+    ("n_cells", "n_levels", "n_clusters", "n_pcs", "dtype"),
+    [(200_000, 5000, 1, 1, np.float64), (100_000, 64, 100, 50, np.float32)],
+    ids=["the-0/1-matrix-binds", "the-gathered-rows-bind"],
+)
+def test_device_level_moments_stay_within_their_scratch_budget(
+    n_cells, n_levels, n_clusters, n_pcs, dtype
+):
+    """The allocations of the level moments (traced on the stand-in), groups of many pieces
+    included, stay under min(PIECE_SCRATCH_BYTES, PIECE_SCRATCH_SHARE * N K s)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(8)
+    codes = rng.integers(0, n_levels, n_cells).astype(np.int32).reshape(-1, 1)
+    x = rng.normal(size=(n_cells, n_pcs)).astype(dtype)
+    r = rng.dirichlet(np.ones(n_clusters), n_cells).astype(dtype) if n_clusters > 1 else (
+        np.ones((n_cells, 1), dtype=dtype))  # fmt: skip
+    counts = np.bincount(codes.ravel(), minlength=n_levels)
+    pieces = correction.LevelPieces.build(XP, codes, counts, (n_clusters, n_pcs, dtype))
+    assert max(g.stop - g.first for g in pieces.groups) > 1
+    out = np.zeros((n_levels, n_clusters, n_pcs))
+    budget = min(
+        correction.PIECE_SCRATCH_BYTES,
+        int(correction.PIECE_SCRATCH_SHARE * n_cells * n_clusters * np.dtype(dtype).itemsize),
+    )
+    tracemalloc.start()
+    try:
+        correction._piece_level_moments(XP, x, r, pieces, out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= budget
+    for b in (0, n_levels - 1):
+        own = codes[:, 0] == b
+        expected = r[own].astype(np.float64).T @ x[own].astype(np.float64)
+        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -30,11 +30,12 @@ ZERO_MASS_FRACTION = 1e-12
 BATCHED_SCRATCH_BYTES = 1 << 30
 # The device's level moments: each non-empty level's cells in pieces of equal length (a power of
 # two within these bounds, the padding, at most one piece per level, under a quarter of the cells),
-# a group of pieces gathered and multiplied at once. A group's scratch (gathered R and X rows and
-# the products) stays under a quarter of R's bytes and under PIECE_SCRATCH_BYTES. A per-level loop
-# costs some ten launches per level (64 levels: about 20 ms of host time per round at 100k cells).
+# a group of pieces gathered and multiplied at once. A group's scratch (group_pieces) stays under
+# PIECE_SCRATCH_SHARE of R's bytes and under PIECE_SCRATCH_BYTES. A per-level loop costs some ten
+# launches per level (64 levels: about 20 ms of host time per round at 100k cells).
 MIN_PIECE_ROWS, MAX_PIECE_ROWS = 32, 4096
 PIECE_SCRATCH_BYTES = 1 << 27
+PIECE_SCRATCH_SHARE = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +111,24 @@ def _piece_group(xp: Any, level_of_piece: np.ndarray, first: int, stop: int) -> 
 
 
 def group_pieces(n_cells: int, rows: int, n_clusters: int, n_pcs: int, dtype: np.dtype) -> int:
-    """Pieces per group: their scratch (gathered R and X rows, the products in the working dtype
-    and, below float64, their float64 copy, and the group's 0/1 matrix) under a quarter of R's
-    bytes and under ``PIECE_SCRATCH_BYTES``; at least one piece."""
-    itemsize = np.dtype(dtype).itemsize
-    product_bytes = n_clusters * n_pcs * (itemsize + (8 if itemsize < 8 else 0))
-    per_piece = rows * (n_clusters + n_pcs) * itemsize + product_bytes
-    budget = min(PIECE_SCRATCH_BYTES, n_cells * n_clusters * itemsize // 4)
-    # the 0/1 matrix of a group, at most (pieces)^2 float64, within the budget too
-    return max(1, min(budget // per_piece, math.isqrt(budget // 8)))
+    """Pieces per group (at least one): the most whose scratch fits the budget,
+    ``min(PIECE_SCRATCH_BYTES, PIECE_SCRATCH_SHARE * N K s)``.
+
+    The scratch of m pieces of P rows (s: the working dtype's bytes), all alive at once in
+    :func:`_piece_level_moments`: the gathered R rows m P K s, the gathered X rows and their
+    transposed copy for the batched product 2 m P d s, the products and their transposed copy
+    2 m K d s, their float64 copy below float64 m K d 8, the rows of the levels being added to and
+    the sum added, at most 2 m K d 8 (a group holds at most m levels), and the 0/1 matrix, at most
+    m^2 8.
+    """
+    s = np.dtype(dtype).itemsize
+    per_piece = rows * (n_clusters + 2 * n_pcs) * s + n_clusters * n_pcs * (2 * s + 16)
+    if s < 8:
+        per_piece += n_clusters * n_pcs * 8
+    budget = min(PIECE_SCRATCH_BYTES, int(PIECE_SCRATCH_SHARE * n_cells * n_clusters * s))
+    # the largest m with m per_piece + 8 m^2 <= budget
+    most = (math.isqrt(per_piece * per_piece + 32 * budget) - per_piece) // 16
+    return max(1, most)
 
 
 def piece_rows(n_cells: int, n_levels: int) -> int:
@@ -253,8 +263,10 @@ def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: Le
 def _piece_level_moments(xp: Any, x: Any, assignments: Any, pieces: LevelPieces, out: Any) -> None:
     """out (B, K, d) float64 += the level moments, from batched products over groups of pieces.
 
-    Each piece's R^T x is one GEMM of a batch in the working dtype; a group's products join their
+    Each piece's x^T R is one GEMM of a batch in the working dtype (the batch's operands are made
+    contiguous, so the smaller X rows are the ones transposed); a group's products join their
     levels' float64 totals through a 0/1 product, group after group (the same bits on every run).
+    The scratch of each group is released before the next one's is taken (``group_pieces``).
     """
     n_clusters, n_pcs = assignments.shape[1], x.shape[1]
     flat = out.reshape(out.shape[0], n_clusters * n_pcs)
@@ -263,10 +275,13 @@ def _piece_level_moments(xp: Any, x: Any, assignments: Any, pieces: LevelPieces,
         r = assignments[cells]  # (m, P, K)
         xs = x[cells]  # (m, P, d)
         xs *= pieces.valid[group.first : group.stop]
-        products = xp.matmul(r.transpose(0, 2, 1), xs)  # (m, K, d)
-        products = products.reshape(products.shape[0], -1).astype(xp.float64, copy=False)
+        products = xp.matmul(xs.transpose(0, 2, 1), r)  # (m, d, K)
+        del r, xs
+        products = products.transpose(0, 2, 1).reshape(products.shape[0], -1)  # (m, K d)
+        products = products.astype(xp.float64, copy=False)
         membership = (group.level_rows == group.piece_level).astype(xp.float64)  # (L, m)
         flat[group.levels] += membership @ products
+        del products, membership
 
 
 def _streamed_level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, out: Any) -> None:

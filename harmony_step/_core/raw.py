@@ -51,19 +51,24 @@ class RawRows:
                     yield rows, part.astype(self.dtype, copy=False)
 
 
-def keep_on_device(xp: Any, shape: tuple[int, int], n_clusters: int, dtype: np.dtype) -> bool:
-    """Whether X can stay on the device beside Z_hat, R and the block loop's scratch.
+def keep_on_device(
+    xp: Any, shape: tuple[int, int], n_clusters: int, dtype: np.dtype, n_keys: int = 1,
+    n_levels: int = 1,
+) -> bool:  # fmt: skip
+    """Whether X can stay on the device beside Z_hat, R and the loop's scratch.
 
     Planned bytes: X, Z_hat and R, the iteration's index arrays (about four N-long int64 arrays
     while the visiting order is sorted), the similarity span, and the correction's level pieces
-    (8 bytes per cell) and their scratch (at most 128 MiB), against ``USABLE_SHARE`` of the
+    (5 bytes per slot: N slots per key, plus padding of at most N / 4 or 32 per level) with their
+    scratch (at most 128 MiB, ``correction.group_pieces``), against ``USABLE_SHARE`` of the
     device's total memory or of the memory pool's limit if one is set. Always True on the CPU.
     """
     if xp is np:
         return True
     n_cells, n_pcs = shape
     itemsize = np.dtype(dtype).itemsize
-    planned = n_cells * (2 * n_pcs + n_clusters) * itemsize + 5 * 8 * n_cells + (3 << 27)
+    pieces = 5 * (n_keys * n_cells + max(n_cells // 4, 32 * n_levels))
+    planned = n_cells * (2 * n_pcs + n_clusters) * itemsize + 4 * 8 * n_cells + pieces + (3 << 27)
     _, total = xp.cuda.runtime.memGetInfo()
     limit = xp.get_default_memory_pool().get_limit()
     return planned <= USABLE_SHARE * (min(limit, total) if limit else total)
