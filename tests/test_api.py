@@ -225,10 +225,10 @@ def test_input_streamed_from_host_memory_gives_the_same_result(data_dir, dtype):
     resident = integrate(adata, "donor", dtype=dtype, device="gpu").copy()
     pool = cupy.get_default_memory_pool()
     shape = adata.obsm["X_pca"].shape
-    assert raw.keep_on_device(cupy, shape, 100, np.dtype(dtype))
+    assert raw.keep_on_device(cupy, shape, 100, np.dtype(dtype), n_keys=1, n_levels=3)
     pool.set_limit(size=200 << 20)  # below the planned bytes (their fixed 384 MiB share alone)
     try:
-        assert not raw.keep_on_device(cupy, shape, 100, np.dtype(dtype))
+        assert not raw.keep_on_device(cupy, shape, 100, np.dtype(dtype), n_keys=1, n_levels=3)
         streamed = integrate(adata, "donor", dtype=dtype, device="gpu")
     finally:
         pool.set_limit(size=0)

@@ -20,9 +20,19 @@ from harmony_step._core.raw import RawRows
 from harmony_step._core.sums import counts, level_sums
 from harmony_step._threads import available_cpus, cpu_threads
 
+
+def _batched_matmul(a, b):
+    """As CuPy's matmul: the operands of a batched product are first made contiguous (copies)."""
+    if max(a.ndim, b.ndim) > 2:
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return np.matmul(a, b)
+
+
 XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if name[:2] != "__"})
-XP.argsort = lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable")  # as CuPy's radix sort
-"""NumPy under another name: the generic (GPU) code path, run on the host."""
+"""NumPy under another name: the generic (GPU) code path, run on the host. Its argsort is stable
+and its batched matmul copies its operands, as CuPy's do."""
+XP.argsort = lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable")
+XP.matmul = _batched_matmul
 
 
 def test_reference_namespace_is_not_numpy():

@@ -114,20 +114,21 @@ def group_pieces(n_cells: int, rows: int, n_clusters: int, n_pcs: int, dtype: np
     """Pieces per group (at least one): the most whose scratch fits the budget,
     ``min(PIECE_SCRATCH_BYTES, PIECE_SCRATCH_SHARE * N K s)``.
 
-    The scratch of m pieces of P rows (s: the working dtype's bytes), all alive at once in
-    :func:`_piece_level_moments`: the gathered R rows m P K s, the gathered X rows and their
-    transposed copy for the batched product 2 m P d s, the products and their transposed copy
-    2 m K d s, their float64 copy below float64 m K d 8, the rows of the levels being added to and
-    the sum added, at most 2 m K d 8 (a group holds at most m levels), and the 0/1 matrix, at most
-    m^2 8.
+    The scratch of m pieces of P rows (s: the working dtype's bytes) in
+    :func:`_piece_level_moments`, counted as if all were alive at once (some are released before
+    others are made, so this over-estimates): the gathered R rows m P K s, the gathered X rows and
+    the contiguous copy CuPy's batched product makes of them 2 m P d s, the products and their
+    transposed copy 2 m K d s, their float64 copy below float64 m K d 8, the rows of the levels
+    being added to and the sum added, at most 2 m K d 8 (a group holds at most m levels), and the
+    0/1 matrix with the comparison that makes it, at most 9 m^2 bytes.
     """
     s = np.dtype(dtype).itemsize
     per_piece = rows * (n_clusters + 2 * n_pcs) * s + n_clusters * n_pcs * (2 * s + 16)
     if s < 8:
         per_piece += n_clusters * n_pcs * 8
     budget = min(PIECE_SCRATCH_BYTES, int(PIECE_SCRATCH_SHARE * n_cells * n_clusters * s))
-    # the largest m with m per_piece + 8 m^2 <= budget
-    most = (math.isqrt(per_piece * per_piece + 32 * budget) - per_piece) // 16
+    # the largest m with m per_piece + 9 m^2 <= budget
+    most = (math.isqrt(per_piece * per_piece + 36 * budget) - per_piece) // 18
     return max(1, most)
 
 
@@ -263,8 +264,9 @@ def level_moments(xp: Any, raw: RawRows, assignments: Any, codes: Any, index: Le
 def _piece_level_moments(xp: Any, x: Any, assignments: Any, pieces: LevelPieces, out: Any) -> None:
     """out (B, K, d) float64 += the level moments, from batched products over groups of pieces.
 
-    Each piece's x^T R is one GEMM of a batch in the working dtype (the batch's operands are made
-    contiguous, so the smaller X rows are the ones transposed); a group's products join their
+    Each piece's x^T R is one GEMM of a batch in the working dtype (CuPy makes the operands of a
+    batched product contiguous, so the X rows, d <= K columns in practice, are the ones
+    transposed); a group's products join their
     levels' float64 totals through a 0/1 product, group after group (the same bits on every run).
     The scratch of each group is released before the next one's is taken (``group_pieces``).
     """

@@ -117,8 +117,8 @@ def _run(
     )  # fmt: skip
     host_output = backend.prepare_host_output(embedding.shape, params.numpy_dtype)
     keep = keep_on_device(
-        xp, embedding.shape, problem.n_clusters, params.numpy_dtype, design.n_keys,
-        design.n_levels_total,
+        xp, embedding.shape, problem.n_clusters, params.numpy_dtype, n_keys=design.n_keys,
+        n_levels=design.n_levels_total,
     )  # fmt: skip
     x, z_hat = load_embedding(
         xp, embedding, params.numpy_dtype, f"adata.obsm[{params.basis!r}]", keep

@@ -52,8 +52,8 @@ class RawRows:
 
 
 def keep_on_device(
-    xp: Any, shape: tuple[int, int], n_clusters: int, dtype: np.dtype, n_keys: int = 1,
-    n_levels: int = 1,
+    xp: Any, shape: tuple[int, int], n_clusters: int, dtype: np.dtype, *, n_keys: int,
+    n_levels: int,
 ) -> bool:  # fmt: skip
     """Whether X can stay on the device beside Z_hat, R and the loop's scratch.
 
