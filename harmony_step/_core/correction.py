@@ -266,9 +266,9 @@ def _piece_level_moments(xp: Any, x: Any, assignments: Any, pieces: LevelPieces,
 
     Each piece's x^T R is one GEMM of a batch in the working dtype (CuPy makes the operands of a
     batched product contiguous, so the X rows, d <= K columns in practice, are the ones
-    transposed); a group's products join their
-    levels' float64 totals through a 0/1 product, group after group (the same bits on every run).
-    The scratch of each group is released before the next one's is taken (``group_pieces``).
+    transposed); a group's products join their levels' float64 totals through a 0/1 product, group
+    after group (the same bits on every run). The scratch of each group is released before the
+    next one's is taken (``group_pieces``).
     """
     n_clusters, n_pcs = assignments.shape[1], x.shape[1]
     flat = out.reshape(out.shape[0], n_clusters * n_pcs)
