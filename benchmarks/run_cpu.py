@@ -42,11 +42,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from commands import commit
 from realistic_data import generate
 from run_realistic import (
     TimingsCatcher,
     batch_r2_within_type,
-    commit,
     rel_frobenius,
     subsample,
 )

@@ -180,11 +180,11 @@ class LevelIndex:
             for c in range(design.n_keys):
                 membership[np.arange(table.shape[0]), table[:, c]] = 1.0
             joint_codes = xp.asarray(joint.reshape(-1, 1).astype(np.int32))
+        counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
         cells, level_pieces = [], None
         if xp is np:
-            cells = _level_cells(codes, design, rows)
+            cells = _level_cells(codes, counts, design)
         elif pieces_for is not None:
-            counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
             level_pieces = LevelPieces.build(xp, codes, counts, pieces_for)
         return cls(
             design.n_levels_total, tuple(cells), design.n_levels[0], joint_codes, membership,
@@ -192,9 +192,9 @@ class LevelIndex:
         )  # fmt: skip
 
 
-def _level_cells(codes: np.ndarray, design: BatchDesign, rows: slice) -> list[np.ndarray]:
-    """The cells of each level (all keys' levels in order), each in increasing order."""
-    counts = np.bincount(design.codes[rows].ravel(), minlength=design.n_levels_total)
+def _level_cells(codes: np.ndarray, counts: np.ndarray, design: BatchDesign) -> list[np.ndarray]:
+    """The cells of each level (all keys' levels in order, ``counts`` of them), each in increasing
+    order."""
     cells = []
     for c, offset in enumerate(design.offsets):
         order = np.argsort(codes[:, c], kind="stable")
