@@ -426,6 +426,36 @@ def test_neighbours_do_not_depend_on_the_thread_count():
     np.testing.assert_array_equal(one[1], three[1])
 
 
+@pytest.mark.parametrize(
+    "points", [_lattice(seed=35), _shell()], ids=["lattice-ties", "shell-searched-again"]
+)
+def test_single_precision_cells_give_the_neighbours_of_their_float64_values(points):
+    """Float32 cells are searched as they are, without a float64 copy of every cell; the exact
+    stages widen the rows they use, so the result is that of the same values in float64, ties and
+    second searches included."""
+    single = points.astype(np.float32)
+    query = np.arange(0, len(points), 4)
+    found = metrics.neighbours(single, query=query, threads=2)
+    widened = metrics.neighbours(single.astype(np.float64), query=query, threads=2)
+    np.testing.assert_array_equal(found[1], widened[1])
+    np.testing.assert_array_equal(found[0], widened[0])
+
+
+def test_column_summary_is_one_pass_and_refuses_infinities_in_float32():
+    from harmony_step._step.cpu_neighbours import _CENTRING_ROWS, ColumnSummary
+
+    points = np.random.default_rng(5).normal(size=(_CENTRING_ROWS + 7, 3)).astype(np.float32)
+    summary = ColumnSummary.of(points, threads=3)
+    np.testing.assert_array_equal(summary.minimum, points.min(axis=0))
+    np.testing.assert_array_equal(summary.maximum, points.max(axis=0))
+    np.testing.assert_allclose(summary.total, points.sum(axis=0, dtype=np.float64), rtol=1e-12)
+    one_thread = ColumnSummary.of(points, threads=1)
+    assert all(np.array_equal(a, b) for a, b in zip(summary, one_thread, strict=True))
+    points[_CENTRING_ROWS + 3, 1] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        metrics.neighbours(points, query=np.arange(10))
+
+
 def test_query_indices_outside_the_cells_are_refused():
     points, _ = _clustered(200)
     with pytest.raises(ValueError, match="Query cell indices"):

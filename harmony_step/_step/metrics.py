@@ -285,7 +285,7 @@ def neighbours(
         An embedding without cells or dimensions, a query index outside [0, n_cells), a
         perplexity below 1/3, or a coordinate that is not finite.
     """
-    points = xp.asarray(embedding, dtype=xp.float64)
+    points = _as_points(embedding, xp)
     if points.ndim != 2 or 0 in points.shape:
         raise ValueError(f"The metrics need cells with coordinates; got shape {points.shape}.")
     n_cells = points.shape[0]
@@ -294,37 +294,44 @@ def neighbours(
         raise ValueError(f"Query cell indices must lie in [0, {n_cells}).")
     if not (math.isfinite(perplexity) and perplexity >= 1 / 3):
         raise ValueError(f"The perplexity must be at least 1/3 (one neighbour); got {perplexity}.")
-    if not bool(xp.isfinite(points).all()):
-        raise ValueError("The metrics need finite coordinates; the embedding has NaN or Inf.")
-    shift = _safe_shift(points, xp)
-    if shift:
-        points = xp.ldexp(points, -shift)
     n_neighbors = min(int(3 * perplexity), n_cells)  # the cell itself included
-    n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
-    if xp is not np:
-        candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-        distances, indices = _nearest_candidates(
-            points, query_idx, candidates, n_neighbors, xp, threads
-        )
-    else:
+    if xp is np:  # checks and rescales the cells in the same threaded pass as its own set-up
         from harmony_step._step.cpu_neighbours import nearest_neighbours
 
-        distances, indices = nearest_neighbours(points, query_idx, n_neighbors, threads)
+        return nearest_neighbours(points, query_idx, n_neighbors, threads)
+    if not bool(xp.isfinite(points).all()):
+        raise ValueError(NOT_FINITE)
+    shift = safe_shift(float(xp.abs(points).max()))
+    if shift:
+        points = xp.ldexp(points, -shift)
+    n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
+    candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
+    distances, indices = _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
     return (xp.ldexp(distances, shift) if shift else distances), indices
 
+
+NOT_FINITE = "The metrics need finite coordinates; the embedding has NaN or Inf."
 
 # Squares of coordinates up to 2^500, summed over fewer than 2^20 dimensions, stay finite.
 _LARGEST_SAFE_EXPONENT = 500
 
 
-def _safe_shift(points: Any, xp: Any) -> int:
-    """An exponent e such that ``points * 2^-e`` has values of at most 2^500, whose squares cannot
-    overflow; 0 when ``points`` already has them (then nothing is rescaled, and tiny values keep
-    every bit)."""
-    largest = float(xp.abs(points).max())
+def safe_shift(largest: float) -> int:
+    """An exponent e such that coordinates of at most ``largest`` in absolute value, times 2^-e,
+    are at most 2^500, so that their squares cannot overflow; 0 when they already are (then
+    nothing is rescaled, and tiny values keep every bit)."""
     if largest > 2.0**_LARGEST_SAFE_EXPONENT:
         return math.ceil(math.log2(largest)) - _LARGEST_SAFE_EXPONENT
     return 0
+
+
+def _as_points(embedding: Any, xp: Any) -> Any:
+    """The cells as an array of ``xp``: float64 on the GPU; on the CPU float32 stays float32 (the
+    exact distances widen the rows they use, so a float64 copy of every cell is not needed)."""
+    if xp is np:
+        points = np.asarray(embedding)
+        return points if points.dtype in (np.float32, np.float64) else points.astype(np.float64)
+    return xp.asarray(embedding, dtype=xp.float64)
 
 
 def _nearest_candidates(
@@ -449,7 +456,8 @@ def exact_distances(
 
     def task(i: int) -> None:
         rows = slice(i * step, (i + 1) * step)
-        differences = points[candidates[rows]]  # (rows, n_cand, n_dims)
+        # (rows, n_cand, n_dims), widened: float32 cells give the same values as in float64
+        differences = points[candidates[rows]].astype(xp.float64, copy=False)
         differences -= points[query_idx[rows]][:, None, :]
         out[rows] = ordered_distances(differences, xp=xp)
 
@@ -707,10 +715,11 @@ def _thread_count(threads: int | None) -> int:
 
 def _to_device(embedding: Any, xp: Any) -> Any:
     """The embedding as float64 in ``xp``; a host array crosses to the device in its own dtype
-    (half the bytes for float32) and is widened there."""
+    (half the bytes for float32) and is widened there. On the CPU it stays as it is
+    (:func:`_as_points`)."""
     if xp is not np and isinstance(embedding, np.ndarray):
         return xp.asarray(np.ascontiguousarray(embedding)).astype(xp.float64, copy=False)
-    return xp.asarray(embedding, dtype=xp.float64)
+    return _as_points(embedding, xp)
 
 
 def _median(values: np.ndarray) -> float | None:
