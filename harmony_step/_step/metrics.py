@@ -306,7 +306,9 @@ def neighbours(
         points = xp.ldexp(points, -shift)
     n_candidates = min(n_neighbors + CANDIDATE_MARGIN, n_cells)
     candidates = candidates_bruteforce(points, query_idx, n_candidates, xp=xp)
-    distances, indices = _nearest_candidates(points, query_idx, candidates, n_neighbors, xp, threads)
+    distances, indices = _nearest_candidates(
+        points, query_idx, candidates, n_neighbors, xp, threads
+    )
     return (xp.ldexp(distances, shift) if shift else distances), indices
 
 
