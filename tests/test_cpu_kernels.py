@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_kernels import SHAPES, block_inputs, expected_observed
 
-from harmony_step._core import correction, cpu_kernels, init, kernels, permutation, sums
+from harmony_step._core import correction, cpu_kernels, init, kernels, permutation, setup, sums
 from harmony_step._core.objective import entropy_sum
 from harmony_step._core.raw import RawRows
 from harmony_step._core.sums import counts, level_sums
@@ -187,6 +187,52 @@ def test_row_normalize_matches_reference(dtype):
     out = np.empty_like(x)
     assert sums.row_normalize(np, x, out=out) is out
     np.testing.assert_array_equal(out, got)
+
+
+@pytest.mark.parametrize("stored", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("keep", [True, False])
+def test_fused_load_equals_a_cast_then_row_normalize(stored, dtype, keep):
+    """The CPU's one-pass load gives the bits of the cast followed by the row kernel, on any
+    thread count, and the same largest magnitude as the sliced load."""
+    rng = np.random.default_rng(2)
+    host = (rng.normal(size=(3001, 13)) * rng.uniform(0.01, 100, (3001, 1))).astype(stored)
+    host[5] = 0.0
+    cast = host.astype(dtype)
+    for threads in (1, 2):
+        with cpu_threads(threads):
+            x, z_hat = setup.load_embedding(np, host, np.dtype(dtype), "X_pca", keep=keep)
+        np.testing.assert_array_equal(z_hat, sums.row_normalize(np, cast))
+        assert z_hat.dtype == dtype and not z_hat[5].any()
+        if keep:
+            np.testing.assert_array_equal(x, cast)
+        else:
+            assert x is None
+    largest = setup._load_on_cpu(host, None, np.empty_like(cast))
+    assert largest == float(setup._load_in_slices(np, host, None, np.empty_like(cast)))
+    assert largest == float(np.abs(cast).max())
+
+
+@pytest.mark.parametrize(
+    ("value", "stored", "message"),
+    [
+        (np.nan, np.float32, "non-finite"),
+        (-np.inf, np.float64, "non-finite"),
+        (1e300, np.float64, "beyond the range of float32"),
+    ],
+)
+def test_fused_load_reports_values_that_are_not_finite_once_cast(value, stored, message):
+    host = np.ones((700, 4), dtype=stored)
+    host[456, 2] = value
+    with pytest.raises(ValueError, match=message):
+        setup.load_embedding(np, host, np.dtype(np.float32), "X_pca")
+
+
+def test_screen_rows_narrow_and_measure_each_row():
+    points = np.random.default_rng(3).normal(size=(1001, 9))
+    screen = init.Screen.of(points)
+    np.testing.assert_array_equal(screen.points32, points.astype(np.float32))
+    np.testing.assert_allclose(screen.norms, np.linalg.norm(points, axis=1), rtol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

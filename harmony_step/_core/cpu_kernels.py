@@ -569,6 +569,42 @@ def row_normalize(x, floor, out):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
+def load_rows(host, floor, z_hat, x, keep, n_tasks):
+    """Z_hat (and X, if ``keep``) from the stored rows in one pass (``setup.load_embedding``).
+
+    Each row of ``host`` (float32 or float64) is cast to the working dtype of ``z_hat``, copied to
+    ``x`` when ``keep``, and scaled to unit norm into ``z_hat`` as :func:`row_normalize` does (the
+    same operations in the same order, so the same bits). Returns max |cast value| as float64,
+    +inf when any cast value is NaN or Inf (then the caller looks for the cause). The first touch
+    of the new arrays' pages is spread over the threads with the work.
+    """
+    n_rows, n_dims = host.shape
+    per_task = -(-n_rows // n_tasks)
+    parts = np.zeros(n_tasks)
+    for t in prange(n_tasks):
+        best = 0.0
+        for i in range(t * per_task, min((t + 1) * per_task, n_rows)):
+            out = z_hat[i]
+            for j in range(n_dims):
+                out[j] = host[i, j]  # the cast to the working dtype
+            total = out[0] * out[0]
+            for j in range(1, n_dims):
+                total += out[j] * out[j]
+            for j in range(n_dims):
+                v = abs(np.float64(out[j]))
+                if not v <= best:  # a larger value, or NaN
+                    best = v if math.isfinite(v) else np.inf
+            if keep:
+                for j in range(n_dims):
+                    x[i, j] = out[j]
+            norm = max(math.sqrt(total), floor)
+            for j in range(n_dims):
+                out[j] = out[j] / norm
+        parts[t] = best
+    return parts.max() if n_tasks else 0.0
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def largest_magnitude(values):
     """max |v| over a 1-d array (0 if empty), NaN if any value is NaN."""
     n_parts = 64
@@ -777,6 +813,18 @@ def _draw_weighted(weights, chunk_sums, draw, chosen):
 # than twice that. The factor 2 on top covers the second-order terms.
 SCREEN_RELATIVE_ERROR = 8.0 * 2.0**-24
 SCREEN_ABSOLUTE_ERROR = 8.0 * 2.0**-149
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def screen_rows(points, points32, norms):
+    """points32 = points in float32 and norms = |points_i| (``init.Screen``), rows spread over the
+    threads. The norms only size the ranking's error bound, which covers their own rounding."""
+    for i in prange(points.shape[0]):
+        total = 0.0
+        for j in range(points.shape[1]):
+            points32[i, j] = points[i, j]
+            total += points[i, j] * points[i, j]
+        norms[i] = math.sqrt(total)
 
 
 def assign_nearest(points32, centres_t32, centre_sq, points, centres, slack, labels, distance):

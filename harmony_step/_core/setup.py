@@ -110,21 +110,12 @@ def load_embedding(
     Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
     full-size staging array is needed, and the input is still checked before any work.
     """
-    from harmony_step._core.sums import largest_magnitude, row_normalize
-
     x = xp.empty(host.shape, dtype=dtype) if keep else None
     z_hat = xp.empty(host.shape, dtype=dtype)
-    largest = xp.zeros((), dtype=dtype)  # NaN or Inf once any cast value is not finite
-    for start in range(0, host.shape[0], LOAD_ROWS):
-        rows = slice(start, start + LOAD_ROWS)
-        part = xp.asarray(host[rows])
-        with np.errstate(over="ignore"):
-            cast = part.astype(dtype, copy=False)
-        if keep:
-            x[rows] = cast
-        largest = xp.maximum(largest, largest_magnitude(xp, cast))
-        with np.errstate(over="ignore", invalid="ignore"):  # bad values are reported below
-            row_normalize(xp, cast, out=z_hat[rows])
+    if xp is np and host.dtype in (np.float32, np.float64) and host.size:
+        largest = _load_on_cpu(host, x, z_hat)
+    else:
+        largest = _load_in_slices(xp, host, x, z_hat)
     if not np.isfinite(float(largest)):
         # A value is NaN or Inf in the input, or beyond the dtype's range once cast.
         bad = ~np.isfinite(host)
@@ -147,3 +138,35 @@ def load_embedding(
             f"rows would become zero. Rescale the embedding{wider}."
         )
     return x, z_hat
+
+
+def _load_in_slices(xp: Any, host: np.ndarray, x: Any, z_hat: Any) -> Any:
+    """Fill ``x`` (if not None) and ``z_hat`` from ``host`` one slice of rows at a time; returns
+    max |cast value|, NaN or Inf when a cast value is not finite."""
+    from harmony_step._core.sums import largest_magnitude, row_normalize
+
+    largest = xp.zeros((), dtype=z_hat.dtype)
+    for start in range(0, host.shape[0], LOAD_ROWS):
+        rows = slice(start, start + LOAD_ROWS)
+        part = xp.asarray(host[rows])
+        with np.errstate(over="ignore"):
+            cast = part.astype(z_hat.dtype, copy=False)
+        if x is not None:
+            x[rows] = cast
+        largest = xp.maximum(largest, largest_magnitude(xp, cast))
+        with np.errstate(over="ignore", invalid="ignore"):  # bad values are reported by the caller
+            row_normalize(xp, cast, out=z_hat[rows])
+    return largest
+
+
+def _load_on_cpu(host: np.ndarray, x: np.ndarray | None, z_hat: np.ndarray) -> float:
+    """:func:`_load_in_slices` on the CPU as one threaded pass (``cpu_kernels.load_rows``): no
+    cast copy, and the new arrays' pages are first touched by all the run's threads."""
+    from harmony_step._core import kernels
+
+    keep = x is not None
+    tasks = kernels.cpu()._tasks(host.shape[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return kernels.cpu().load_rows(
+            host, kernels.NORM_FLOOR, z_hat, x if keep else z_hat, keep, tasks
+        )
