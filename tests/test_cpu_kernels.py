@@ -203,7 +203,8 @@ def test_fused_load_equals_a_cast_then_row_normalize(stored, dtype, keep):
         with cpu_threads(threads):
             x, z_hat = setup.load_embedding(np, host, np.dtype(dtype), "X_pca", keep=keep)
         np.testing.assert_array_equal(z_hat, sums.row_normalize(np, cast))
-        assert z_hat.dtype == dtype and not z_hat[5].any()
+        assert z_hat.dtype == dtype
+        assert not z_hat[5].any()
         if keep:
             np.testing.assert_array_equal(x, cast)
         else:
