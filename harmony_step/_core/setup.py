@@ -108,7 +108,8 @@ def load_embedding(
     squares overflow it (:func:`largest_safe_value`).
 
     Rows travel as stored and are cast on the device in slices, so neither a host copy nor a
-    full-size staging array is needed, and the input is still checked before any work.
+    full-size staging array is needed, and the input is still checked before any work. On the CPU
+    a float32 or float64 input is cast, checked and normalised in one pass on the run's threads.
     """
     x = xp.empty(host.shape, dtype=dtype) if keep else None
     z_hat = xp.empty(host.shape, dtype=dtype)

@@ -198,8 +198,8 @@ class TiledSearch:
     Parameters
     ----------
     points
-        All cells, shape (n_cells, n_dims), float64, finite, with squared distances in float64's
-        normal range (``metrics.neighbours`` rescales inputs that are not).
+        All cells, shape (n_cells, n_dims), float32 or float64, finite, with squared distances in
+        float64's normal range (:func:`nearest_neighbours` rescales inputs that are not).
     query_idx
         Indices of the query cells, shape (n_query,).
     threads
