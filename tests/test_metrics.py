@@ -441,19 +441,32 @@ def test_single_precision_cells_give_the_neighbours_of_their_float64_values(poin
     np.testing.assert_array_equal(found[0], widened[0])
 
 
-def test_column_summary_is_one_pass_and_refuses_infinities_in_float32():
-    from harmony_step._step.cpu_neighbours import _CENTRING_ROWS, ColumnSummary
+def test_column_summary_matches_numpy_and_refuses_infinities_in_float32():
+    from harmony_step._step.cpu_neighbours import _SUMMARY_ROWS, ColumnSummary
 
-    points = np.random.default_rng(5).normal(size=(_CENTRING_ROWS + 7, 3)).astype(np.float32)
+    points = np.random.default_rng(5).normal(size=(_SUMMARY_ROWS + 7, 3)).astype(np.float32)
     summary = ColumnSummary.of(points, threads=3)
     np.testing.assert_array_equal(summary.minimum, points.min(axis=0))
     np.testing.assert_array_equal(summary.maximum, points.max(axis=0))
     np.testing.assert_allclose(summary.total, points.sum(axis=0, dtype=np.float64), rtol=1e-12)
     one_thread = ColumnSummary.of(points, threads=1)
     assert all(np.array_equal(a, b) for a, b in zip(summary, one_thread, strict=True))
-    points[_CENTRING_ROWS + 3, 1] = np.inf
+    points[_SUMMARY_ROWS + 3, 1] = np.inf
     with pytest.raises(ValueError, match="finite"):
         metrics.neighbours(points, query=np.arange(10))
+    points[_SUMMARY_ROWS + 5, 1] = -np.inf  # +Inf and -Inf in one column: a NaN sum, no warning
+    with pytest.raises(ValueError, match="finite"):
+        metrics.neighbours(points, query=np.arange(10))
+
+
+def test_coordinates_whose_sum_overflows_are_rescaled_without_warnings():
+    """Coordinates near 1e308: their column sums overflow before the cells are rescaled (the
+    suite turns RuntimeWarnings into errors)."""
+    points = np.random.default_rng(6).uniform(0.5, 1.0, size=(100, 3))
+    distances, indices = metrics.neighbours(points, perplexity=5)
+    huge = metrics.neighbours(np.ldexp(points, 1022), perplexity=5)
+    np.testing.assert_array_equal(huge[1], indices)
+    np.testing.assert_array_equal(huge[0], np.ldexp(distances, 1022))
 
 
 def test_query_indices_outside_the_cells_are_refused():

@@ -295,7 +295,7 @@ def neighbours(
     if not (math.isfinite(perplexity) and perplexity >= 1 / 3):
         raise ValueError(f"The perplexity must be at least 1/3 (one neighbour); got {perplexity}.")
     n_neighbors = min(int(3 * perplexity), n_cells)  # the cell itself included
-    if xp is np:  # checks and rescales the cells in the same threaded pass as its own set-up
+    if xp is np:  # checks (and if need be rescales) the cells on the threads of its own set-up
         from harmony_step._step.cpu_neighbours import nearest_neighbours
 
         return nearest_neighbours(points, query_idx, n_neighbors, threads)
@@ -716,9 +716,9 @@ def _thread_count(threads: int | None) -> int:
 
 
 def _to_device(embedding: Any, xp: Any) -> Any:
-    """The embedding as float64 in ``xp``; a host array crosses to the device in its own dtype
-    (half the bytes for float32) and is widened there. On the CPU it stays as it is
-    (:func:`_as_points`)."""
+    """The embedding in ``xp``: on the GPU as float64, a host array crossing to the device in its
+    own dtype (half the bytes for float32) and widened there; on the CPU float32 and float64 stay
+    as they are and other dtypes become float64 (:func:`_as_points`)."""
     if xp is not np and isinstance(embedding, np.ndarray):
         return xp.asarray(np.ascontiguousarray(embedding)).astype(xp.float64, copy=False)
     return _as_points(embedding, xp)
