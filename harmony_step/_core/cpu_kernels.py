@@ -568,16 +568,21 @@ def row_normalize(x, floor, out):
             out[i, j] = row[j] / norm
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def load_rows(host, floor, z_hat, x, keep, n_tasks):
-    """Z_hat (and X, if ``keep``) from the stored rows in one pass (``setup.load_embedding``).
+def load_rows(host, floor, z_hat, x=None):
+    """Z_hat (and X, if given) from the stored rows in one pass (``setup.load_embedding``).
 
     Each row of ``host`` (float32 or float64) is cast to the working dtype of ``z_hat``, copied to
-    ``x`` when ``keep``, and scaled to unit norm into ``z_hat`` as :func:`row_normalize` does (the
+    ``x`` if given, and scaled to unit norm into ``z_hat`` as :func:`row_normalize` does (the
     same operations in the same order, so the same bits). Returns max |cast value| as float64,
     +inf when any cast value is NaN or Inf (then the caller looks for the cause). The first touch
     of the new arrays' pages is spread over the threads with the work.
     """
+    keep = x is not None
+    return _load_rows(host, floor, z_hat, x if keep else z_hat, keep, _tasks(host.shape[0]))
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _load_rows(host, floor, z_hat, x, keep, n_tasks):
     n_rows, n_dims = host.shape
     per_task = -(-n_rows // n_tasks)
     parts = np.zeros(n_tasks)

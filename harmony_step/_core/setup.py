@@ -165,9 +165,4 @@ def _load_on_cpu(host: np.ndarray, x: np.ndarray | None, z_hat: np.ndarray) -> f
     cast copy, and the new arrays' pages are first touched by all the run's threads."""
     from harmony_step._core import kernels
 
-    keep = x is not None
-    tasks = kernels.cpu()._tasks(host.shape[0])
-    with np.errstate(over="ignore", invalid="ignore"):
-        return kernels.cpu().load_rows(
-            host, kernels.NORM_FLOOR, z_hat, x if keep else z_hat, keep, tasks
-        )
+    return kernels.cpu().load_rows(host, kernels.NORM_FLOOR, z_hat, x)

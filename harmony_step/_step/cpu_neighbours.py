@@ -70,9 +70,7 @@ L2 cache between the product that writes it and the kernel that reads it. On a 2
 6.6 s with 512; against 200,000 cells the two were level."""
 
 _SUMMARY_ROWS = 1 << 16  # cells per chunk of the column sums: fixed, so the mean is too
-_CENTRING_ROWS = (
-    1 << 13
-)  # cells centred per task: bounds each thread's float64 scratch to 8 Ki rows
+_CENTRING_ROWS = 1 << 13  # cells centred per task: each thread's float64 scratch
 _HITS_PER_BATCH = 1 << 15  # cells measured at once by the exact search: bounds its scratch
 # Absolute error from underflow in the products and sums, in the scaled units (where values are
 # at most d): d + 4 steps of the smallest normal number at most, also when subnormal results are
@@ -231,7 +229,7 @@ class TiledSearch:
         n_cells, n_dims = points.shape
         self.points, self.query_idx, self.threads = points, query_idx, threads
         self.dtype = np.dtype(dtype)
-        summary = summary or ColumnSummary.of(points, threads)
+        summary = summary if summary is not None else ColumnSummary.of(points, threads)
         mean = summary.total / n_cells
         # the largest |x - mean| of any coordinate (rounding is monotonic), without a centred copy
         largest = max(float(np.max(summary.maximum - mean, initial=0.0)),
