@@ -165,13 +165,14 @@ def _cluster_sums(xp: Any, points: Any, labels: Any, k: int) -> Any:
 
 
 def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any) -> None:
-    """R_ik proportional to exp(-(2/sigma)(1 - z_i.y_k)), written into ``out`` chunk by chunk."""
+    """R_ik proportional to exp(-(2/sigma)(1 - z_i.y_k)), written into ``out`` chunk by chunk:
+    the similarities land in ``out`` and become R there, so no N x K scratch is filled and copied."""
     scale = 2.0 / sigma
     step = chunk_rows(z_hat.shape[0])
     for start in range(0, z_hat.shape[0], step):
-        stop = start + step
-        logits = matmul(xp, z_hat[start:stop], centroids.T)
-        out[start:stop] = softmax_rows(xp, logits, scale)
+        rows = out[start : start + step]
+        matmul(xp, z_hat[start : start + step], centroids.T, out=rows)
+        softmax_rows(xp, rows, scale)
 
 
 def softmax_rows(xp: Any, similarity: Any, scale: float, penalty: Any = None) -> Any:
