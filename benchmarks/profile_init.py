@@ -14,11 +14,15 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from realistic_data import generate
 
 import harmony_step

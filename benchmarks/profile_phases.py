@@ -8,10 +8,16 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from run_benchmarks import PARAMS, synthetic
 
 import harmony_step

@@ -20,6 +20,7 @@ import io
 import json
 import platform
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harmony_step
 

@@ -27,8 +27,11 @@ import platform
 import re
 import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from commands import run_timed
 

@@ -31,12 +31,17 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from commands import commit
 from realistic_data import generate
 from run_realistic import (

@@ -20,9 +20,15 @@ cLISI, both silhouettes) with harmony-step's search.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from realistic_data import generate
 from run_cpu import arguments, log, machine_heading, merge, start
 from threadpoolctl import threadpool_limits

@@ -38,11 +38,16 @@ import gc
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from realistic_data import generate
 from run_realistic import PARAMS, rel_frobenius
 

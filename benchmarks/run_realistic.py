@@ -56,11 +56,16 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from commands import commit
 from realistic_data import describe, generate
 

@@ -44,9 +44,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from commands import commit, run_timed
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from commands import commit, run_timed  # noqa: E402
+
 N_GENES = 20_000
 PHASES = ("read", "compute", "metrics", "hash", "write", "total")
 THREADS = ("hash_thread", "copy_thread")
