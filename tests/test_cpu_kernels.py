@@ -21,11 +21,11 @@ from harmony_step._core.sums import counts, level_sums
 from harmony_step._threads import available_cpus, cpu_threads
 
 
-def _batched_matmul(a, b):
+def _batched_matmul(a, b, out=None):
     """As CuPy's matmul: the operands of a batched product are first made contiguous (copies)."""
     if max(a.ndim, b.ndim) > 2:
         a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return np.matmul(a, b)
+    return np.matmul(a, b, out=out)
 
 
 XP = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if name[:2] != "__"})
@@ -171,6 +171,23 @@ def test_softmax_and_entropy_match_reference(shape, dtype):
     tol = 2e-6 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
     np.testing.assert_allclose(entropy_sum(np, got), entropy_sum(XP, got), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_soft_assignments_in_place_match_reference(dtype, monkeypatch):
+    """R is written chunk by chunk into its own rows (several chunks here), on the CPU and by the
+    generic code the GPU runs."""
+    monkeypatch.setattr(init, "chunk_rows", lambda n_cells: 700)
+    rng = np.random.default_rng(4)
+    z_hat = sums.row_normalize(np, rng.normal(size=(2500, 9)).astype(dtype))
+    centroids = sums.row_normalize(np, rng.normal(size=(6, 9)).astype(dtype))
+    got, expected = np.empty((2500, 6), dtype), np.empty((2500, 6), dtype)
+    init.soft_assignments(np, z_hat, centroids, 0.1, out=got)
+    init.soft_assignments(XP, z_hat, centroids, 0.1, out=expected)
+    unchunked = init.softmax_rows(XP, z_hat @ centroids.T, 20.0)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(expected, unchunked, rtol=tol, atol=tol)
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
