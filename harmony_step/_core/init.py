@@ -166,7 +166,8 @@ def _cluster_sums(xp: Any, points: Any, labels: Any, k: int) -> Any:
 
 def soft_assignments(xp: Any, z_hat: Any, centroids: Any, sigma: float, out: Any) -> None:
     """R_ik proportional to exp(-(2/sigma)(1 - z_i.y_k)), written into ``out`` chunk by chunk:
-    the similarities land in ``out`` and become R there, so no N x K scratch is filled and copied."""
+    the similarities land in ``out`` and become R there, so no chunk of scratch is filled and
+    copied."""
     scale = 2.0 / sigma
     step = chunk_rows(z_hat.shape[0])
     for start in range(0, z_hat.shape[0], step):

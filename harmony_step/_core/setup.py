@@ -114,7 +114,10 @@ def load_embedding(
     x = xp.empty(host.shape, dtype=dtype) if keep else None
     z_hat = xp.empty(host.shape, dtype=dtype)
     if xp is np and host.dtype in (np.float32, np.float64) and host.size:
-        largest = _load_on_cpu(host, x, z_hat)
+        from harmony_step._core import kernels
+
+        # one threaded pass: no cast copy, and all the run's threads touch the new pages first
+        largest = kernels.cpu().load_rows(host, kernels.NORM_FLOOR, z_hat, x)
     else:
         largest = _load_in_slices(xp, host, x, z_hat)
     if not np.isfinite(float(largest)):
@@ -158,11 +161,3 @@ def _load_in_slices(xp: Any, host: np.ndarray, x: Any, z_hat: Any) -> Any:
         with np.errstate(over="ignore", invalid="ignore"):  # bad values are reported by the caller
             row_normalize(xp, cast, out=z_hat[rows])
     return largest
-
-
-def _load_on_cpu(host: np.ndarray, x: np.ndarray | None, z_hat: np.ndarray) -> float:
-    """:func:`_load_in_slices` on the CPU as one threaded pass (``cpu_kernels.load_rows``): no
-    cast copy, and the new arrays' pages are first touched by all the run's threads."""
-    from harmony_step._core import kernels
-
-    return kernels.cpu().load_rows(host, kernels.NORM_FLOOR, z_hat, x)
